@@ -1,0 +1,335 @@
+"""The schema of a run: typed dataclasses that the composed YAML config is checked against.
+
+The YAML files under configs/ hold the default values; these classes give each setting its type
+and say which values are valid. This module must not import torch: config errors answer fast.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from cnnlab.errors import UserError
+
+INIT_SCHEMES = ("default", "kaiming", "xavier", "lecun", "orthogonal")
+
+
+# --- dataset -------------------------------------------------------------------------------------
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    val_fraction: float = MISSING  # share of the training split held out for validation
+    split_seed: int = MISSING  # seed of that split; fixed so that seed sweeps share one split
+    augment: bool = MISSING  # random crop (padding 4) + horizontal flip, in bulk on the device
+
+
+@dataclass
+class TorchvisionDatasetConfig(DatasetConfig):
+    root: str = MISSING  # where torchvision looks for (and downloads) the files
+    download: bool = MISSING  # download missing files
+
+
+@dataclass
+class ImageFolderConfig(DatasetConfig):
+    path: str = MISSING  # PATH/CLASS/IMAGE, or PATH/{train,val,test}/CLASS/IMAGE
+    image_size: int = MISSING  # images are resized to image_size x image_size
+    channels: int = MISSING  # 1 (greyscale) or 3 (RGB)
+    max_memory_mb: int = MISSING  # decoded size up to which the images are held in memory
+    num_workers: int = MISSING  # DataLoader workers when the images are streamed
+
+
+@dataclass
+class FakeDatasetConfig(DatasetConfig):
+    train_size: int = MISSING
+    test_size: int = MISSING
+    image_size: int = MISSING
+    channels: int = MISSING
+    num_classes: int = MISSING
+    noise: float = MISSING  # per-pixel noise relative to the class pattern
+
+
+# --- model ---------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    batchnorm: bool = MISSING  # BatchNorm between each weight layer and its activation
+    dropout: float = MISSING  # dropout probability after hidden fully connected activations
+    init: str = MISSING  # weight initialisation scheme, one of INIT_SCHEMES
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    hidden: list[int] = field(default_factory=lambda: MISSING)  # hidden widths, input side first
+
+
+@dataclass
+class ConvNetConfig(ModelConfig):
+    channels: list[int] = field(default_factory=lambda: MISSING)  # conv block widths
+    fc_hidden: int = MISSING  # width of the hidden fully connected layer
+
+
+# --- activation: the parameter names are those of the torch.nn modules ----------------------------
+@dataclass
+class ActivationConfig:
+    name: str = MISSING
+
+
+@dataclass
+class LeakyReLUConfig(ActivationConfig):
+    negative_slope: float = MISSING
+
+
+@dataclass
+class PReLUConfig(ActivationConfig):
+    per_channel: bool = MISSING  # one learned slope per channel/unit instead of one per layer
+    init: float = MISSING  # initial slope
+
+
+@dataclass
+class RReLUConfig(ActivationConfig):
+    lower: float = MISSING
+    upper: float = MISSING
+
+
+@dataclass
+class AlphaActivationConfig(ActivationConfig):
+    alpha: float = MISSING
+
+
+@dataclass
+class GELUConfig(ActivationConfig):
+    approximate: str = MISSING  # "none" or "tanh"
+
+
+@dataclass
+class SoftplusConfig(ActivationConfig):
+    beta: float = MISSING
+    threshold: float = MISSING
+
+
+# --- optimizer and schedule ----------------------------------------------------------------------
+@dataclass
+class OptimizerConfig:
+    name: str = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    momentum: float = MISSING
+    nesterov: bool = MISSING
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
+    betas: list[float] = field(default_factory=lambda: MISSING)
+
+
+@dataclass
+class RMSpropConfig(OptimizerConfig):
+    alpha: float = MISSING
+    momentum: float = MISSING
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = MISSING
+
+
+@dataclass
+class StepSchedulerConfig(SchedulerConfig):
+    step_size: int = MISSING  # epochs between decays
+    gamma: float = MISSING
+
+
+@dataclass
+class CosineSchedulerConfig(SchedulerConfig):
+    min_lr: float = MISSING
+
+
+@dataclass
+class OneCycleSchedulerConfig(SchedulerConfig):
+    pct_start: float = MISSING
+
+
+# --- trainer -------------------------------------------------------------------------------------
+@dataclass
+class TrainerConfig:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    device: str = MISSING  # auto | cpu | cuda | cuda:N
+    seed: int = MISSING
+    deterministic: bool = MISSING
+    grad_clip: Optional[float] = MISSING  # max global gradient norm; None = no clipping
+    log_every: int = MISSING  # optimizer steps between scalar logs
+
+
+@dataclass
+class RunConfig:
+    dataset: DatasetConfig
+    model: ModelConfig
+    activation: ActivationConfig
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig
+    trainer: TrainerConfig
+
+
+# Which schema checks which option of each config group. The names are the interface: they are
+# the YAML file names under configs/ and the keys of the builders' tables (ACTIVATIONS, ...).
+SCHEMAS: dict[str, dict[str, type]] = {
+    "dataset": {
+        "mnist": TorchvisionDatasetConfig,
+        "fashion_mnist": TorchvisionDatasetConfig,
+        "cifar10": TorchvisionDatasetConfig,
+        "imagefolder": ImageFolderConfig,
+        "fake": FakeDatasetConfig,
+    },
+    "model": {"mlp": MLPConfig, "convnet": ConvNetConfig},
+    "activation": {
+        "relu": ActivationConfig,
+        "leaky_relu": LeakyReLUConfig,
+        "prelu": PReLUConfig,
+        "rrelu": RReLUConfig,
+        "elu": AlphaActivationConfig,
+        "selu": ActivationConfig,
+        "celu": AlphaActivationConfig,
+        "gelu": GELUConfig,
+        "silu": ActivationConfig,
+        "mish": ActivationConfig,
+        "softplus": SoftplusConfig,
+        "sigmoid": ActivationConfig,
+        "tanh": ActivationConfig,
+    },
+    "optimizer": {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamConfig, "rmsprop": RMSpropConfig},
+    "scheduler": {
+        "none": SchedulerConfig,
+        "step": StepSchedulerConfig,
+        "cosine": CosineSchedulerConfig,
+        "onecycle": OneCycleSchedulerConfig,
+    },
+}
+SECTIONS = (*SCHEMAS, "trainer")
+
+
+def validate(cfg: DictConfig) -> RunConfig:
+    """Check the composed config against the schema; any mistake is a UserError naming the key."""
+    unknown = sorted(set(cfg.keys()) - set(SECTIONS))
+    if unknown:
+        raise UserError(
+            f"Unknown top-level setting(s) {', '.join(unknown)}. Valid sections: {', '.join(SECTIONS)}."
+        )
+    for section in SECTIONS:
+        if section not in cfg or not isinstance(cfg[section], DictConfig):
+            raise UserError(f"The config has no '{section}' section; it needs one of: {', '.join(SECTIONS)}.")
+    sections: dict[str, Any] = {}
+    for group, options in SCHEMAS.items():
+        name = cfg[group].get("name")
+        if name not in options:
+            raise UserError(
+                f"Unknown {group} '{name}' ({group}.name). Valid choices: {', '.join(options)}."
+            )
+        sections[group] = _typed_section(group, cfg[group], options[name])
+    sections["trainer"] = _typed_section("trainer", cfg.trainer, TrainerConfig)
+    run = RunConfig(**sections)
+    check_values(run)
+    return run
+
+
+def _typed_section(section: str, node: DictConfig, schema: type) -> Any:
+    valid_keys = ", ".join(f.name for f in fields(schema))
+    option = f"{section} '{node.name}'" if "name" in node else section
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(schema), node)
+    except ConfigKeyError as error:
+        raise UserError(
+            f"Unknown setting {section}.{error.key}. Valid settings of {option}: {valid_keys}."
+        ) from None
+    except OmegaConfBaseException as error:
+        key = f"{section}.{error.full_key}" if error.full_key else section
+        reason = error.msg.splitlines()[0] if error.msg else type(error).__name__
+        raise UserError(f"Invalid value for {key}: {reason}.") from None
+    missing = sorted(OmegaConf.missing_keys(typed))
+    if missing:
+        keys = ", ".join(f"{section}.{key}" for key in missing)
+        raise UserError(f"Setting(s) {keys} have no value; set them on the command line, e.g. {section}.{missing[0]}=...")
+    return OmegaConf.to_object(typed)
+
+
+def _require(ok: bool, key: str, value: Any, what: str) -> None:
+    if not ok:
+        raise UserError(f"Invalid setting {key}={value!r}: {what}.")
+
+
+def check_values(run: RunConfig) -> None:
+    """Range checks the types alone cannot express."""
+    d, m, a, o, s, t = run.dataset, run.model, run.activation, run.optimizer, run.scheduler, run.trainer
+    _require(0 < d.val_fraction < 1, "dataset.val_fraction", d.val_fraction, "must be between 0 and 1 (exclusive)")
+    if isinstance(d, ImageFolderConfig):
+        _require(Path(d.path).expanduser().is_dir(), "dataset.path", d.path,
+                 "no such folder; it must hold one folder per class, or train/ and val/ or test/ folders of them")
+        _require(d.image_size >= 1, "dataset.image_size", d.image_size, "must be at least 1")
+        _require(d.channels in (1, 3), "dataset.channels", d.channels, "must be 1 (greyscale) or 3 (RGB)")
+        _require(d.max_memory_mb >= 0, "dataset.max_memory_mb", d.max_memory_mb, "must be >= 0")
+        _require(d.num_workers >= 0, "dataset.num_workers", d.num_workers, "must be >= 0")
+    if isinstance(d, FakeDatasetConfig):
+        _require(d.train_size >= 2, "dataset.train_size", d.train_size, "must be at least 2")
+        _require(d.test_size >= 1, "dataset.test_size", d.test_size, "must be at least 1")
+        _require(d.image_size >= 1, "dataset.image_size", d.image_size, "must be at least 1")
+        _require(d.channels in (1, 3), "dataset.channels", d.channels, "must be 1 or 3")
+        _require(d.num_classes >= 2, "dataset.num_classes", d.num_classes, "must be at least 2")
+        _require(d.noise >= 0, "dataset.noise", d.noise, "must be >= 0")
+
+    _require(m.init in INIT_SCHEMES, "model.init", m.init, f"valid choices are {', '.join(INIT_SCHEMES)}")
+    _require(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
+    if isinstance(m, MLPConfig):
+        _require(all(w >= 1 for w in m.hidden), "model.hidden", list(m.hidden), "every width must be at least 1")
+    if isinstance(m, ConvNetConfig):
+        _require(len(m.channels) >= 1, "model.channels", list(m.channels), "needs at least one conv block")
+        _require(all(c >= 1 for c in m.channels), "model.channels", list(m.channels), "every width must be at least 1")
+        _require(m.fc_hidden >= 1, "model.fc_hidden", m.fc_hidden, "must be at least 1")
+
+    if isinstance(a, LeakyReLUConfig):
+        _require(a.negative_slope >= 0, "activation.negative_slope", a.negative_slope, "must be >= 0")
+    if isinstance(a, RReLUConfig):
+        _require(0 <= a.lower <= a.upper, "activation.lower", a.lower, f"must satisfy 0 <= lower <= upper (upper={a.upper})")
+    if isinstance(a, AlphaActivationConfig):
+        _require(a.alpha > 0, "activation.alpha", a.alpha, "must be > 0")
+    if isinstance(a, GELUConfig):
+        _require(a.approximate in ("none", "tanh"), "activation.approximate", a.approximate, "valid choices are none, tanh")
+    if isinstance(a, SoftplusConfig):
+        _require(a.beta > 0, "activation.beta", a.beta, "must be > 0")
+
+    _require(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
+    if isinstance(o, (SGDConfig, RMSpropConfig)):
+        _require(0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "must be in [0, 1)")
+    if isinstance(o, SGDConfig) and o.nesterov:
+        _require(o.momentum > 0, "optimizer.nesterov", o.nesterov, "Nesterov momentum needs optimizer.momentum > 0")
+    if isinstance(o, AdamConfig):
+        _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", list(o.betas),
+                 "must be two numbers in [0, 1)")
+    if isinstance(o, RMSpropConfig):
+        _require(0 <= o.alpha < 1, "optimizer.alpha", o.alpha, "must be in [0, 1)")
+
+    if isinstance(s, StepSchedulerConfig):
+        _require(s.step_size >= 1, "scheduler.step_size", s.step_size, "must be at least 1 (epochs)")
+        _require(0 < s.gamma <= 1, "scheduler.gamma", s.gamma, "must be in (0, 1]")
+    if isinstance(s, CosineSchedulerConfig):
+        _require(0 <= s.min_lr <= o.lr, "scheduler.min_lr", s.min_lr, f"must be in [0, optimizer.lr={o.lr}]")
+    if isinstance(s, OneCycleSchedulerConfig):
+        _require(0 < s.pct_start < 1, "scheduler.pct_start", s.pct_start, "must be between 0 and 1 (exclusive)")
+
+    _require(t.epochs >= 1, "trainer.epochs", t.epochs, "must be at least 1")
+    _require(t.batch_size >= 1, "trainer.batch_size", t.batch_size, "must be at least 1")
+    _require(t.eval_batch_size >= 1, "trainer.eval_batch_size", t.eval_batch_size, "must be at least 1")
+    _require(t.log_every >= 1, "trainer.log_every", t.log_every, "must be at least 1 (optimizer steps)")
+    _require(t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "must be > 0, or null for no clipping")
+    _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "trainer.device", t.device,
+             "valid choices are auto, cpu, cuda, cuda:N")

@@ -1,0 +1,79 @@
+"""What a run shows in the terminal: a rich progress bar, or plain lines when output is not a terminal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+class TrainingProgress:
+    """One bar per epoch with the latest loss, accuracy and throughput; one line per finished epoch."""
+
+    def __init__(self, epochs: int, console: Console | None = None):
+        self.console = console or Console()
+        self.epochs = epochs
+        self.live = self.console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[speed]} img/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.live,
+        )
+        self.task = None
+
+    def __enter__(self) -> TrainingProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        self.task = self.progress.add_task(f"epoch {epoch}/{self.epochs}", total=steps, loss="-", acc="-", speed="-")
+
+    def advance(self) -> None:
+        self.progress.advance(self.task)
+
+    def update(self, loss: float, acc: float, images_per_second: float) -> None:
+        self.progress.update(self.task, loss=f"{loss:.4f}", acc=f"{acc:.4f}", speed=f"{images_per_second:,.0f}")
+
+    def end_epoch(self, epoch: int, step: int, summary: dict[str, Any]) -> None:
+        parts = [f"epoch {epoch}/{self.epochs}", f"step {step}"]
+        parts += [f"{key} {_number(value)}" for key, value in summary.items()]
+        self.console.print(escape("  ".join(parts)), highlight=False, soft_wrap=True)
+
+
+def summary_table(metrics: dict[str, Any], run_dir: str) -> Table:
+    table = Table(title=f"cnnlab run: {metrics.get('status')}", show_header=False, title_justify="left")
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    rows = [
+        ("train loss / acc", f"{_number(metrics.get('train_loss'))} / {_number(metrics.get('train_acc'))}"),
+        ("val loss / acc", f"{_number(metrics.get('val_loss'))} / {_number(metrics.get('val_acc'))}"),
+        ("test loss / acc", f"{_number(metrics.get('test_loss'))} / {_number(metrics.get('test_acc'))}"),
+        ("epochs / steps", f"{metrics.get('epochs')} / {metrics.get('steps')}"),
+        ("images/s (training)", f"{metrics.get('images_per_second') or 0:,.0f}"),
+        ("seconds", _number(metrics.get("seconds"), 1)),
+        ("device", str(metrics.get("device"))),
+        ("parameters", f"{metrics.get('parameters') or 0:,}"),
+        ("run directory", run_dir),
+    ]
+    for name, value in rows:
+        table.add_row(name, escape(value))
+    return table

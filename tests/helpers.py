@@ -1,0 +1,77 @@
+"""Helpers that write tiny datasets in the real on-disk formats, read back by torchvision's own code."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from cnnlab.cli import config_dir
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The config `cnnlab train OVERRIDES` would run with (without Hydra's own node)."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        return compose("train", overrides=list(overrides))
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """MNIST's IDX format: zero bytes, a uint8 type code, the rank, big-endian int32 dims, the data."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def write_mnist(root: Path, folder: str = "MNIST", train: int = 60, test: int = 20, seed: int = 0) -> dict:
+    """ROOT/FOLDER/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte, as torchvision expects them."""
+    rng = np.random.default_rng(seed)
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    arrays = {}
+    for prefix, count in (("train", train), ("t10k", test)):
+        images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        arrays[prefix] = (images, labels)
+    return arrays
+
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_cifar10(root: Path, per_batch: int = 8, test: int = 10, seed: int = 0) -> dict:
+    """ROOT/cifar-10-batches-py/ with five training pickles, the test pickle and batches.meta."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    batches = {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for index, name in enumerate(names):
+        count = test if name == "test_batch" else per_batch
+        data = rng.integers(0, 256, size=(count, 3 * 32 * 32), dtype=np.uint8)  # rows: 1024 R, 1024 G, 1024 B
+        labels = [int(v) for v in (np.arange(count) + index) % 10]
+        with open(folder / name, "wb") as file:
+            pickle.dump({"batch_label": name, "data": data, "labels": labels}, file)
+        batches[name] = (data, labels)
+    with open(folder / "batches.meta", "wb") as file:
+        pickle.dump({"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch}, file)
+    return batches
+
+
+def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 6, size: int = 12,
+                       mode: str = "RGB", fmt: str = "png", seed: int = 0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            shape = (size, size, 3) if mode == "RGB" else (size, size)
+            pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
+            Image.fromarray(pixels, mode=mode).save(root / name / f"{i}.{fmt}")
+    return root
