@@ -75,3 +75,12 @@ def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 6, s
             pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
             Image.fromarray(pixels, mode=mode).save(root / name / f"{i}.{fmt}")
     return root
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a run directory's event files, read back by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
