@@ -172,6 +172,16 @@ class TrainerConfig:
 
 
 @dataclass
+class ProbesConfig:
+    enabled: bool = MISSING
+    every: int = MISSING  # optimizer steps between probes
+    batch_size: int = MISSING  # images in the fixed probe batch
+    histograms: bool = MISSING  # write histograms (the costliest part of a probe)
+    bins: int = MISSING  # buckets per histogram
+    mode: str = MISSING  # "train" or "eval": the mode the network is probed in
+
+
+@dataclass
 class RunConfig:
     dataset: DatasetConfig
     model: ModelConfig
@@ -179,6 +189,7 @@ class RunConfig:
     optimizer: OptimizerConfig
     scheduler: SchedulerConfig
     trainer: TrainerConfig
+    probes: ProbesConfig
 
 
 # Which schema checks which option of each config group. The names are the interface: they are
@@ -215,7 +226,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "onecycle": OneCycleSchedulerConfig,
     },
 }
-SECTIONS = (*SCHEMAS, "trainer")
+SECTIONS = (*SCHEMAS, "trainer", "probes")
 
 
 def validate(cfg: DictConfig) -> RunConfig:
@@ -237,6 +248,7 @@ def validate(cfg: DictConfig) -> RunConfig:
             )
         sections[group] = _typed_section(group, cfg[group], options[name])
     sections["trainer"] = _typed_section("trainer", cfg.trainer, TrainerConfig)
+    sections["probes"] = _typed_section("probes", cfg.probes, ProbesConfig)
     run = RunConfig(**sections)
     check_values(run)
     return run
@@ -269,7 +281,7 @@ def _require(ok: bool, key: str, value: Any, what: str) -> None:
 
 def check_values(run: RunConfig) -> None:
     """Range checks the types alone cannot express."""
-    d, m, a, o, s, t = run.dataset, run.model, run.activation, run.optimizer, run.scheduler, run.trainer
+    d, m, a, o, s, t, p = run.dataset, run.model, run.activation, run.optimizer, run.scheduler, run.trainer, run.probes
     _require(0 < d.val_fraction < 1, "dataset.val_fraction", d.val_fraction, "must be between 0 and 1 (exclusive)")
     if isinstance(d, ImageFolderConfig):
         _require(Path(d.path).expanduser().is_dir(), "dataset.path", d.path,
@@ -333,3 +345,8 @@ def check_values(run: RunConfig) -> None:
     _require(t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "must be > 0, or null for no clipping")
     _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "trainer.device", t.device,
              "valid choices are auto, cpu, cuda, cuda:N")
+
+    _require(p.every >= 1, "probes.every", p.every, "must be at least 1 (optimizer steps)")
+    _require(p.batch_size >= 1, "probes.batch_size", p.batch_size, "must be at least 1")
+    _require(p.bins >= 2, "probes.bins", p.bins, "must be at least 2")
+    _require(p.mode in ("train", "eval"), "probes.mode", p.mode, "valid choices are train, eval")

@@ -131,6 +131,12 @@ class TensorBatches:
                 x = random_crop_flip(x, self.generator)
             yield self.normalise(x), y
 
+    def sample(self, count: int, seed: int) -> Tensor:
+        """`count` normalised, unaugmented images, the same for a given seed; drawn with a generator
+        of their own, so that drawing them leaves the training order untouched."""
+        index = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(seed))[:count]
+        return self.normalise(self.data.images[index.to(self.data.images.device)])
+
     def state_dict(self) -> dict[str, Tensor]:
         return {"generator": self.generator.get_state()} if self.generator is not None else {}
 
@@ -180,7 +186,7 @@ class StreamBatches:
 
     def __init__(self, files: FileSet, batch_size: int, normalise: Normalise, device: torch.device, *,
                  num_workers: int, shuffle: bool = False, augment: bool = False, seed: int = 0):
-        self.device, self.normalise, self.augment = device, normalise, augment
+        self.files, self.device, self.normalise, self.augment = files, device, normalise, augment
         self.order_generator = torch.Generator().manual_seed(seed)
         self.augment_generator = torch.Generator(device=device).manual_seed(seed)
         self.loader = torch.utils.data.DataLoader(
@@ -202,6 +208,11 @@ class StreamBatches:
             if self.augment:
                 images = random_crop_flip(images, self.augment_generator)
             yield self.normalise(images), labels
+
+    def sample(self, count: int, seed: int) -> Tensor:
+        """Like TensorBatches.sample, decoded from the files."""
+        index = torch.randperm(len(self.files), generator=torch.Generator().manual_seed(seed))[:count]
+        return self.normalise(_decode_all(self.files.subset(index)).images.to(self.device))
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"order": self.order_generator.get_state(), "augment": self.augment_generator.get_state()}

@@ -11,15 +11,19 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.tensorboard import SummaryWriter
 
 from cnnlab.checkpoint import save_checkpoint
-from cnnlab.config import RunConfig
+from cnnlab.config import RunConfig, TrainerConfig
 from cnnlab.data import Batches, load_data
 from cnnlab.errors import UserError
 from cnnlab.models import build_model
 from cnnlab.optim import build_optimizer, build_scheduler
+from cnnlab.probes import Probes
 from cnnlab.progress import TrainingProgress, summary_table
 from cnnlab.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT, write_metrics
+from cnnlab.tblog import write_layout, write_probe
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,10 +61,9 @@ class RunningSums:
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.count = 0
 
-    @torch.no_grad()
     def add(self, loss: Tensor, logits: Tensor, labels: Tensor) -> None:
-        self.loss += loss.detach() * len(labels)
-        self.correct += (logits.argmax(dim=1) == labels).sum()
+        self.loss.add_(loss.detach(), alpha=len(labels))
+        self.correct.add_((logits.detach().argmax(dim=1) == labels).sum())
         self.count += len(labels)
 
     def take(self, *extra: Tensor) -> tuple[float, float, list[float]]:
@@ -96,30 +99,37 @@ def total_grad_norm(parameters: list[nn.Parameter]) -> Tensor:
 
 
 def train_step(model: nn.Module, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler | None, images: Tensor, labels: Tensor,
-               grad_clip: float | None, sums: RunningSums) -> Tensor | None:
+               scheduler: LRScheduler | None, images: Tensor, labels: Tensor, grad_clip: float | None,
+               sums: RunningSums, probes: Probes | None = None) -> Tensor | None:
     """One optimizer step, with no host synchronisation. Returns the gradient norm before clipping
-    when clipping (clip_grad_norm_ computes it anyway), else None."""
+    when clipping (clip_grad_norm_ computes it anyway), else None. With `probes`, records the
+    gradients before clipping and the weights around the update."""
     logits = model(images)
     loss = F.cross_entropy(logits, labels)
     optimizer.zero_grad(set_to_none=True)  # free the gradients' memory before the next backward
     loss.backward()
+    if probes is not None:
+        probes.before_update()
     grad_norm = nn.utils.clip_grad_norm_(parameters, grad_clip) if grad_clip else None
     optimizer.step()
+    if probes is not None:
+        probes.after_update()
     if scheduler is not None:
         scheduler.step()
     sums.add(loss, logits, labels)
     return grad_norm
 
 
-class ScalarLog:
-    """Training scalars every trainer.log_every steps: one transfer to the host each time, and the
-    throughput timed between those transfers (when the device has really finished the work)."""
+class TrainingLog:
+    """TensorBoard scalars every trainer.log_every steps, and probes every probes.every steps: one
+    transfer to the host each time. Throughput is timed between transfers, when the device has
+    really finished the work."""
 
-    def __init__(self, writer, device: torch.device):
+    def __init__(self, writer: SummaryWriter, device: torch.device):
         self.writer = writer
         self.window = RunningSums(device)
         self.seconds, self.images = 0.0, 0  # training time and images over the whole run
+        self.dead_fraction: dict[str, float] = {}  # of the latest probe
         self.start_epoch()
 
     def start_epoch(self) -> None:
@@ -143,11 +153,36 @@ class ScalarLog:
             self.writer.add_scalar(tag, value, step)
         return loss, acc, speed
 
+    def probe(self, step: int, probes: Probes) -> None:
+        self.dead_fraction = write_probe(self.writer, step, probes.measure())
+
+
+def train_epoch(model: nn.Module, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+                scheduler: LRScheduler | None, batches: Batches, cfg: TrainerConfig, log: TrainingLog,
+                probes: Probes | None, progress: TrainingProgress, step: int, last_step: int) -> int:
+    """One pass over the training batches: step, log, probe. Returns the step count after it.
+    Probes run every probes.every steps and at last_step, so a run always ends with one."""
+    log.start_epoch()
+    model.train()
+    lr, grad_norm = optimizer.param_groups[0]["lr"], None
+    for images, labels in batches:
+        probe_due = probes is not None and (probes.due(step + 1) or step + 1 == last_step)
+        lr = optimizer.param_groups[0]["lr"]
+        grad_norm = train_step(model, parameters, optimizer, scheduler, images, labels, cfg.grad_clip, log.window,
+                               probes if probe_due else None)
+        step += 1
+        if probe_due:
+            log.probe(step, probes)
+        progress.advance()
+        if step % cfg.log_every == 0:
+            progress.update(*log.flush(step, lr, grad_norm, parameters))
+    if log.window.count:  # the rest of the epoch: its last partial window
+        progress.update(*log.flush(step, lr, grad_norm, parameters))
+    return step
+
 
 def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Console | None = None) -> dict[str, Any]:
     """Train, validate every epoch, test once at the end; everything lands in run_dir."""
-    from torch.utils.tensorboard import SummaryWriter
-
     console = console or Console()
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -156,7 +191,7 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
         "status": "running", "epochs": 0, "steps": 0,
         "train_loss": None, "train_acc": None, "val_loss": None, "val_acc": None,
         "test_loss": None, "test_acc": None, "seconds": 0.0, "images_per_second": None,
-        "device": None, "parameters": None,
+        "device": None, "parameters": None, "dead_fraction": None,
     }
     write_metrics(run_dir, metrics)
     writer = None
@@ -170,7 +205,13 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
         metrics["parameters"] = sum(p.numel() for p in parameters)
         optimizer = build_optimizer(run.optimizer, parameters)
         scheduler = build_scheduler(run.scheduler, optimizer, len(data.train), t.epochs)
+        probes = None
+        if run.probes.enabled:
+            # The split seed, not the trainer seed: runs that differ by seed probe the same images.
+            probe_images = data.train.sample(run.probes.batch_size, seed=run.dataset.split_seed)
+            probes = Probes(model, probe_images, run.probes)
         writer = SummaryWriter(str(run_dir), flush_secs=10)
+        write_layout(writer)
         sizes = " / ".join(f"{count:,} {name}" for name, count in data.sizes.items() if count)
         console.print(
             f"cnnlab: {run.model.name} + {run.activation.name} on {run.dataset.name} ({sizes}), "
@@ -179,22 +220,14 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
         )
 
         step = 0
-        log = ScalarLog(writer, device)
+        log = TrainingLog(writer, device)
+        if probes is not None:
+            log.probe(step, probes)  # before any update
         with TrainingProgress(t.epochs, console) as progress:
             for epoch in range(1, t.epochs + 1):
                 progress.start_epoch(epoch, len(data.train))
-                log.start_epoch()
-                model.train()
-                for images, labels in data.train:
-                    lr = optimizer.param_groups[0]["lr"]
-                    grad_norm = train_step(model, parameters, optimizer, scheduler, images, labels, t.grad_clip, log.window)
-                    step += 1
-                    progress.advance()
-                    if step % t.log_every == 0:
-                        progress.update(*log.flush(step, lr, grad_norm, parameters))
-                if log.window.count:
-                    progress.update(*log.flush(step, lr, grad_norm, parameters))
-
+                step = train_epoch(model, parameters, optimizer, scheduler, data.train, t, log, probes, progress, step,
+                                   last_step=t.epochs * len(data.train))
                 val_loss, val_acc = evaluate(model, data.val)
                 writer.add_scalar("val/loss", val_loss, step)
                 writer.add_scalar("val/acc", val_acc, step)
@@ -203,7 +236,7 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
                     epochs=epoch, steps=step, train_loss=log.epoch_loss / log.epoch_images,
                     train_acc=log.epoch_correct / log.epoch_images, val_loss=val_loss, val_acc=val_acc,
                     images_per_second=log.images / max(log.seconds, 1e-9),
-                    seconds=round(time.perf_counter() - started, 3),
+                    seconds=round(time.perf_counter() - started, 3), dead_fraction=log.dead_fraction or None,
                 )
                 save_checkpoint(run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, {
                     "model": model.state_dict(),

@@ -1,0 +1,176 @@
+"""What probes cost, and what cnnlab's training loop costs over a bare hand-written loop.
+
+For the MLP and the ConvNet (default configs, MNIST-shaped generated data, default batch size), time
+one epoch of a fixed number of steps with three loops, interleaved in one process:
+
+  bare   the loop a user writes by hand: randperm, index, normalise, forward, backward, step
+  off    cnnlab's train_epoch with probes off (running sums, scalar logs, progress)
+  on     cnnlab's train_epoch with probes on at the default settings
+
+and report, per model, the median, min and max over rounds of the ratios off/bare and on/off.
+Identical runs differ by up to ~15% here, so only ratios of neighbouring runs are compared.
+
+    python scripts/bench_probes.py            # 8 rounds after a warm-up round
+    python scripts/bench_probes.py --quick    # the same with half the steps per epoch
+
+An epoch is 1000 steps for the MLP and 200 for the ConvNet (500 and 100 with --quick): long enough
+to include whole probe intervals at the default probes.every.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from rich.console import Console
+from rich.table import Table
+from torch.utils.tensorboard import SummaryWriter
+
+from cnnlab.cli import config_dir
+from cnnlab.config import validate
+from cnnlab.data import load_data
+from cnnlab.models import build_model
+from cnnlab.optim import build_optimizer
+from cnnlab.probes import Probes
+from cnnlab.progress import TrainingProgress
+from cnnlab.trainer import TrainingLog, resolve_device, train_epoch
+
+TARGETS = {"off/bare": 1.05, "on/off": 1.10}
+
+
+def setup(model_name: str, steps: int, device_name: str):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose("train", overrides=[f"model={model_name}", "dataset=fake", f"trainer.device={device_name}"])
+    run = validate(cfg)
+    batch_size = run.trainer.batch_size
+    # Enough generated images that one epoch is exactly `steps` steps after the validation split.
+    run.dataset.train_size = round(steps * batch_size / (1 - run.dataset.val_fraction)) + 1
+    device = resolve_device(run.trainer.device)
+    torch.manual_seed(0)
+    data = load_data(run.dataset, batch_size, run.trainer.eval_batch_size, device, seed=0)
+    assert len(data.train) == steps, (len(data.train), steps)
+    model = build_model(run.model, run.activation, data.input_shape, data.num_classes).to(device)
+    return run, data, model, device
+
+
+def bare_epoch(model, optimizer, data, batch_size: int, generator: torch.Generator) -> None:
+    images, labels, normalise = data.train.data.images, data.train.data.labels, data.train.normalise
+    order = torch.randperm(len(labels), device=images.device, generator=generator)
+    for i in range(len(labels) // batch_size):
+        index = order[i * batch_size:(i + 1) * batch_size]
+        loss = F.cross_entropy(model(normalise(images[index])), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def bench_model(model_name: str, steps: int, rounds: int, device_name: str, workdir: Path) -> dict:
+    run, data, model, device = setup(model_name, steps, device_name)
+    variants = {}
+    for name in ("bare", "off", "on"):
+        copy_ = copy.deepcopy(model)
+        parameters = list(copy_.parameters())
+        variants[name] = {"model": copy_, "parameters": parameters, "optimizer": build_optimizer(run.optimizer, parameters)}
+    probe_images = data.train.sample(run.probes.batch_size, seed=0)
+    probes = Probes(variants["on"]["model"], probe_images, run.probes)
+    quiet = TrainingProgress(epochs=1, console=Console(file=io.StringIO()))
+    generator = torch.Generator(device=device).manual_seed(0)
+    logs = {name: TrainingLog(SummaryWriter(str(workdir / f"{model_name}-{name}")), device) for name in ("off", "on")}
+    step = {"off": 0, "on": 0}
+
+    def one_epoch(name: str) -> float:
+        v = variants[name]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        if name == "bare":
+            bare_epoch(v["model"], v["optimizer"], data, run.trainer.batch_size, generator)
+        else:
+            quiet.start_epoch(1, steps)
+            step[name] = train_epoch(v["model"], v["parameters"], v["optimizer"], None, data.train, run.trainer,
+                                     logs[name], probes if name == "on" else None, quiet, step[name],
+                                     last_step=-1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for name in ("bare", "off", "on"):  # warm-up: allocator, kernels, first-call costs
+        one_epoch(name)
+    times = {"bare": [], "off": [], "on": []}
+    order = ["bare", "off", "on"]
+    for round_ in range(rounds):
+        # Rotate the order each round, so that no variant always runs first or after the same one.
+        for name in order[round_ % 3:] + order[:round_ % 3]:
+            times[name].append(one_epoch(name))
+    for log in logs.values():
+        log.writer.close()
+
+    def spread(values: list[float]) -> dict:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    ratios = {
+        "off/bare": spread([o / b for o, b in zip(times["off"], times["bare"])]),
+        "on/off": spread([n / o for n, o in zip(times["on"], times["off"])]),
+    }
+    return {
+        "steps_per_epoch": steps,
+        "batch_size": run.trainer.batch_size,
+        "probes": {"every": run.probes.every, "batch_size": run.probes.batch_size, "bins": run.probes.bins,
+                   "histograms": run.probes.histograms},
+        "ms_per_step": {name: 1000 * statistics.median(values) / steps for name, values in times.items()},
+        "ratios": ratios,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="half the steps per epoch")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds after the warm-up (>= 8)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--out", default="bench_probes.json", help="where to write the results")
+    args = parser.parse_args()
+    steps = {"mlp": 1000, "convnet": 200}
+    if args.quick:
+        steps = {name: count // 2 for name, count in steps.items()}
+    results = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "device": str(resolve_device(args.device)),
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else None},
+        "rounds": args.rounds,
+        "models": {},
+    }
+    with tempfile.TemporaryDirectory() as workdir:
+        for model_name in ("mlp", "convnet"):
+            results["models"][model_name] = bench_model(model_name, steps[model_name], args.rounds, args.device,
+                                                        Path(workdir))
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+    table = Table(title=f"probe and loop overhead, {results['machine']['device']}, {args.rounds} rounds")
+    for column in ("model", "steps", "bare ms/step", "off ms/step", "on ms/step", "off/bare median [min, max]",
+                   "on/off median [min, max]"):
+        table.add_column(column, justify="right")
+    for model_name, result in results["models"].items():
+        ms, ratios = result["ms_per_step"], result["ratios"]
+        cells = []
+        for key, target in TARGETS.items():
+            r = ratios[key]
+            verdict = "ok" if r["median"] <= target else f"over {target}"
+            cells.append(f"{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}] {verdict}")
+        table.add_row(model_name, str(result["steps_per_epoch"]), f"{ms['bare']:.2f}", f"{ms['off']:.2f}", f"{ms['on']:.2f}", *cells)
+    Console().print(table)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+import io
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from rich.console import Console
+from torch import nn
+
+from cnnlab.checkpoint import load_checkpoint
+from cnnlab.config import ProbesConfig, validate
+from cnnlab.models import build_model
+from cnnlab.probes import (
+    Probes,
+    activation_layers,
+    dead_units,
+    histogram,
+    saturation_fraction,
+    update_ratio,
+    weight_layers,
+)
+from cnnlab.rundir import read_metrics
+from cnnlab.tblog import write_probe
+from cnnlab.trainer import train
+from tests.helpers import compose_config
+
+PROBES = ProbesConfig(enabled=True, every=1, batch_size=8, histograms=True, bins=10, mode="train")
+
+
+# --- statistics on hand-made tensors --------------------------------------------------------------
+def test_dead_units_of_a_linear_layer_are_those_never_positive_over_the_batch():
+    pre = torch.randn(32, 6).abs() + 0.1
+    pre[:, 1] = -pre[:, 1]  # never positive
+    pre[:, 4] = 0.0  # zero is not positive either: ReLU's gradient is zero there
+    pre[:, 5] = -1.0
+    pre[7, 5] = 0.5  # positive for one example: alive
+    assert dead_units(pre).tolist() == [False, True, False, False, True, False]
+
+
+def test_a_conv_channel_is_dead_only_if_no_example_and_no_position_is_positive():
+    pre = -torch.rand(4, 3, 5, 5) - 0.1  # all negative
+    pre[2, 0, 3, 1] = 0.01  # channel 0: positive at a single position of a single example
+    pre[:, 2] = 1.0  # channel 2: always positive
+    assert dead_units(pre).tolist() == [False, True, False]
+
+
+def test_saturation_counts_outputs_within_the_margin_of_either_asymptote():
+    sigmoid_out = torch.tensor([0.0, 0.005, 0.5, 0.995, 1.0, 0.02, 0.98, 0.3])
+    assert saturation_fraction(sigmoid_out, 0.0, 1.0).item() == pytest.approx(4 / 8)
+    tanh_out = torch.tanh(torch.tensor([-10.0, -0.1, 0.0, 3.0, 0.5]))  # tanh(3) = 0.995 > 0.99
+    assert saturation_fraction(tanh_out, -1.0, 1.0).item() == pytest.approx(2 / 5)
+
+
+def test_histogram_counts_every_element_once_in_even_buckets_over_min_max():
+    x = torch.tensor([0.0, 0.1, 0.9, 1.0, 1.0, 2.0, 3.9, 4.0])
+    low, high, total, squares, *counts = histogram(x, bins=4).tolist()
+    assert (low, high) == (0.0, 4.0)
+    assert counts == [3, 2, 1, 2]  # [0,1) [1,2) [2,3) [3,4]: the maximum lands in the last bucket
+    assert total == pytest.approx(x.sum().item()) and squares == pytest.approx((x * x).sum().item())
+    big = torch.randn(3, 64, 17, 9)
+    assert sum(histogram(big, bins=64).tolist()[4:]) == big.numel()
+
+
+def test_histogram_of_a_constant_tensor_puts_everything_in_one_bucket():
+    values = histogram(torch.zeros(100), bins=5).tolist()
+    assert values[:2] == [0.0, 0.0] and values[4:] == [100, 0, 0, 0, 0]
+
+
+def test_histogram_counts_exactly_beyond_float32_integer_range(monkeypatch):
+    import cnnlab.probes as probes
+
+    monkeypatch.setattr(probes, "HISTC_CHUNK", 7)  # stands in for 2**24: the chunks must add up
+    x = torch.arange(100.0)
+    assert histogram(x, bins=10).tolist()[4:] == [10] * 10
+
+
+def test_update_ratio_is_log10_of_step_size_over_weight_size():
+    before = torch.ones(10)
+    assert update_ratio(before, before + 0.01).item() == pytest.approx(-2.0, abs=1e-5)
+    assert update_ratio(before, before * 1.1).item() == pytest.approx(-1.0, abs=1e-5)
+    assert math.isfinite(update_ratio(before, before).item())  # no step: a floor, not -inf
+
+
+# --- layers and hooks -----------------------------------------------------------------------------
+def small_model(*overrides, model="convnet"):
+    small = ["model.channels=[4,6]", "model.fc_hidden=10"] if model == "convnet" else ["model.hidden=[12,8]"]
+    run = validate(compose_config(f"model={model}", *small, *overrides))
+    return build_model(run.model, run.activation, (1, 8, 8), 3)
+
+
+def test_layer_names_sort_in_depth_order_and_say_what_they_are():
+    model = small_model()
+    assert [layer.name for layer in activation_layers(model)] == ["act01_conv", "act02_conv", "act03_fc"]
+    assert [layer.name for layer in weight_layers(model)] == ["layer01_conv", "layer02_conv", "layer03_fc",
+                                                              "layer04_classifier"]
+    mlp = small_model(model="mlp")
+    assert [layer.name for layer in activation_layers(mlp)] == ["act01_fc", "act02_fc"]
+
+
+def hooks_left(model):
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_probing_leaves_no_hook_behind_even_when_the_forward_fails():
+    model = small_model()
+    probes = Probes(model, torch.randn(8, 1, 8, 8), PROBES)
+    probes.measure()
+    assert hooks_left(model) == 0
+    broken = Probes(model, torch.randn(8, 2, 8, 8), PROBES)  # wrong channel count: the forward raises
+    with pytest.raises(RuntimeError):
+        broken.measure()
+    assert hooks_left(model) == 0
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("was_training", [True, False])
+def test_probing_restores_the_mode_and_batchnorm_statistics_and_draws_no_training_randomness(mode, was_training):
+    model = small_model("model.batchnorm=true", "model.dropout=0.5", "activation=rrelu")
+    model.train(was_training)
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    probes = Probes(model, torch.randn(8, 1, 8, 8) * 3 + 1, ProbesConfig(**{**PROBES.__dict__, "mode": mode}))
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    probes.measure()
+    assert torch.equal(torch.rand(3), expected_next)
+    assert model.training == was_training
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in buffers.items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_probe_measures_every_family_for_every_layer_in_one_transfer(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from tests.helpers import read_scalars
+
+    model = small_model("activation=prelu", "activation.per_channel=true")
+    probes = Probes(model, torch.randn(8, 1, 8, 8), PROBES)
+    loss = model(torch.randn(4, 1, 8, 8)).sum()
+    loss.backward()
+    probes.before_update()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.01 * p.grad
+    probes.after_update()
+    measurements = probes.measure()
+    tags = {m.tag for m in measurements}
+    for name in ("act01_conv", "act02_conv", "act03_fc"):
+        for family in ("activations", "preactivations", "act_mean", "act_std", "dead_fraction", "prelu_slope",
+                       "prelu_slopes"):
+            assert f"{family}/{name}" in tags
+    for name in ("layer01_conv", "layer02_conv", "layer03_fc", "layer04_classifier"):
+        for family in ("grad_norm", "update_ratio", "weights"):
+            assert f"{family}/{name}" in tags
+    with SummaryWriter(str(tmp_path)) as writer:
+        dead = write_probe(writer, 5, measurements)
+    assert set(dead) == {"act01_conv", "act02_conv", "act03_fc", "all"}
+    scalars = read_scalars(tmp_path)
+    assert scalars["dead_fraction/all"] == [(5, pytest.approx(dead["all"]))]
+    expected_norm = torch.cat([p.grad.flatten() for p in weight_layers(model)[0].module.parameters()]).norm().item()
+    assert scalars["grad_norm/layer01_conv"][0][1] == pytest.approx(expected_norm, rel=1e-5)
+
+
+def test_dead_fraction_all_weights_layers_by_their_units(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    model = nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 30), nn.ReLU(), nn.Linear(30, 2))
+    with torch.no_grad():
+        model[0].bias[:5], model[0].bias[5:] = -100.0, 100.0  # 5 of 10 units dead, the rest alive
+        model[2].bias[:3], model[2].bias[3:] = -1e4, 1e4  # 3 of 30 units dead
+    probes = Probes(model, torch.randn(16, 4), PROBES)
+    with SummaryWriter(str(tmp_path)) as writer:
+        dead = write_probe(writer, 0, probes.measure())
+    assert dead["act01_fc"] == pytest.approx(0.5)
+    assert dead["act02_fc"] == pytest.approx(0.1)
+    assert dead["all"] == pytest.approx(8 / 40)
+
+
+# --- in the trainer ---------------------------------------------------------------------------------
+FAST = ["dataset=fake", "dataset.train_size=300", "dataset.test_size=40", "dataset.image_size=8",
+        "trainer.batch_size=32", "trainer.device=cpu", "probes.batch_size=16"]
+
+
+def run_training(run_dir, *overrides):
+    cfg = compose_config(*FAST, *overrides)
+    return train(validate(cfg), run_dir, OmegaConf.to_container(cfg), console=Console(file=io.StringIO()))
+
+
+def test_probes_never_change_training(tmp_path):
+    common = ["model=convnet", "model.channels=[4]", "model.fc_hidden=8", "model.batchnorm=true", "model.dropout=0.3",
+              "activation=rrelu", "trainer.epochs=2", "trainer.deterministic=true", "probes.every=3"]
+    on = run_training(tmp_path / "on", *common, "probes.enabled=true")
+    off = run_training(tmp_path / "off", *common, "probes.enabled=false")
+    weights_on = load_checkpoint(tmp_path / "on" / "checkpoints" / "last.pt")["model"]
+    weights_off = load_checkpoint(tmp_path / "off" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(weights_on[k], weights_off[k]) for k in weights_on)
+    assert on["val_loss"] == off["val_loss"]
+    assert on["dead_fraction"] is not None and off["dead_fraction"] is None
+
+
+def test_a_run_writes_every_probe_family_for_every_layer_from_step_0(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = run_training(tmp_path, "model=convnet", "model.channels=[4,4]", "model.fc_hidden=8", "activation=tanh",
+                           "trainer.epochs=1", "probes.every=4")
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    last = metrics["steps"]
+    assert last == 8
+    for name in ("act01_conv", "act02_conv", "act03_fc"):
+        for family in ("activations", "preactivations"):
+            assert [e.step for e in events.Histograms(f"{family}/{name}")] == [0, 4, 8]
+        for family in ("act_mean", "act_std", "dead_fraction", "saturation"):
+            assert [e.step for e in events.Scalars(f"{family}/{name}")] == [0, 4, 8]
+    for name in ("layer01_conv", "layer02_conv", "layer03_fc", "layer04_classifier"):
+        assert [e.step for e in events.Histograms(f"weights/{name}")] == [0, 4, 8]
+        for family in ("grad_norm", "update_ratio"):  # these need an update: from the first probed step
+            assert [e.step for e in events.Scalars(f"{family}/{name}")] == [4, 8]
+    assert [e.step for e in events.Scalars("dead_fraction/all")] == [0, 4, 8]
+    histogram = events.Histograms("activations/act01_conv")[0].histogram_value
+    assert histogram.num == 16 * 4 * 8 * 8 and -1 <= histogram.min <= histogram.max <= 1
+    assert "custom_scalars__config__" in tags["tensors"]
+    assert set(metrics["dead_fraction"]) == {"act01_conv", "act02_conv", "act03_fc", "all"}
+    assert read_metrics(tmp_path)["dead_fraction"] == metrics["dead_fraction"]
+    assert metrics["dead_fraction"]["all"] == pytest.approx(events.Scalars("dead_fraction/all")[-1].value)
+
+
+def test_high_learning_rate_relu_network_shows_dying_units(tmp_path):
+    """What cnnlab exists for: SGD at a reckless learning rate kills ReLU units, and the probes see it."""
+    metrics = run_training(tmp_path, "model.hidden=[64,64]", "optimizer=sgd", "optimizer.lr=2.0",
+                           "optimizer.momentum=0.9", "trainer.epochs=2", "trainer.grad_clip=100")
+    healthy = run_training(tmp_path / "healthy", "model.hidden=[64,64]", "trainer.epochs=2")
+    assert metrics["dead_fraction"]["all"] > 0.3
+    assert healthy["dead_fraction"]["all"] < 0.1
+
+
+def test_histograms_can_be_switched_off(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_training(tmp_path, "model.hidden=[8]", "trainer.epochs=1", "probes.histograms=false")
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert events.Tags()["histograms"] == [] and "dead_fraction/act01_fc" in events.Tags()["scalars"]
