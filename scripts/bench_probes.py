@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import io
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -43,6 +45,7 @@ from cnnlab.models import build_model
 from cnnlab.optim import build_optimizer
 from cnnlab.probes import Probes
 from cnnlab.progress import TrainingProgress
+from cnnlab.tblog import write_probe
 from cnnlab.trainer import TrainingLog, resolve_device, train_epoch
 
 TARGETS = {"off/bare": 1.05, "on/off": 1.10}
@@ -118,6 +121,17 @@ def bench_model(model_name: str, steps: int, rounds: int, device_name: str, work
     def spread(values: list[float]) -> dict:
         return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
+    probe_ms = {}
+    for histograms in (True, False):  # the cost of one probe on its own, with and without histograms
+        alone = Probes(variants["on"]["model"], probe_images, dataclasses.replace(run.probes, histograms=histograms))
+        with SummaryWriter(str(workdir / f"{model_name}-probe-{histograms}")) as writer:
+            durations = []
+            for i in range(6):
+                start = time.perf_counter()
+                write_probe(writer, i, alone.measure())  # ends with the transfer: the work is done
+                durations.append(time.perf_counter() - start)
+        probe_ms["with histograms" if histograms else "without histograms"] = 1000 * statistics.median(durations[1:])
+
     ratios = {
         "off/bare": spread([o / b for o, b in zip(times["off"], times["bare"])]),
         "on/off": spread([n / o for n, o in zip(times["on"], times["off"])]),
@@ -128,8 +142,19 @@ def bench_model(model_name: str, steps: int, rounds: int, device_name: str, work
         "probes": {"every": run.probes.every, "batch_size": run.probes.batch_size, "bins": run.probes.bins,
                    "histograms": run.probes.histograms},
         "ms_per_step": {name: 1000 * statistics.median(values) / steps for name, values in times.items()},
+        "ms_per_probe": probe_ms,
         "ratios": ratios,
     }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -143,7 +168,7 @@ def main() -> None:
     if args.quick:
         steps = {name: count // 2 for name, count in steps.items()}
     results = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "device": str(resolve_device(args.device)),
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else None},
@@ -158,7 +183,7 @@ def main() -> None:
 
     table = Table(title=f"probe and loop overhead, {results['machine']['device']}, {args.rounds} rounds")
     for column in ("model", "steps", "bare ms/step", "off ms/step", "on ms/step", "off/bare median [min, max]",
-                   "on/off median [min, max]"):
+                   "on/off median [min, max]", "ms per probe (no histograms)"):
         table.add_column(column, justify="right")
     for model_name, result in results["models"].items():
         ms, ratios = result["ms_per_step"], result["ratios"]
@@ -167,8 +192,10 @@ def main() -> None:
             r = ratios[key]
             verdict = "ok" if r["median"] <= target else f"over {target}"
             cells.append(f"{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}] {verdict}")
-        table.add_row(model_name, str(result["steps_per_epoch"]), f"{ms['bare']:.2f}", f"{ms['off']:.2f}", f"{ms['on']:.2f}", *cells)
-    Console().print(table)
+        probe = result["ms_per_probe"]
+        table.add_row(model_name, str(result["steps_per_epoch"]), f"{ms['bare']:.2f}", f"{ms['off']:.2f}", f"{ms['on']:.2f}",
+                      *cells, f"{probe['with histograms']:.1f} ({probe['without histograms']:.1f})")
+    Console(width=160).print(table)
     print(f"wrote {args.out}")
 
 

@@ -99,6 +99,8 @@ def test_train_end_to_end_writes_a_complete_run_directory(tmp_path):
     assert "trainer.epochs=2" in (run_dir / ".hydra" / "overrides.yaml").read_text()
     scalars = read_scalars(run_dir)
     assert {"train/loss", "train/acc", "val/loss", "val/acc", "test/acc", "lr", "grad_norm/total"} <= set(scalars)
+    assert scalars["dead_fraction/all"][0][0] == 0  # probes are on by default, from step 0
+    assert set(metrics["dead_fraction"]) == {"act01_fc", "all"}
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == metrics["steps"]
     assert "epoch 2/2" in result.stdout and "cnnlab run: completed" in result.stdout
 

@@ -113,6 +113,18 @@ def test_image_folder_run_trains_on_the_decoded_pngs(tmp_path):
     assert "test/acc" not in read_scalars(tmp_path / "run")
 
 
+def test_a_streamed_image_folder_trains_and_probes(tmp_path):
+    root = write_image_folder(tmp_path / "images", classes=("a", "b"), per_class=12, size=8, mode="L")
+    data = ["dataset=imagefolder", f"dataset.path={root}", "dataset.image_size=8", "dataset.channels=1",
+            "dataset.max_memory_mb=0", "dataset.num_workers=0", "dataset.augment=true"]
+    metrics, output = run_training(tmp_path / "run", "trainer.epochs=2", "trainer.batch_size=4", "probes.batch_size=6",
+                                   data=data)
+    assert metrics["status"] == "completed" and metrics["steps"] == 2 * (22 // 4)
+    assert set(metrics["dead_fraction"]) == {"act01_fc", "all"}
+    scalars = read_scalars(tmp_path / "run")
+    assert [step for step, _ in scalars["dead_fraction/all"]][0] == 0
+
+
 def test_a_failing_run_records_failed_status_and_the_reason(tmp_path):
     cfg = compose_config(f"dataset.root={tmp_path / 'nothing'}", "dataset.download=false", "trainer.device=cpu")
     with pytest.raises(UserError, match="missing"):

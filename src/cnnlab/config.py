@@ -347,6 +347,6 @@ def check_values(run: RunConfig) -> None:
              "valid choices are auto, cpu, cuda, cuda:N")
 
     _require(p.every >= 1, "probes.every", p.every, "must be at least 1 (optimizer steps)")
-    _require(p.batch_size >= 1, "probes.batch_size", p.batch_size, "must be at least 1")
+    _require(p.batch_size >= 2, "probes.batch_size", p.batch_size, "must be at least 2 (statistics over a batch)")
     _require(p.bins >= 2, "probes.bins", p.bins, "must be at least 2")
     _require(p.mode in ("train", "eval"), "probes.mode", p.mode, "valid choices are train, eval")
