@@ -24,11 +24,15 @@ cnnlab {__version__}: train small classifiers from YAML configs and see why they
 usage: cnnlab COMMAND [ARGS...]
 
 commands:
-  train     train a classifier; everything after `train` is Hydra's (overrides, -m, --cfg job, --help)
+  train        train a classifier; everything after `train` is Hydra's (overrides, -m, --cfg job, --help)
+  compare      compare runs or sweeps: table, summary.csv/json, PNG figures (`cnnlab compare --help`)
+  activations  the available activations, with --plot FILE to draw them and their derivatives
 
 examples:
   cnnlab train model=convnet activation=leaky_relu
-  cnnlab train -m activation=relu,leaky_relu,elu,selu,gelu
+  cnnlab train -m activation=relu,leaky_relu,elu,selu,gelu trainer.seed=0,1,2
+  cnnlab train -m experiment=relu_variants
+  cnnlab compare outputs/multirun/2026-11-22/10-31-07-123456
   cnnlab train --help
   tensorboard --logdir outputs
 """
@@ -49,42 +53,73 @@ def _job_dir(override_dirname: str, job_num: Any) -> str:
 OmegaConf.register_new_resolver("cnnlab_job_dir", _job_dir, replace=True)
 
 
+def _hydra_arguments(args: list[str]):
+    from hydra._internal.utils import get_args_parser
+
+    parsed, _ = get_args_parser().parse_known_args(args)
+    return parsed
+
+
 def name_jobs_by_swept_overrides(args: list[str]) -> list[str]:
     """In a multirun, keep overrides shared by every job out of the job directory names.
 
     Hydra names a job by all of its overrides (`hydra.job.override_dirname`); a shared
     `dataset.root=/data/x` would make every name long and, with its slashes, nest folders.
     """
-    from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed, _ = get_args_parser().parse_known_args(args)
-    if not parsed.multirun or any(a.startswith("hydra.job.config.override_dirname") for a in parsed.overrides):
+    overrides = _hydra_arguments(args).overrides
+    if any(a.startswith("hydra.job.config.override_dirname") for a in overrides):
         return args
     try:
-        overrides = OverridesParser.create().parse_overrides(parsed.overrides)
+        parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception:  # Hydra reports malformed overrides itself, with its own message
         return args
-    shared = [o.get_key_element() for o in overrides if not o.is_sweep_override() and not o.is_hydra_override()]
+    shared = [o.get_key_element() for o in parsed if not o.is_sweep_override() and not o.is_hydra_override()]
     if not shared:
         return args
     quoted = ",".join("'" + key.replace("'", "\\'") + "'" for key in shared)
     return [*args, f"hydra.job.config.override_dirname.exclude_keys=[{quoted}]"]
 
 
-# Outcomes of the jobs run in this process, for the exit code.
+def fix_sweep_dir(args: list[str]) -> tuple[list[str], Path]:
+    """The sweep directory, decided here (from hydra.sweep.dir on the command line, else from the
+    template in train.yaml) and passed to Hydra, so that the CLI can summarise the sweep afterwards
+    whichever launcher ran the jobs."""
+    for arg in reversed(_hydra_arguments(args).overrides):
+        if arg.startswith("hydra.sweep.dir="):
+            return args, Path(arg.partition("=")[2])
+    from hydra.core.utils import setup_globals
+
+    setup_globals()  # registers Hydra's ${now:...} resolver
+    template = OmegaConf.to_container(OmegaConf.load(config_dir() / "train.yaml").hydra.sweep)["dir"]
+    sweep_dir = str(OmegaConf.create({"dir": template}).dir)
+    return [*args, f"hydra.sweep.dir={sweep_dir}"], Path(sweep_dir)
+
+
+def threads_per_job(n_jobs: int, cores: int) -> int:
+    """CPU threads per job when joblib runs n_jobs at once (joblib's -1 = all cores, -2 = all but one)."""
+    parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
+    return max(1, cores // parallel)
+
+
+# Outcomes of the jobs run in this process, for the exit code of a single run.
 _outcomes: list[str] = []
 
 
 def _print_error(message: str, job: str = "") -> None:
     from rich.console import Console
 
-    prefix = f"cnnlab: error in job {job}: " if job else "cnnlab: error: "
+    prefix = f"cnnlab: job {job} failed: " if job else "cnnlab: error: "
     Console(stderr=True).print(prefix + message, style="red", markup=False, highlight=False, soft_wrap=True)
 
 
 def run_job(cfg: DictConfig) -> str:
-    """One Hydra job: validate the config, then train. A user mistake is reported, not raised."""
+    """One Hydra job: validate the config, then train. A user mistake is reported, not raised; in a
+    sweep, so is any other failure, so that the remaining jobs still run."""
+    import os
+    import traceback
+
     from hydra.core.hydra_config import HydraConfig
 
     from cnnlab.config import validate
@@ -92,7 +127,8 @@ def run_job(cfg: DictConfig) -> str:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    job = ",".join(hydra_cfg.overrides.task) if hydra_cfg.mode.name == "MULTIRUN" else ""
+    multirun = hydra_cfg.mode.name == "MULTIRUN"
+    job = f"#{hydra_cfg.job.num} ({','.join(hydra_cfg.overrides.task)})" if multirun else ""
     try:
         run = validate(cfg)
     except UserError as error:
@@ -100,6 +136,9 @@ def run_job(cfg: DictConfig) -> str:
         write_metrics(run_dir, {"status": "invalid", "error": str(error)})
         _outcomes.append("invalid")
         return "invalid"
+    n_jobs = (hydra_cfg.get("launcher") or {}).get("n_jobs")
+    if run.trainer.threads is None and isinstance(n_jobs, int):
+        run.trainer.threads = threads_per_job(n_jobs, os.cpu_count() or 1)
     try:
         from cnnlab.trainer import train  # torch is imported only once the config is known to be good
 
@@ -107,35 +146,122 @@ def run_job(cfg: DictConfig) -> str:
     except UserError as error:  # bad data or device: the trainer has recorded it in metrics.json
         _print_error(str(error), job)
         status = "failed"
+    except Exception as error:
+        if not multirun:
+            _outcomes.append("failed")
+            raise
+        # One job's crash must not end the sweep: one line now, the traceback in the job's folder.
+        (run_dir / "traceback.txt").write_text(traceback.format_exc())
+        _print_error(f"{type(error).__name__}: {error} (traceback in {run_dir / 'traceback.txt'})", job)
+        status = "failed"
     except BaseException:
-        _outcomes.append("failed")
+        _outcomes.append("interrupted")
         raise
     _outcomes.append(status)
     return status
 
 
+def _exit_code(statuses: list[str]) -> int:
+    if any(status not in ("completed", "invalid") for status in statuses):
+        return EXIT_FAILED
+    return EXIT_USAGE if "invalid" in statuses else EXIT_OK
+
+
+def summarise_sweep(sweep_dir: Path) -> int:
+    """The table of every job, summary.csv and summary.json in the sweep directory; the exit code."""
+    from rich.console import Console
+
+    from cnnlab.compare import find_runs, print_summary, write_summary
+
+    runs = find_runs([str(sweep_dir)])
+    print_summary(Console(), runs, title=f"sweep {sweep_dir}: {len(runs)} jobs")
+    write_summary(sweep_dir, runs)
+    not_completed = [f"{run.name} ({run.status})" for run in runs if run.status != "completed"]
+    if not_completed:
+        _print_error(f"{len(not_completed)} of {len(runs)} jobs did not complete: {'; '.join(not_completed)}.")
+    return _exit_code([run.status for run in runs])
+
+
 def train_command(args: list[str]) -> int:
     import hydra
 
-    args = name_jobs_by_swept_overrides(args)
+    sweep_dir = None
+    if _hydra_arguments(args).multirun:
+        args = name_jobs_by_swept_overrides(args)
+        args, sweep_dir = fix_sweep_dir(args)
     saved_argv = sys.argv
     sys.argv = ["cnnlab train", *args]  # Hydra reads its arguments from sys.argv
     _outcomes.clear()
     try:
         hydra.main(version_base=None, config_path=str(config_dir()), config_name="train")(run_job)()
     except SystemExit as exit:
-        if exit.code not in (0, None) and not _outcomes:
+        if exit.code not in (0, None) and not _outcomes and not (sweep_dir and sweep_dir.is_dir()):
             return EXIT_USAGE  # Hydra rejected the arguments or the config before any job ran
-        if exit.code not in (0, None):
+        if exit.code not in (0, None) and sweep_dir is None:
             return EXIT_FAILED
     finally:
         sys.argv = saved_argv
-    if any(status not in ("completed", "invalid") for status in _outcomes):
-        return EXIT_FAILED
-    return EXIT_USAGE if "invalid" in _outcomes else EXIT_OK
+    if sweep_dir is not None and sweep_dir.is_dir():
+        return summarise_sweep(sweep_dir)
+    return _exit_code(_outcomes)
 
 
-COMMANDS = {"train": train_command}
+def compare_command(args: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="cnnlab compare",
+        description="Compare runs: a table, summary.csv and summary.json, and PNG figures (also in TensorBoard).")
+    parser.add_argument("paths", nargs="+", help="sweep directories, run directories, or glob patterns of them")
+    parser.add_argument("--out", help="where to write the summary and figures (default: the sweep directory "
+                                      "when one is given, else ./comparison)")
+    options = parser.parse_args(args)
+    from rich.console import Console
+
+    from cnnlab.compare import find_runs, make_figures, print_summary, write_summary
+
+    try:
+        runs = find_runs(options.paths)
+    except UserError as error:
+        _print_error(str(error))
+        return EXIT_USAGE
+    single = Path(options.paths[0])
+    default_out = single if len(options.paths) == 1 and single.is_dir() and not (single / ".hydra").is_dir() else Path("comparison")
+    out = Path(options.out) if options.out else default_out
+    console = Console()
+    print_summary(console, runs, title=f"{len(runs)} runs")
+    written = [*write_summary(out, runs), *make_figures(runs, out)]
+    console.print("wrote " + ", ".join(str(path) for path in written), highlight=False, markup=False, soft_wrap=True)
+    return EXIT_OK
+
+
+def activations_command(args: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="cnnlab activations",
+                                     description="The activations cnnlab offers: a table, and optionally a plot.")
+    parser.add_argument("--plot", metavar="FILE", help="draw each function and its derivative on [-5, 5] into FILE (PNG)")
+    options = parser.parse_args(args)
+    from rich.console import Console
+    from rich.table import Table
+
+    from cnnlab.models import ACTIVATION_INFO
+
+    table = Table(title="activation=NAME", title_justify="left")
+    for column in ("name", "formula", "range", "settings (default)", "typical use"):
+        table.add_column(column, overflow="fold")
+    for name, info in ACTIVATION_INFO.items():
+        table.add_row(name, *info)
+    Console().print(table)
+    if options.plot:
+        from cnnlab.models import plot_activations
+
+        plot_activations(Path(options.plot))
+        print(f"wrote {options.plot}")
+    return EXIT_OK
+
+
+COMMANDS = {"train": train_command, "compare": compare_command, "activations": activations_command}
 
 
 def main(argv: list[str] | None = None) -> None:

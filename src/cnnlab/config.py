@@ -169,6 +169,7 @@ class TrainerConfig:
     deterministic: bool = MISSING
     grad_clip: Optional[float] = MISSING  # max global gradient norm; None = no clipping
     log_every: int = MISSING  # optimizer steps between scalar logs
+    threads: Optional[int] = MISSING  # CPU threads for torch; None = torch's default
 
 
 @dataclass
@@ -343,6 +344,7 @@ def check_values(run: RunConfig) -> None:
     _require(t.eval_batch_size >= 1, "trainer.eval_batch_size", t.eval_batch_size, "must be at least 1")
     _require(t.log_every >= 1, "trainer.log_every", t.log_every, "must be at least 1 (optimizer steps)")
     _require(t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "must be > 0, or null for no clipping")
+    _require(t.threads is None or t.threads >= 1, "trainer.threads", t.threads, "must be at least 1, or null")
     _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "trainer.device", t.device,
              "valid choices are auto, cpu, cuda, cuda:N")
 

@@ -28,6 +28,26 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
 }
 
+# For `cnnlab activations`: formula, output range, settings, and when people reach for it.
+ACTIVATION_INFO: dict[str, tuple[str, str, str, str]] = {
+    "relu": ("max(0, x)", "[0, inf)", "-", "the default; cheap; units whose input stays negative die"),
+    "leaky_relu": ("x if x > 0 else a*x", "(-inf, inf)", "negative_slope a = 0.01", "ReLU that cannot die"),
+    "prelu": ("x if x > 0 else a*x, a learned", "(-inf, inf)", "per_channel, init a = 0.25",
+              "lets the network learn the leak (He et al. 2015)"),
+    "rrelu": ("x if x > 0 else a*x, a ~ U(l, u) in training", "(-inf, inf)", "lower = 1/8, upper = 1/3",
+              "leak as a regulariser; mean slope at evaluation"),
+    "elu": ("x if x > 0 else a*(exp(x) - 1)", "(-a, inf)", "alpha a = 1", "smooth, mean closer to 0 than ReLU"),
+    "selu": ("s*x if x > 0 else s*a*(exp(x) - 1)", "(-1.76, inf)", "fixed s = 1.0507, a = 1.6733",
+             "self-normalising MLPs with LeCun init, no BatchNorm"),
+    "celu": ("max(0, x) + min(0, a*(exp(x/a) - 1))", "(-a, inf)", "alpha a = 1", "ELU, continuously differentiable in a"),
+    "gelu": ("x * Phi(x)", "(-0.17, inf)", "approximate = none | tanh", "transformers; smooth ReLU"),
+    "silu": ("x * sigmoid(x)", "(-0.28, inf)", "-", "a.k.a. swish; smooth, non-monotonic"),
+    "mish": ("x * tanh(softplus(x))", "(-0.31, inf)", "-", "smooth, non-monotonic, close to SiLU"),
+    "softplus": ("log(1 + exp(b*x)) / b", "(0, inf)", "beta b = 1, threshold = 20", "a smooth ReLU that never dies"),
+    "sigmoid": ("1 / (1 + exp(-x))", "(0, 1)", "-", "outputs, gates; saturates, not zero-centred"),
+    "tanh": ("(exp(x) - exp(-x)) / (exp(x) + exp(-x))", "(-1, 1)", "-", "zero-centred sigmoid; saturates"),
+}
+
 # Makes one fresh activation module for a layer of the given width (units or channels).
 ActivationFactory = Callable[[int], nn.Module]
 
@@ -136,3 +156,33 @@ def initialise(model: nn.Module, scheme: str, activation: ActivationConfig) -> N
             nn.init.orthogonal_(layer.weight, gain=gain)
         if layer.bias is not None:
             nn.init.zeros_(layer.bias)
+
+
+def plot_activations(path) -> None:
+    """Each activation (at its default settings) and its derivative on [-5, 5], into one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    x = torch.linspace(-5, 5, 1001, requires_grad=True)
+    columns = 4
+    rows = math.ceil(len(ACTIVATIONS) / columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    for axis, (name, module_class) in zip(grid.flat, ACTIVATIONS.items()):
+        module = module_class().eval()  # RReLU: its mean slope
+        y = module(x)
+        (slope,) = torch.autograd.grad(y.sum(), x)
+        axis.plot(x.detach(), y.detach(), label="f(x)")
+        axis.plot(x.detach(), slope, "--", label="f'(x)")
+        axis.axhline(0, color="grey", linewidth=0.5)
+        axis.axvline(0, color="grey", linewidth=0.5)
+        axis.set(title=name, ylim=(-2, 5))
+        axis.grid(alpha=0.3)
+    for axis in list(grid.flat)[len(ACTIVATIONS):]:
+        axis.set_visible(False)
+    grid[0][0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+import typing
+from dataclasses import fields
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from cnnlab.config import SCHEMAS, RunConfig
 from cnnlab.probes import Measurement
+
+# The metrics the HPARAMS tab shows for each run: the last value of these scalar tags.
+HPARAM_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "train/loss", "dead_fraction/all")
 
 # Custom-scalars layout: every layer of one statistic on one chart.
 LAYOUT = {
@@ -70,3 +75,45 @@ def _write_histogram(writer: SummaryWriter, tag: str, values: list[float], step:
         bucket_limits=[start + width * (i + 1) for i in range(len(counts))], bucket_counts=counts,
         global_step=step,
     )
+
+
+def flat_hparams(run: RunConfig) -> dict[str, bool | str | int | float]:
+    """Every setting of the run as one flat dict: `activation` for the chosen option of a group,
+    `activation.alpha`, `trainer.seed`... Lists and optional settings become text, so that a column
+    keeps one type across runs."""
+    values: dict[str, bool | str | int | float] = {}
+    for section_name in ("dataset", "model", "activation", "optimizer", "scheduler", "trainer", "probes"):
+        section = getattr(run, section_name)
+        hints = typing.get_type_hints(type(section))
+        for field in fields(section):
+            key = section_name if field.name == "name" else f"{section_name}.{field.name}"
+            value = getattr(section, field.name)
+            optional = type(None) in typing.get_args(hints[field.name])
+            values[key] = value if isinstance(value, (bool, int, float, str)) and not optional else str(value)
+    return values
+
+
+def write_hparams_start(writer: SummaryWriter, run: RunConfig) -> None:
+    """The run's hyperparameters into its own event file (add_hparams would open a new run folder)."""
+    from torch.utils.tensorboard.summary import hparams
+
+    domains = {group: list(options) for group, options in SCHEMAS.items()}  # categorical filters
+    experiment, session_start, _ = hparams(flat_hparams(run), {tag: 0.0 for tag in HPARAM_METRICS},
+                                           hparam_domain_discrete=domains)
+    writer.file_writer.add_summary(experiment)
+    writer.file_writer.add_summary(session_start)
+
+
+def write_hparams_end(writer: SummaryWriter, status: str) -> None:
+    """The run's end, successful or not, in the form torch's hparams() writes it (whose helper
+    always says success)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    outcome = api_pb2.STATUS_SUCCESS if status == "completed" else api_pb2.STATUS_FAILURE
+    content = plugin_data_pb2.HParamsPluginData(
+        session_end_info=plugin_data_pb2.SessionEndInfo(status=outcome), version=metadata.PLUGIN_DATA_VERSION)
+    plugin_data = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString())
+    summary = Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG,
+                                           metadata=SummaryMetadata(plugin_data=plugin_data))])
+    writer.file_writer.add_summary(summary)

@@ -23,7 +23,7 @@ from cnnlab.optim import build_optimizer, build_scheduler
 from cnnlab.probes import Probes
 from cnnlab.progress import TrainingProgress, summary_table
 from cnnlab.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT, write_metrics
-from cnnlab.tblog import write_layout, write_probe
+from cnnlab.tblog import write_hparams_end, write_hparams_start, write_layout, write_probe
 
 
 def resolve_device(name: str) -> torch.device:
@@ -191,7 +191,7 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
         "status": "running", "epochs": 0, "steps": 0,
         "train_loss": None, "train_acc": None, "val_loss": None, "val_acc": None,
         "test_loss": None, "test_acc": None, "seconds": 0.0, "images_per_second": None,
-        "device": None, "parameters": None, "dead_fraction": None,
+        "device": None, "threads": None, "parameters": None, "dead_fraction": None,
     }
     write_metrics(run_dir, metrics)
     writer = None
@@ -199,6 +199,9 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
         device = resolve_device(t.device)
         metrics["device"] = str(device)
         seed_everything(t.seed, t.deterministic)
+        if t.threads is not None:
+            torch.set_num_threads(t.threads)
+        metrics["threads"] = torch.get_num_threads()
         data = load_data(run.dataset, t.batch_size, t.eval_batch_size, device, t.seed)
         model = build_model(run.model, run.activation, data.input_shape, data.num_classes).to(device)
         parameters = list(model.parameters())
@@ -212,6 +215,7 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
             probes = Probes(model, probe_images, run.probes)
         writer = SummaryWriter(str(run_dir), flush_secs=10)
         write_layout(writer)
+        write_hparams_start(writer, run)
         sizes = " / ".join(f"{count:,} {name}" for name, count in data.sizes.items() if count)
         console.print(
             f"cnnlab: {run.model.name} + {run.activation.name} on {run.dataset.name} ({sizes}), "
@@ -273,6 +277,7 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
         metrics["seconds"] = round(time.perf_counter() - started, 3)
         write_metrics(run_dir, metrics)
         if writer is not None:
+            write_hparams_end(writer, metrics["status"])
             writer.close()
     console.print(summary_table(metrics, str(run_dir)))
     return metrics

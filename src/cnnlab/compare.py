@@ -1,0 +1,345 @@
+"""Sweep summaries: find run directories, name them by what differs, group seeds, tables and files.
+
+Reads only what runs leave on disk (metrics.json, .hydra/overrides.yaml), so it works for every
+launcher, for finished and partial sweeps alike, and without importing torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from cnnlab.errors import UserError
+from cnnlab.rundir import METRICS_FILE
+
+SEED_KEY = "trainer.seed"
+FAILED_STATUSES = ("failed", "diverged", "interrupted", "missing", "running")
+
+
+@dataclass
+class Run:
+    path: Path
+    overrides: dict[str, str]  # from .hydra/overrides.yaml: key -> value as typed
+    metrics: dict[str, Any] | None  # None while metrics.json does not exist
+    name: str = ""  # the overrides that differ between the runs compared
+    group: str = ""  # the same without trainer.seed
+
+    @property
+    def status(self) -> str:
+        return "missing" if self.metrics is None else str(self.metrics.get("status", "missing"))
+
+    def metric(self, key: str) -> Any:
+        if self.metrics is None:
+            return None
+        value = self.metrics.get(key)
+        if key == "dead_fraction" and isinstance(value, dict):
+            return value.get("all")
+        return value
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / ".hydra").is_dir() or (path / METRICS_FILE).is_file()
+
+
+def _read_overrides(path: Path) -> dict[str, str]:
+    file = path / ".hydra" / "overrides.yaml"
+    if not file.is_file():
+        return {}
+    overrides = {}
+    for line in yaml.safe_load(file.read_text()) or []:
+        key, _, value = str(line).partition("=")
+        overrides[key.lstrip("+~")] = value
+    return overrides
+
+
+def _read_metrics(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return None  # not written yet, or the job died before writing it
+
+
+def find_runs(paths: list[str]) -> list[Run]:
+    """Run directories named by `paths`: run directories, sweep directories (their job folders),
+    or glob patterns of either."""
+    found: list[Path] = []
+    for pattern in paths:
+        matches = sorted(glob.glob(str(Path(pattern).expanduser()))) or [pattern]
+        for match in map(Path, matches):
+            if not match.is_dir():
+                raise UserError(f"{match} is not a directory: pass run directories or sweep directories.")
+            if _is_run_dir(match):
+                found.append(match)
+            else:
+                found.extend(sorted(child for child in match.iterdir() if child.is_dir() and _is_run_dir(child)))
+    unique = list(dict.fromkeys(path.resolve() for path in found))
+    if not unique:
+        raise UserError(f"No run directories in {', '.join(paths)} (a run directory has .hydra/ or metrics.json).")
+    runs = [Run(path, _read_overrides(path), _read_metrics(path)) for path in unique]
+    name_runs(runs)
+    return runs
+
+
+def name_runs(runs: list[Run]) -> None:
+    """Name each run by the overrides whose values differ between the runs; group by all but the seed."""
+    keys = sorted({key for run in runs for key in run.overrides})
+    differing = [key for key in keys if len({run.overrides.get(key) for run in runs}) > 1]
+    for run in runs:
+        parts = [f"{key}={run.overrides.get(key, '(default)')}" for key in differing]
+        run.name = ",".join(parts) or run.path.name
+        run.group = ",".join(part for key, part in zip(differing, parts) if key != SEED_KEY) or "all"
+
+
+@dataclass
+class Spread:
+    mean: float | None
+    std: float | None
+    count: int
+    values: list[float] = field(default_factory=list)
+
+    def text(self, digits: int = 4) -> str:
+        if self.mean is None:
+            return "-"
+        if self.count == 1:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+def spread(values: list[Any]) -> Spread:
+    """Mean and sample standard deviation of the finite numbers among `values`."""
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not numbers:
+        return Spread(None, None, 0)
+    std = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
+    return Spread(statistics.fmean(numbers), std, len(numbers), numbers)
+
+
+GROUP_METRICS = ("val_acc", "test_acc", "val_loss", "test_loss", "dead_fraction")
+
+
+def seed_groups(runs: list[Run]) -> dict[str, dict[str, Any]]:
+    """Runs that differ only by trainer.seed, with mean and std of their completed runs' metrics."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    summary = {}
+    for name, members in groups.items():
+        completed = [run for run in members if run.status == "completed"]
+        summary[name] = {
+            "runs": len(members),
+            "completed": len(completed),
+            "seeds": [run.overrides.get(SEED_KEY) for run in members],
+            **{metric: spread([run.metric(metric) for run in completed]) for metric in GROUP_METRICS},
+        }
+    return summary
+
+
+ROW_FIELDS = ("name", "status", "epochs", "steps", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc",
+              "dead_fraction", "seconds", "path")
+
+
+def rows(runs: list[Run]) -> list[dict[str, Any]]:
+    return [
+        {"name": run.name, "status": run.status, "path": str(run.path),
+         **{key: run.metric(key) for key in ROW_FIELDS if key not in ("name", "status", "path")}}
+        for run in runs
+    ]
+
+
+def write_summary(directory: Path, runs: list[Run]) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = directory / "summary.csv", directory / "summary.json"
+    table = rows(runs)
+    with open(csv_path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=ROW_FIELDS)
+        writer.writeheader()
+        writer.writerows(table)
+    groups = {
+        name: {key: (value.__dict__ if isinstance(value, Spread) else value) for key, value in group.items()}
+        for name, group in seed_groups(runs).items()
+    }
+    failed = [run.name for run in runs if run.status != "completed"]
+    json_path.write_text(json.dumps({"runs": table, "groups": groups, "not_completed": failed}, indent=2) + "\n")
+    return csv_path, json_path
+
+
+def _cell(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def print_summary(console: Console, runs: list[Run], title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    table.add_column("run", overflow="fold")
+    for column in ("status", "val acc", "test acc", "dead fraction", "seconds"):
+        table.add_column(column, justify="left" if column == "status" else "right", no_wrap=True)
+    styles = {"completed": "green", "invalid": "yellow"}
+    for run in runs:
+        table.add_row(escape(run.name), f"[{styles.get(run.status, 'red')}]{run.status}[/]",
+                      _cell(run.metric("val_acc")), _cell(run.metric("test_acc")),
+                      _cell(run.metric("dead_fraction")), _cell(run.metric("seconds"), 1))
+    console.print(table)
+    groups = seed_groups(runs)
+    if any(group["runs"] > 1 for group in groups.values()) and any(SEED_KEY in run.overrides for run in runs):
+        table = Table(title="grouped over trainer.seed: mean ± standard deviation of the completed runs",
+                      title_justify="left")
+        table.add_column("configuration", overflow="fold")
+        for column in ("completed", "val acc", "test acc", "dead fraction"):
+            table.add_column(column, justify="right", no_wrap=True)
+        for name, group in groups.items():
+            table.add_row(escape(name), f"{group['completed']}/{group['runs']}", group["val_acc"].text(),
+                          group["test_acc"].text(), group["dead_fraction"].text())
+        console.print(table)
+
+
+# --- figures -------------------------------------------------------------------------------------
+FIGURES = ("val_curves.png", "test_accuracy.png", "dead_fraction.png", "activation_depth.png")
+
+
+def read_scalars(run: Run, prefixes: tuple[str, ...]) -> dict[str, tuple[list[int], list[float]]]:
+    """Scalar series of a run whose tag starts with one of `prefixes`, read by TensorBoard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run.path), size_guidance={"scalars": 0})
+    events.Reload()
+    series = {}
+    for tag in events.Tags()["scalars"]:
+        if tag.startswith(prefixes):
+            points = events.Scalars(tag)
+            series[tag] = ([p.step for p in points], [p.value for p in points])
+    return series
+
+
+def _groups(runs: list[Run]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    return groups
+
+
+def _label(name: str, members: list[Run]) -> str:
+    statuses = sorted({run.status for run in members if run.status != "completed"})
+    seeds = f" ({len(members)} seeds)" if len(members) > 1 else ""
+    return f"{name}{seeds}" + (f" [{', '.join(statuses)}]" if statuses else "")
+
+
+def _mean_band(series: list[tuple[list[int], list[float]]]):
+    """Mean and min/max over the runs of a group, at the steps every run reached."""
+    import numpy as np
+
+    length = min(len(steps) for steps, _ in series)
+    values = np.array([vals[:length] for _, vals in series], dtype=float)
+    return series[0][0][:length], values.mean(axis=0), values.min(axis=0), values.max(axis=0)
+
+
+def _layer_index(tag: str) -> int:
+    return int(tag.split("/", 1)[1][3:5])  # act07_conv -> 7
+
+
+def make_figures(runs: list[Run], out: Path) -> list[Path]:
+    """The comparison figures as PNG files in `out`, also written to TensorBoard (out/figures)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    groups = _groups(runs)
+    scalars = {id(run): read_scalars(run, ("val/", "dead_fraction/act", "act_mean/", "act_std/")) for run in runs}
+    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(groups)}
+    figures = {}
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, members in groups.items():
+        for axis, tag in zip(axes, ("val/loss", "val/acc")):
+            series = [scalars[id(run)][tag] for run in members if tag in scalars[id(run)]]
+            if not series:
+                continue
+            steps, mean, low, high = _mean_band(series)
+            axis.plot(steps, mean, marker="o", color=colours[name], label=_label(name, members))
+            if len(series) > 1:
+                axis.fill_between(steps, low, high, color=colours[name], alpha=0.2)
+    for axis, title in zip(axes, ("validation loss (log scale)", "validation accuracy")):
+        axis.set(title=title, xlabel="step")
+        axis.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize="small")
+    figures["val_curves.png"] = figure
+
+    figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4.5))
+    for i, (name, members) in enumerate(groups.items()):
+        accuracy = spread([run.metric("test_acc") for run in members if run.status == "completed"])
+        if accuracy.mean is not None:
+            axis.bar(i, accuracy.mean, yerr=accuracy.std if accuracy.count > 1 else None, color=colours[name],
+                     alpha=0.7, capsize=4)
+            axis.scatter([i] * accuracy.count, accuracy.values, color="black", s=12, zorder=3)
+        else:
+            axis.text(i, 0.02, "no result", rotation=90, ha="center", va="bottom")
+    axis.set_xticks(range(len(groups)), [_label(name, members) for name, members in groups.items()],
+                    rotation=30, ha="right", fontsize="small")
+    axis.set(title="final test accuracy (mean, standard deviation, seeds)", ylabel="test accuracy", ylim=(0, 1))
+    axis.grid(axis="y", alpha=0.3)
+    figures["test_accuracy.png"] = figure
+
+    columns = min(3, len(groups))
+    rows_ = math.ceil(len(groups) / columns)
+    figure, grid = plt.subplots(rows_, columns, figsize=(5 * columns, 3.6 * rows_), squeeze=False, sharey=True)
+    for axis, (name, members) in zip(grid.flat, groups.items()):
+        tags = sorted({tag for run in members for tag in scalars[id(run)] if tag.startswith("dead_fraction/act")})
+        for tag in tags:
+            series = [scalars[id(run)][tag] for run in members if tag in scalars[id(run)]]
+            steps, mean, _, _ = _mean_band(series)
+            axis.plot(steps, mean, label=tag.split("/", 1)[1])
+        axis.set(title=_label(name, members), xlabel="step", ylim=(-0.02, 1.02))
+        axis.grid(alpha=0.3)
+        if tags:
+            axis.legend(fontsize="x-small")
+    for axis in list(grid.flat)[len(groups):]:
+        axis.set_visible(False)
+    grid[0][0].set_ylabel("dead fraction")
+    figure.suptitle("dead units per layer")
+    figures["dead_fraction.png"] = figure
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, members in groups.items():
+        for axis, prefix in zip(axes, ("act_mean/", "act_std/")):
+            tags = sorted((tag for tag in scalars[id(members[0])] if tag.startswith(prefix)), key=_layer_index)
+            if not tags:
+                continue
+            depth = [_layer_index(tag) for tag in tags]
+            for moment, style in ((0, "--"), (-1, "-")):  # first probe (step 0) and last probe
+                values = [statistics.fmean(scalars[id(run)][tag][1][moment] for run in members
+                                           if tag in scalars[id(run)]) for tag in tags]
+                label = f"{name} ({'start' if moment == 0 else 'end'})"
+                axis.plot(depth, values, style, marker="o", color=colours[name], label=label)
+    for axis, title in zip(axes, ("activation mean by depth", "activation std by depth")):
+        axis.set(title=title, xlabel="activation layer (input side first)")
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize="x-small")
+    figures["activation_depth.png"] = figure
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    written = []
+    with SummaryWriter(str(out / "figures")) as writer:
+        for filename, figure in figures.items():
+            figure.tight_layout()
+            figure.savefig(out / filename, dpi=100)
+            writer.add_figure(f"compare/{filename.removesuffix('.png')}", figure, global_step=0, close=True)
+            written.append(out / filename)
+    return written

@@ -1,0 +1,145 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnlab.compare import FIGURES, Run, find_runs, name_runs, seed_groups, spread
+from cnnlab.errors import UserError
+
+TINY = ["dataset=fake", "dataset.train_size=160", "dataset.test_size=40", "dataset.image_size=8", "model.hidden=[16,16]",
+        "trainer.batch_size=32", "trainer.epochs=2", "trainer.device=cpu", "probes.every=2", "probes.batch_size=16"]
+
+
+def cnnlab(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "cnnlab", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """A finished four-job sweep: two activations x two seeds."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    result = cnnlab("train", "-m", "activation=relu,tanh", "trainer.seed=0,1", *TINY, "hydra.sweep.dir=sweep", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd / "sweep"
+
+
+def run(name, seed, status="completed", val_acc=None, test_acc=None):
+    metrics = {"status": status, "val_acc": val_acc, "test_acc": test_acc, "dead_fraction": {"all": 0.5}}
+    return Run(Path(f"/runs/{name}-{seed}"), {"activation": name, "trainer.seed": str(seed), "dataset.root": "/d"}, metrics)
+
+
+def test_runs_are_named_by_what_differs_and_grouped_over_seeds():
+    runs = [run("relu", 0), run("relu", 1), run("elu", 0)]
+    name_runs(runs)
+    assert [r.name for r in runs] == ["activation=relu,trainer.seed=0", "activation=relu,trainer.seed=1",
+                                      "activation=elu,trainer.seed=0"]
+    assert [r.group for r in runs] == ["activation=relu", "activation=relu", "activation=elu"]
+
+
+def test_seed_groups_give_mean_and_sample_std_of_completed_runs():
+    runs = [run("relu", 0, val_acc=0.90, test_acc=0.80), run("relu", 1, val_acc=0.94, test_acc=0.84),
+            run("relu", 2, status="failed"), run("elu", 0, val_acc=0.5, test_acc=0.6)]
+    name_runs(runs)
+    groups = seed_groups(runs)
+    relu = groups["activation=relu"]
+    assert (relu["runs"], relu["completed"]) == (3, 2)
+    assert relu["val_acc"].mean == pytest.approx(0.92) and relu["val_acc"].std == pytest.approx(np.std([0.9, 0.94], ddof=1))
+    assert relu["test_acc"].mean == pytest.approx(0.82)
+    assert groups["activation=elu"]["val_acc"].std == 0.0 and groups["activation=elu"]["val_acc"].count == 1
+    assert spread([None, float("nan")]).mean is None
+
+
+def test_a_sweep_summary_is_written_with_one_row_per_job(sweep):
+    summary = json.loads((sweep / "summary.json").read_text())
+    names = sorted(row["name"] for row in summary["runs"])
+    assert names == ["activation=relu,trainer.seed=0", "activation=relu,trainer.seed=1",
+                     "activation=tanh,trainer.seed=0", "activation=tanh,trainer.seed=1"]
+    assert all(row["status"] == "completed" for row in summary["runs"]) and summary["not_completed"] == []
+    assert summary["groups"]["activation=relu"]["completed"] == 2
+    relu = [row["val_acc"] for row in summary["runs"] if row["name"].startswith("activation=relu")]
+    assert summary["groups"]["activation=relu"]["val_acc"]["mean"] == pytest.approx(sum(relu) / 2)
+    lines = (sweep / "summary.csv").read_text().splitlines()
+    assert lines[0].startswith("name,status,") and len(lines) == 5
+
+
+def test_each_job_records_its_hyperparameters_in_its_own_event_files(sweep):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    jobs = sorted(path.name for path in sweep.iterdir() if path.is_dir() and path.name != "figures")
+    assert len(jobs) == 4  # one folder per job, nothing else: no add_hparams sub-runs
+    job = sweep / "activation=tanh,trainer.seed=1"
+    assert not [p for p in job.iterdir() if p.is_dir() and p.name not in (".hydra", "checkpoints")]
+    events = EventAccumulator(str(job))
+    events.Reload()
+    content = {tag: plugin_data_pb2.HParamsPluginData.FromString(data)
+               for tag, data in events.PluginTagToContent("hparams").items()}
+    start = content["_hparams_/session_start_info"].session_start_info.hparams
+    assert start["activation"].string_value == "tanh" and start["trainer.seed"].number_value == 1
+    assert start["model.batchnorm"].bool_value is False and start["optimizer.lr"].number_value == pytest.approx(0.001)
+    experiment = content["_hparams_/experiment"].experiment
+    assert {m.name.tag for m in experiment.metric_infos} >= {"val/acc", "test/acc", "dead_fraction/all"}
+    activation_info = next(h for h in experiment.hparam_infos if h.name == "activation")
+    assert "selu" in [v.string_value for v in activation_info.domain_discrete.values]  # a categorical filter
+    assert content["_hparams_/session_end_info"].session_end_info.status == 1  # STATUS_SUCCESS
+    assert "val/acc" in events.Tags()["scalars"]  # the metric columns read these scalars
+
+
+def not_blank(path: Path) -> bool:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        pixels = np.asarray(image.convert("RGB"))
+    return len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20
+
+
+def test_compare_writes_every_figure_the_summary_and_tensorboard_images(sweep, tmp_path):
+    result = cnnlab("compare", str(sweep), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for figure in FIGURES:
+        assert not_blank(tmp_path / "out" / figure), figure
+    assert (tmp_path / "out" / "summary.csv").is_file()
+    assert result.stdout.count("│ completed ") == 4  # the table: one row per job
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "out" / "figures"))
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == sorted(f"compare/{f.removesuffix('.png')}" for f in FIGURES)
+
+
+def test_compare_works_on_a_partial_sweep(sweep, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(sweep, partial)
+    (partial / "activation=tanh,trainer.seed=1" / "metrics.json").unlink()  # a job that has not started
+    running = partial / "activation=relu,trainer.seed=1" / "metrics.json"
+    running.write_text(json.dumps({**json.loads(running.read_text()), "status": "running", "test_acc": None}))
+    runs = find_runs([str(partial)])
+    assert sorted(r.status for r in runs) == ["completed", "completed", "missing", "running"]
+    result = cnnlab("compare", str(partial), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "missing" in result.stdout and "running" in result.stdout
+    assert all(not_blank(partial / figure) for figure in FIGURES)
+    summary = json.loads((partial / "summary.json").read_text())
+    assert len(summary["not_completed"]) == 2
+
+
+def test_compare_accepts_globs_of_run_directories(sweep, tmp_path):
+    runs = find_runs([str(sweep / "activation=relu*")])
+    assert [r.name for r in runs] == ["trainer.seed=0", "trainer.seed=1"]
+    with pytest.raises(UserError, match="No run directories"):
+        find_runs([str(tmp_path)])
+
+
+def test_activations_command_lists_every_activation_and_plots_them(tmp_path):
+    from cnnlab.models import ACTIVATIONS
+
+    result = cnnlab("activations", "--plot", "acts.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name in ACTIVATIONS:
+        assert name in result.stdout
+    assert not_blank(tmp_path / "acts.png")
