@@ -97,6 +97,28 @@ def fix_sweep_dir(args: list[str]) -> tuple[list[str], Path]:
     return [*args, f"hydra.sweep.dir={sweep_dir}"], Path(sweep_dir)
 
 
+def place_single_run(args: list[str], overrides: list[str]) -> list[str]:
+    """`resume=DIR` runs in DIR itself, and Hydra must not rewrite DIR/.hydra (the record of the
+    run's config). A new run must not land in a folder that already holds one."""
+    from cnnlab.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT
+
+    values = dict(arg.partition("=")[::2] for arg in overrides if "=" in arg)
+    if values.get("resume") not in (None, "", "null"):
+        run_dir = Path(values["resume"]).expanduser()
+        if not (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file() or not (run_dir / ".hydra").is_dir():
+            raise UserError(
+                f"resume={values['resume']!r} is not a run directory with a checkpoint (looked for "
+                f"{run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT} and {run_dir / '.hydra'}). Pass the folder of a "
+                f"run, e.g. resume=outputs/2026-11-22/10-31-07-123456.")
+        return [*args, f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+    run_dir = values.get("hydra.run.dir")
+    if run_dir and (Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+        raise UserError(
+            f"hydra.run.dir={run_dir!r} already holds a run; its results are kept. Continue it with "
+            f"resume={run_dir}, or choose another directory.")
+    return args
+
+
 def threads_per_job(n_jobs: int, cores: int) -> int:
     """CPU threads per job when joblib runs n_jobs at once (joblib's -1 = all cores, -2 = all but one)."""
     parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
@@ -114,6 +136,38 @@ def _print_error(message: str, job: str = "") -> None:
     Console(stderr=True).print(prefix + message, style="red", markup=False, highlight=False, soft_wrap=True)
 
 
+# Settings a resumed run may change: where and how fast it runs, and for how long (without a
+# schedule planned for the original length). Anything else would make it a different run.
+RESUMABLE = ("trainer.epochs", "trainer.device", "trainer.threads", "trainer.log_every", "trainer.checkpoint_every")
+
+
+def resumed_config(run_dir: Path, task_overrides: list[str]) -> DictConfig:
+    """The composed config of the run in run_dir, with the command line's allowed overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"resume={str(run_dir)!r} is not a cnnlab run directory: {saved} is missing.")
+    cfg = OmegaConf.load(saved)
+    for override in OverridesParser.create().parse_overrides(list(task_overrides)):
+        key = override.key_or_group
+        if key == "resume":
+            continue
+        if key not in RESUMABLE:
+            raise UserError(
+                f"resume: {key} cannot change when a run is resumed (it would make it a different run). "
+                f"Settings a resumed run may change: {', '.join(RESUMABLE)}.")
+        if key == "trainer.epochs" and cfg.scheduler.name != "none":
+            raise UserError(
+                f"resume: trainer.epochs cannot change for a run with scheduler={cfg.scheduler.name}: its "
+                f"schedule was planned for {cfg.trainer.epochs} epochs.")
+        OmegaConf.update(cfg, key, override.value())
+    cfg.resume = None
+    if cfg != OmegaConf.load(saved):  # keep the record of the run's config true (a longer run, say)
+        OmegaConf.save(cfg, saved)
+    return cfg
+
+
 def run_job(cfg: DictConfig) -> str:
     """One Hydra job: validate the config, then train. A user mistake is reported, not raised; in a
     sweep, so is any other failure, so that the remaining jobs still run."""
@@ -123,17 +177,30 @@ def run_job(cfg: DictConfig) -> str:
     from hydra.core.hydra_config import HydraConfig
 
     from cnnlab.config import validate
-    from cnnlab.rundir import write_metrics
+    from cnnlab.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT, read_metrics, write_metrics
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode.name == "MULTIRUN"
     job = f"#{hydra_cfg.job.num} ({','.join(hydra_cfg.overrides.task)})" if multirun else ""
+    resume = False
     try:
+        if cfg.get("resume"):
+            cfg = resumed_config(Path(cfg.resume), hydra_cfg.overrides.task)
+            resume = True
+        elif (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+            # The same job run again in its own folder: a requeued cluster job, or a sweep rerun.
+            status = read_metrics(run_dir).get("status") if (run_dir / "metrics.json").is_file() else None
+            if status in ("completed", "diverged"):
+                print(f"cnnlab: {run_dir} already ended ({status}); its results are kept.")
+                _outcomes.append(status)
+                return status
+            resume = True
         run = validate(cfg)
     except UserError as error:
         _print_error(str(error), job)
-        write_metrics(run_dir, {"status": "invalid", "error": str(error)})
+        if not resume and not (run_dir / CHECKPOINT_DIR).exists():
+            write_metrics(run_dir, {"status": "invalid", "error": str(error)})
         _outcomes.append("invalid")
         return "invalid"
     n_jobs = (hydra_cfg.get("launcher") or {}).get("n_jobs")
@@ -142,7 +209,7 @@ def run_job(cfg: DictConfig) -> str:
     try:
         from cnnlab.trainer import train  # torch is imported only once the config is known to be good
 
-        status = train(run, run_dir, OmegaConf.to_container(cfg, resolve=True))["status"]
+        status = train(run, run_dir, OmegaConf.to_container(cfg, resolve=True), resume=resume)["status"]
     except UserError as error:  # bad data or device: the trainer has recorded it in metrics.json
         _print_error(str(error), job)
         status = "failed"
@@ -186,9 +253,16 @@ def train_command(args: list[str]) -> int:
     import hydra
 
     sweep_dir = None
-    if _hydra_arguments(args).multirun:
+    parsed = _hydra_arguments(args)
+    if parsed.multirun:
         args = name_jobs_by_swept_overrides(args)
         args, sweep_dir = fix_sweep_dir(args)
+    elif not (parsed.help or parsed.cfg or parsed.info or parsed.hydra_help):
+        try:
+            args = place_single_run(args, parsed.overrides)
+        except UserError as error:
+            _print_error(str(error))
+            return EXIT_USAGE
     saved_argv = sys.argv
     sys.argv = ["cnnlab train", *args]  # Hydra reads its arguments from sys.argv
     _outcomes.clear()

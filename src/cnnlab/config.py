@@ -170,6 +170,7 @@ class TrainerConfig:
     grad_clip: Optional[float] = MISSING  # max global gradient norm; None = no clipping
     log_every: int = MISSING  # optimizer steps between scalar logs
     threads: Optional[int] = MISSING  # CPU threads for torch; None = torch's default
+    checkpoint_every: int = MISSING  # optimizer steps between mid-epoch checkpoints; 0 = epoch ends only
 
 
 @dataclass
@@ -228,11 +229,12 @@ SCHEMAS: dict[str, dict[str, type]] = {
     },
 }
 SECTIONS = (*SCHEMAS, "trainer", "probes")
+CLI_KEYS = ("resume",)  # read by the command line, not part of a run's settings
 
 
 def validate(cfg: DictConfig) -> RunConfig:
     """Check the composed config against the schema; any mistake is a UserError naming the key."""
-    unknown = sorted(set(cfg.keys()) - set(SECTIONS))
+    unknown = sorted(set(cfg.keys()) - set(SECTIONS) - set(CLI_KEYS))
     if unknown:
         raise UserError(
             f"Unknown top-level setting(s) {', '.join(unknown)}. Valid sections: {', '.join(SECTIONS)}."
@@ -344,6 +346,8 @@ def check_values(run: RunConfig) -> None:
     _require(t.eval_batch_size >= 1, "trainer.eval_batch_size", t.eval_batch_size, "must be at least 1")
     _require(t.log_every >= 1, "trainer.log_every", t.log_every, "must be at least 1 (optimizer steps)")
     _require(t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "must be > 0, or null for no clipping")
+    _require(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every,
+             "must be >= 0 (optimizer steps; 0 = at the end of each epoch only)")
     _require(t.threads is None or t.threads >= 1, "trainer.threads", t.threads, "must be at least 1, or null")
     _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "trainer.device", t.device,
              "valid choices are auto, cpu, cuda, cuda:N")

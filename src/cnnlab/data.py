@@ -102,6 +102,21 @@ class Normalise:
         return images.float().mul_(self.scale).add_(self.shift)
 
 
+def _epoch_order(batches, count: int, device: torch.device, start: int) -> Tensor:
+    """The permutation of an epoch. A fresh epoch draws it and remembers the generator state it drew
+    it from; an epoch resumed at batch `start` redraws it from that state, then returns the
+    generator to where the interrupted run had left it."""
+    generator = batches.generator
+    if start == 0:
+        batches._epoch_start = generator.get_state()
+        return torch.randperm(count, device=device, generator=generator)
+    current = generator.get_state()
+    generator.set_state(batches._epoch_start)
+    order = torch.randperm(count, device=device, generator=generator)
+    generator.set_state(current)
+    return order
+
+
 class TensorBatches:
     """Batches sliced from an ImageSet that already lives on the training device."""
 
@@ -109,6 +124,8 @@ class TensorBatches:
                  augment: bool = False, generator: torch.Generator | None = None):
         self.data, self.batch_size, self.normalise = data, batch_size, normalise
         self.shuffle, self.augment, self.generator = shuffle, augment, generator
+        self._epoch_start: Tensor | None = None  # generator state before this epoch's permutation
+        self._resume_at = 0  # batch to continue the current epoch from, after load_state_dict
 
     def __len__(self) -> int:
         if self.shuffle:
@@ -119,9 +136,10 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         images, labels, size = self.data.images, self.data.labels, self.batch_size
+        start, self._resume_at = self._resume_at, 0
         if self.shuffle:
-            order = torch.randperm(len(self.data), device=images.device, generator=self.generator)
-        for i in range(len(self)):
+            order = _epoch_order(self, len(self.data), images.device, start)
+        for i in range(start, len(self)):
             if self.shuffle:
                 index = order[i * size:(i + 1) * size]
                 x, y = images[index], labels[index]
@@ -131,18 +149,25 @@ class TensorBatches:
                 x = random_crop_flip(x, self.generator)
             yield self.normalise(x), y
 
+    def state_dict(self) -> dict[str, Tensor]:
+        if self.generator is None:
+            return {}
+        return {"generator": self.generator.get_state(), "epoch_start": self._epoch_start}
+
+    def load_state_dict(self, state: dict[str, Tensor], resume_at: int = 0) -> None:
+        """Restore the data order; with resume_at > 0 the next epoch continues the interrupted one
+        from that batch, with the same permutation and the same augmentation draws."""
+        if self.generator is not None:
+            self.generator.set_state(state["generator"])
+            self._epoch_start = state["epoch_start"]
+        self._resume_at = resume_at
+
     def sample(self, count: int, seed: int) -> Tensor:
         """`count` normalised, unaugmented images, the same for a given seed; drawn with a generator
         of their own, so that drawing them leaves the training order untouched."""
         index = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(seed))[:count]
         return self.normalise(self.data.images[index.to(self.data.images.device)])
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"generator": self.generator.get_state()} if self.generator is not None else {}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if self.generator is not None:
-            self.generator.set_state(state["generator"])
 
 
 def decode_image(path: str, image_size: int, channels: int) -> Tensor:
@@ -181,25 +206,47 @@ def _collate_readable(items: list[tuple[Tensor, int] | None]) -> tuple[Tensor, T
     return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
 
 
+class _EpochIndices(torch.utils.data.Sampler):
+    """The indices of the current epoch, set before each pass: lets an epoch start mid-way."""
+
+    def __init__(self):
+        self.indices: list[int] = []
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class StreamBatches:
     """Batches decoded from files by DataLoader workers, then augmented and normalised on the device."""
 
     def __init__(self, files: FileSet, batch_size: int, normalise: Normalise, device: torch.device, *,
                  num_workers: int, shuffle: bool = False, augment: bool = False, seed: int = 0):
         self.files, self.device, self.normalise, self.augment = files, device, normalise, augment
-        self.order_generator = torch.Generator().manual_seed(seed)
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.drop_last = shuffle and len(files) >= batch_size
+        self.generator = torch.Generator().manual_seed(seed)  # the order of the files
         self.augment_generator = torch.Generator(device=device).manual_seed(seed)
+        self._epoch_start: Tensor | None = None
+        self._resume_at = 0
+        self.indices = _EpochIndices()
         self.loader = torch.utils.data.DataLoader(
-            ImageFiles(files), batch_size=batch_size, shuffle=shuffle,
-            drop_last=shuffle and len(files) >= batch_size, num_workers=num_workers,
-            collate_fn=_collate_readable, generator=self.order_generator,
-            pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+            ImageFiles(files), batch_size=batch_size, sampler=self.indices, drop_last=self.drop_last,
+            num_workers=num_workers, collate_fn=_collate_readable, pin_memory=device.type == "cuda",
+            persistent_workers=num_workers > 0,
         )
 
     def __len__(self) -> int:
-        return len(self.loader)
+        count = len(self.files)
+        return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        start, self._resume_at = self._resume_at, 0
+        count = len(self.files)
+        order = _epoch_order(self, count, torch.device("cpu"), start) if self.shuffle else torch.arange(count)
+        self.indices.indices = order[start * self.batch_size:].tolist()
         for images, labels in self.loader:
             if len(labels) == 0:
                 continue
@@ -209,17 +256,21 @@ class StreamBatches:
                 images = random_crop_flip(images, self.augment_generator)
             yield self.normalise(images), labels
 
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"generator": self.generator.get_state(), "epoch_start": self._epoch_start,
+                "augment": self.augment_generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Tensor], resume_at: int = 0) -> None:
+        self.generator.set_state(state["generator"])
+        self._epoch_start = state["epoch_start"]
+        self.augment_generator.set_state(state["augment"])
+        self._resume_at = resume_at
+
     def sample(self, count: int, seed: int) -> Tensor:
         """Like TensorBatches.sample, decoded from the files."""
         index = torch.randperm(len(self.files), generator=torch.Generator().manual_seed(seed))[:count]
         return self.normalise(_decode_all(self.files.subset(index)).images.to(self.device))
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"order": self.order_generator.get_state(), "augment": self.augment_generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.order_generator.set_state(state["order"])
-        self.augment_generator.set_state(state["augment"])
 
 
 Batches = Union[TensorBatches, StreamBatches]

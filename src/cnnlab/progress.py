@@ -44,8 +44,9 @@ class TrainingProgress:
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
 
-    def start_epoch(self, epoch: int, steps: int) -> None:
-        self.task = self.progress.add_task(f"epoch {epoch}/{self.epochs}", total=steps, loss="-", acc="-", speed="-")
+    def start_epoch(self, epoch: int, steps: int, completed: int = 0) -> None:
+        self.task = self.progress.add_task(f"epoch {epoch}/{self.epochs}", total=steps, completed=completed,
+                                           loss="-", acc="-", speed="-")
 
     def advance(self) -> None:
         self.progress.advance(self.task)

@@ -10,6 +10,7 @@ from typing import Any
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
 
 
 def replace_atomically(path: Path, write) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.tensorboard import SummaryWriter
 
-from cnnlab.checkpoint import save_checkpoint
+from cnnlab.checkpoint import load_checkpoint, save_checkpoint
 from cnnlab.config import RunConfig, TrainerConfig
 from cnnlab.data import Batches, load_data
 from cnnlab.errors import UserError
@@ -22,7 +22,7 @@ from cnnlab.models import build_model
 from cnnlab.optim import build_optimizer, build_scheduler
 from cnnlab.probes import Probes
 from cnnlab.progress import TrainingProgress, summary_table
-from cnnlab.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT, write_metrics
+from cnnlab.rundir import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, write_metrics
 from cnnlab.tblog import write_hparams_end, write_hparams_start, write_layout, write_probe
 
 
@@ -132,9 +132,19 @@ class TrainingLog:
         self.dead_fraction: dict[str, float] = {}  # of the latest probe
         self.start_epoch()
 
-    def start_epoch(self) -> None:
-        self.epoch_loss, self.epoch_correct, self.epoch_images = 0.0, 0.0, 0
+    def start_epoch(self, keep_totals: bool = False) -> None:
+        if not keep_totals:
+            self.epoch_loss, self.epoch_correct, self.epoch_images = 0.0, 0.0, 0
         self.timer = time.perf_counter()  # evaluation between epochs is not training time
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": [self.epoch_loss, self.epoch_correct, self.epoch_images], "seconds": self.seconds,
+                "images": self.images, "dead_fraction": dict(self.dead_fraction)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch_loss, self.epoch_correct, self.epoch_images = state["epoch"]
+        self.seconds, self.images = state["seconds"], state["images"]
+        self.dead_fraction = dict(state["dead_fraction"])
 
     def flush(self, step: int, lr: float, grad_norm: Tensor | None, parameters: list[nn.Parameter]) -> tuple[float, float, float]:
         """Write the scalars of the steps since the last flush; returns (loss, accuracy, images/s)."""
@@ -159,13 +169,16 @@ class TrainingLog:
 
 def train_epoch(model: nn.Module, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                 scheduler: LRScheduler | None, batches: Batches, cfg: TrainerConfig, log: TrainingLog,
-                probes: Probes | None, progress: TrainingProgress, step: int, last_step: int) -> int:
-    """One pass over the training batches: step, log, probe. Returns the step count after it.
-    Probes run every probes.every steps and at last_step, so a run always ends with one."""
-    log.start_epoch()
+                probes: Probes | None, progress: TrainingProgress, step: int, last_step: int,
+                checkpoint: Callable[[int, int], None] | None = None, first_batch: int = 0) -> int:
+    """One pass over the training batches: step, log, probe, checkpoint. Returns the step count
+    after it. Probes run every probes.every steps and at last_step, so a run always ends with one;
+    `checkpoint(step, batches done)` runs every trainer.checkpoint_every steps within the epoch.
+    first_batch > 0 continues an interrupted epoch."""
+    log.start_epoch(keep_totals=first_batch > 0)
     model.train()
     lr, grad_norm = optimizer.param_groups[0]["lr"], None
-    for images, labels in batches:
+    for batch, (images, labels) in enumerate(batches, first_batch + 1):
         probe_due = probes is not None and (probes.due(step + 1) or step + 1 == last_step)
         lr = optimizer.param_groups[0]["lr"]
         grad_norm = train_step(model, parameters, optimizer, scheduler, images, labels, cfg.grad_clip, log.window,
@@ -176,27 +189,49 @@ def train_epoch(model: nn.Module, parameters: list[nn.Parameter], optimizer: tor
         progress.advance()
         if step % cfg.log_every == 0:
             progress.update(*log.flush(step, lr, grad_norm, parameters))
+        if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch < len(batches):
+            if log.window.count:  # a checkpoint holds no half-summed window
+                progress.update(*log.flush(step, lr, grad_norm, parameters))
+            checkpoint(step, batch)
     if log.window.count:  # the rest of the epoch: its last partial window
         progress.update(*log.flush(step, lr, grad_norm, parameters))
     return step
 
 
-def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Console | None = None) -> dict[str, Any]:
-    """Train, validate every epoch, test once at the end; everything lands in run_dir."""
+def _same_run(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """The sections in which a checkpoint's config differs from this run's."""
+    return [key for key in ("dataset", "model", "activation", "optimizer", "scheduler") if saved.get(key) != config.get(key)]
+
+
+def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Console | None = None,
+          resume: bool = False) -> dict[str, Any]:
+    """Train, validate every epoch, test once at the end; everything lands in run_dir. With resume,
+    continue from run_dir/checkpoints/last.pt exactly where it was written."""
     console = console or Console()
     started = time.perf_counter()
     run_dir = Path(run_dir)
+    last_path = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     t = run.trainer
     metrics: dict[str, Any] = {
         "status": "running", "epochs": 0, "steps": 0,
         "train_loss": None, "train_acc": None, "val_loss": None, "val_acc": None,
-        "test_loss": None, "test_acc": None, "seconds": 0.0, "images_per_second": None,
+        "test_loss": None, "test_acc": None, "best_val_acc": None, "best_epoch": None,
+        "seconds": 0.0, "images_per_second": None,
         "device": None, "threads": None, "parameters": None, "dead_fraction": None,
     }
-    write_metrics(run_dir, metrics)
+    if not resume:
+        write_metrics(run_dir, metrics)
     writer = None
     try:
         device = resolve_device(t.device)
+        state = load_checkpoint(last_path, map_location=device) if resume else None
+        if state is not None:
+            differs = _same_run(state.get("config") or {}, config)
+            if differs:
+                raise UserError(
+                    f"{last_path} was written by a different configuration ({', '.join(differs)} differ) and "
+                    f"cannot be resumed as this run; start a new run in another directory.")
+            metrics.update(state["metrics"], status="running")
         metrics["device"] = str(device)
         seed_everything(t.seed, t.deterministic)
         if t.threads is not None:
@@ -213,25 +248,55 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
             # The split seed, not the trainer seed: runs that differ by seed probe the same images.
             probe_images = data.train.sample(run.probes.batch_size, seed=run.dataset.split_seed)
             probes = Probes(model, probe_images, run.probes)
-        writer = SummaryWriter(str(run_dir), flush_secs=10)
-        write_layout(writer)
-        write_hparams_start(writer, run)
+        # purge_step: events a killed run wrote after its last checkpoint are dropped, so that
+        # TensorBoard has each step once.
+        writer = SummaryWriter(str(run_dir), flush_secs=10, purge_step=state["step"] + 1 if state else None)
+        log = TrainingLog(writer, device)
+        step, epoch, first_batch = 0, 1, 0
+        if state is None:
+            write_layout(writer)
+            write_hparams_start(writer, run)
+            if probes is not None:
+                log.probe(step, probes)  # before any update
+        else:
+            step, epoch, first_batch = restore(state, last_path, model, optimizer, scheduler, data.train, log, device)
+            if first_batch >= len(data.train):  # the checkpoint closed its epoch
+                epoch, first_batch = epoch + 1, 0
+        write_metrics(run_dir, metrics)
         sizes = " / ".join(f"{count:,} {name}" for name, count in data.sizes.items() if count)
         console.print(
             f"cnnlab: {run.model.name} + {run.activation.name} on {run.dataset.name} ({sizes}), "
-            f"{metrics['parameters']:,} parameters, {device}, run directory {run_dir}",
+            f"{metrics['parameters']:,} parameters, {device}, run directory {run_dir}"
+            + (f"; resuming at epoch {epoch}, step {step}" if state is not None else ""),
             highlight=False, markup=False, soft_wrap=True,
         )
 
-        step = 0
-        log = TrainingLog(writer, device)
-        if probes is not None:
-            log.probe(step, probes)  # before any update
+        def checkpoint(epoch: int, step: int, batch: int) -> None:
+            writer.flush()  # every event up to this step is on disk before a checkpoint covers it
+            save_checkpoint(last_path, {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "epoch": epoch,
+                "step": step,
+                "batch": batch,  # batches of this epoch done
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "data": data.train.state_dict(),
+                },
+                "log": log.state_dict(),
+                "metrics": dict(metrics, epochs=epoch - (batch < len(data.train)), steps=step),
+                "config": config,
+            })
+
         with TrainingProgress(t.epochs, console) as progress:
-            for epoch in range(1, t.epochs + 1):
-                progress.start_epoch(epoch, len(data.train))
+            for epoch in range(epoch, t.epochs + 1):
+                progress.start_epoch(epoch, len(data.train), completed=first_batch)
                 step = train_epoch(model, parameters, optimizer, scheduler, data.train, t, log, probes, progress, step,
-                                   last_step=t.epochs * len(data.train))
+                                   last_step=t.epochs * len(data.train),
+                                   checkpoint=lambda step, batch: checkpoint(epoch, step, batch), first_batch=first_batch)
+                first_batch = 0
                 val_loss, val_acc = evaluate(model, data.val)
                 writer.add_scalar("val/loss", val_loss, step)
                 writer.add_scalar("val/acc", val_acc, step)
@@ -242,22 +307,12 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
                     images_per_second=log.images / max(log.seconds, 1e-9),
                     seconds=round(time.perf_counter() - started, 3), dead_fraction=log.dead_fraction or None,
                 )
-                save_checkpoint(run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "epoch": epoch,
-                    "step": step,
-                    "rng": {
-                        "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                        "data": data.train.state_dict(),
-                    },
-                    "metrics": dict(metrics),
-                    "config": config,
-                })
+                if metrics["best_val_acc"] is None or val_acc > metrics["best_val_acc"]:
+                    metrics.update(best_val_acc=val_acc, best_epoch=epoch)
+                    save_checkpoint(run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT, {
+                        "model": model.state_dict(), "epoch": epoch, "step": step, "val_acc": val_acc, "config": config})
+                checkpoint(epoch, step, len(data.train))
                 write_metrics(run_dir, metrics)
-                writer.flush()
                 progress.end_epoch(epoch, step, {
                     "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
                     "val_loss": val_loss, "val_acc": val_acc, "img/s": round(metrics["images_per_second"]),
@@ -281,3 +336,22 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
             writer.close()
     console.print(summary_table(metrics, str(run_dir)))
     return metrics
+
+
+def restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: LRScheduler | None, batches: Batches, log: TrainingLog, device: torch.device) -> tuple[int, int, int]:
+    """Put every piece of training state back as the checkpoint holds it; (step, epoch, batch)."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        batch = state["batch"]
+        batches.load_state_dict(state["rng"]["data"], resume_at=batch if batch < len(batches) else 0)
+        log.load_state_dict(state["log"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        raise UserError(f"{path} does not fit this run and cannot be resumed: {' '.join(str(error).split())[:300]}") from None
+    return state["step"], state["epoch"], batch
