@@ -106,3 +106,29 @@ def test_best_checkpoint_holds_the_best_validation_epoch(reference):
     metrics = json.loads((reference / "metrics.json").read_text())
     assert best["val_acc"] == metrics["best_val_acc"] and best["epoch"] == metrics["best_epoch"]
     assert set(best["model"]) == set(load_checkpoint(reference / "checkpoints" / "last.pt")["model"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_finish_the_step_checkpoint_and_exit_130(tmp_path, reference, signum):
+    process = cnnlab("train", *RUN, "hydra.run.dir=run", cwd=tmp_path)
+    run_dir = tmp_path / "run"
+    deadline = time.monotonic() + 120
+    while checkpoint_step(run_dir) < 20:  # well inside the training loop
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert f"stopped by {signal.Signals(signum).name}" in err and "resume=" in err and "Traceback" not in err
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted"
+    stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
+    assert str(stopped_at) in err  # the checkpoint is at the step the run stopped after
+    # TensorBoard was flushed: everything logged up to the stop is on disk already.
+    logged = read_scalars(run_dir)["train/loss"]
+    assert logged == [point for point in read_scalars(reference)["train/loss"] if point[0] <= stopped_at]
+
+    resumed = subprocess.run([sys.executable, "-m", "cnnlab", "train", "resume=run"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(run_dir, reference)

@@ -77,7 +77,8 @@ def test_gradient_clipping_bounds_the_step_and_reports_the_unclipped_norm():
     optimizer = torch.optim.SGD(parameters, lr=1.0)
     before = torch.cat([p.detach().flatten() for p in parameters])
     images, labels = torch.randn(8, 1, 4, 4) * 10, torch.arange(8) % 4
-    norm = train_step(model, parameters, optimizer, None, images, labels, 1e-3, RunningSums(torch.device("cpu")))
+    norm, finite = train_step(model, parameters, optimizer, None, images, labels, 1e-3, RunningSums(torch.device("cpu")))
+    assert bool(finite)
     change = (torch.cat([p.detach().flatten() for p in parameters]) - before).norm()
     assert norm.item() > 1e-2  # the norm before clipping
     assert change.item() == pytest.approx(1e-3, rel=1e-3)  # SGD with lr 1 moves by the clipped norm

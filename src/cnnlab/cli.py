@@ -5,6 +5,7 @@ Nothing here imports torch: `--help`, `--cfg job` and config mistakes answer bef
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from cnnlab import __version__
 from cnnlab.errors import UserError
 
-# 0: every run completed; 1: a run failed (bad data, no device, a crash);
-# 2: the command line or the config was rejected before any training started.
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# 0: every run completed; 1: a run failed (bad data, no device, a crash), or a sweep job did not
+# complete; 2: the command line or the config was rejected before training started; 3: the loss or
+# the gradients became non-finite; 130: stopped by SIGINT or SIGTERM, with a checkpoint to resume from.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 USAGE = f"""\
 cnnlab {__version__}: train small classifiers from YAML configs and see why they train well or badly.
@@ -82,24 +84,42 @@ def name_jobs_by_swept_overrides(args: list[str]) -> list[str]:
     return [*args, f"hydra.job.config.override_dirname.exclude_keys=[{quoted}]"]
 
 
+def _default_dir(kind: str) -> str:
+    """hydra.run.dir or hydra.sweep.dir as train.yaml's template gives it now."""
+    from hydra.core.utils import setup_globals
+
+    setup_globals()  # registers Hydra's ${now:...} resolver
+    template = OmegaConf.to_container(OmegaConf.load(config_dir() / "train.yaml").hydra[kind])["dir"]
+    return str(OmegaConf.create({"dir": template}).dir)
+
+
+def check_writable(setting: str, directory: Path) -> None:
+    """Fail before Hydra does (with a traceback) when the output directory cannot be created."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{setting}={str(directory)!r} cannot be created: {existing} is a file, not a folder. "
+                        f"Choose another folder with {setting}=PATH.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{setting}={str(directory)!r} cannot be created: {existing} is not writable. "
+                        f"Choose another folder with {setting}=PATH.")
+
+
 def fix_sweep_dir(args: list[str]) -> tuple[list[str], Path]:
     """The sweep directory, decided here (from hydra.sweep.dir on the command line, else from the
     template in train.yaml) and passed to Hydra, so that the CLI can summarise the sweep afterwards
     whichever launcher ran the jobs."""
-    for arg in reversed(_hydra_arguments(args).overrides):
-        if arg.startswith("hydra.sweep.dir="):
-            return args, Path(arg.partition("=")[2])
-    from hydra.core.utils import setup_globals
-
-    setup_globals()  # registers Hydra's ${now:...} resolver
-    template = OmegaConf.to_container(OmegaConf.load(config_dir() / "train.yaml").hydra.sweep)["dir"]
-    sweep_dir = str(OmegaConf.create({"dir": template}).dir)
-    return [*args, f"hydra.sweep.dir={sweep_dir}"], Path(sweep_dir)
+    given = [arg.partition("=")[2] for arg in _hydra_arguments(args).overrides if arg.startswith("hydra.sweep.dir=")]
+    sweep_dir = Path(given[-1]) if given else Path(_default_dir("sweep"))
+    check_writable("hydra.sweep.dir", sweep_dir)
+    return (args if given else [*args, f"hydra.sweep.dir={sweep_dir}"]), sweep_dir
 
 
 def place_single_run(args: list[str], overrides: list[str]) -> list[str]:
     """`resume=DIR` runs in DIR itself, and Hydra must not rewrite DIR/.hydra (the record of the
-    run's config). A new run must not land in a folder that already holds one."""
+    run's config). A new run must not land in a folder that already holds one, nor where it cannot
+    be written."""
     from cnnlab.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT
 
     values = dict(arg.partition("=")[::2] for arg in overrides if "=" in arg)
@@ -111,12 +131,14 @@ def place_single_run(args: list[str], overrides: list[str]) -> list[str]:
                 f"{run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT} and {run_dir / '.hydra'}). Pass the folder of a "
                 f"run, e.g. resume=outputs/2026-11-22/10-31-07-123456.")
         return [*args, f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
-    run_dir = values.get("hydra.run.dir")
-    if run_dir and (Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+    given = values.get("hydra.run.dir")
+    run_dir = Path(given) if given else Path(_default_dir("run"))
+    if (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
         raise UserError(
-            f"hydra.run.dir={run_dir!r} already holds a run; its results are kept. Continue it with "
+            f"hydra.run.dir={str(run_dir)!r} already holds a run; its results are kept. Continue it with "
             f"resume={run_dir}, or choose another directory.")
-    return args
+    check_writable("hydra.run.dir", run_dir)
+    return args if given else [*args, f"hydra.run.dir={run_dir}"]
 
 
 def threads_per_job(n_jobs: int, cores: int) -> int:
@@ -171,7 +193,6 @@ def resumed_config(run_dir: Path, task_overrides: list[str]) -> DictConfig:
 def run_job(cfg: DictConfig) -> str:
     """One Hydra job: validate the config, then train. A user mistake is reported, not raised; in a
     sweep, so is any other failure, so that the remaining jobs still run."""
-    import os
     import traceback
 
     from hydra.core.hydra_config import HydraConfig
@@ -206,13 +227,23 @@ def run_job(cfg: DictConfig) -> str:
     n_jobs = (hydra_cfg.get("launcher") or {}).get("n_jobs")
     if run.trainer.threads is None and isinstance(n_jobs, int):
         run.trainer.threads = threads_per_job(n_jobs, os.cpu_count() or 1)
-    try:
-        from cnnlab.trainer import train  # torch is imported only once the config is known to be good
+    from cnnlab.trainer import Diverged, Interrupted, train  # torch: only once the config is known to be good
 
+    try:
         status = train(run, run_dir, OmegaConf.to_container(cfg, resolve=True), resume=resume)["status"]
     except UserError as error:  # bad data or device: the trainer has recorded it in metrics.json
         _print_error(str(error), job)
         status = "failed"
+    except Diverged as error:
+        _print_error(f"{error}. The last good checkpoint is kept in {run_dir / CHECKPOINT_DIR}; try a lower "
+                     f"optimizer.lr, trainer.grad_clip, or trainer.on_nonfinite=skip.", job)
+        status = "diverged"
+    except Interrupted as error:
+        _print_error(f"{error}, with a checkpoint; continue with: cnnlab train resume={run_dir}", job)
+        _outcomes.append("interrupted")
+        if multirun:
+            raise KeyboardInterrupt from None  # stopping one job stops the sweep
+        return "interrupted"
     except Exception as error:
         if not multirun:
             _outcomes.append("failed")
@@ -229,6 +260,13 @@ def run_job(cfg: DictConfig) -> str:
 
 
 def _exit_code(statuses: list[str]) -> int:
+    """One run: its own code. Several: 0 if all completed, 2 if the rest were all rejected configs,
+    130 if interrupted, else 1."""
+    codes = {"completed": EXIT_OK, "invalid": EXIT_USAGE, "diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}
+    if len(statuses) == 1:
+        return codes.get(statuses[0], EXIT_FAILED)
+    if "interrupted" in statuses:
+        return EXIT_INTERRUPTED
     if any(status not in ("completed", "invalid") for status in statuses):
         return EXIT_FAILED
     return EXIT_USAGE if "invalid" in statuses else EXIT_OK
@@ -254,20 +292,24 @@ def train_command(args: list[str]) -> int:
 
     sweep_dir = None
     parsed = _hydra_arguments(args)
-    if parsed.multirun:
-        args = name_jobs_by_swept_overrides(args)
-        args, sweep_dir = fix_sweep_dir(args)
-    elif not (parsed.help or parsed.cfg or parsed.info or parsed.hydra_help):
-        try:
+    try:
+        if parsed.multirun:
+            args = name_jobs_by_swept_overrides(args)
+            args, sweep_dir = fix_sweep_dir(args)
+        elif not (parsed.help or parsed.cfg or parsed.info or parsed.hydra_help):
             args = place_single_run(args, parsed.overrides)
-        except UserError as error:
-            _print_error(str(error))
-            return EXIT_USAGE
+    except UserError as error:
+        _print_error(str(error))
+        return EXIT_USAGE
     saved_argv = sys.argv
     sys.argv = ["cnnlab train", *args]  # Hydra reads its arguments from sys.argv
     _outcomes.clear()
     try:
         hydra.main(version_base=None, config_path=str(config_dir()), config_name="train")(run_job)()
+    except KeyboardInterrupt:
+        if sweep_dir is not None and sweep_dir.is_dir():
+            summarise_sweep(sweep_dir)
+        return EXIT_INTERRUPTED
     except SystemExit as exit:
         if exit.code not in (0, None) and not _outcomes and not (sweep_dir and sweep_dir.is_dir()):
             return EXIT_USAGE  # Hydra rejected the arguments or the config before any job ran

@@ -356,7 +356,7 @@ def _find_images(folder: Path, setting: str) -> tuple[list[tuple[str, int]], lis
     return found.samples, found.classes
 
 
-def _decode_all(files: FileSet) -> ImageSet:
+def _decode_all(files: FileSet, setting: str = "dataset.path") -> ImageSet:
     def decode(sample: tuple[str, int]):
         try:
             return decode_image(sample[0], files.image_size, files.channels)
@@ -372,7 +372,8 @@ def _decode_all(files: FileSet) -> ImageSet:
         log.warning("skipped %d unreadable image file(s): %s%s", len(failed), listed, more)
     kept = [(image, label) for image, (_, label) in zip(decoded, files.samples) if not isinstance(image, Exception)]
     if not kept:
-        raise UserError(f"None of the {len(files)} image files could be read (first: {failed[0][0]}: {_one_line(failed[0][1])}).")
+        raise UserError(f"{setting}: none of the {len(files)} image files could be read (first: {failed[0][0]}: "
+                        f"{_one_line(failed[0][1])}). Point it at a folder of readable images.")
     return ImageSet(torch.stack([image for image, _ in kept]), torch.tensor([label for _, label in kept]))
 
 
@@ -408,7 +409,7 @@ def load_imagefolder(cfg: ImageFolderConfig) -> Splits:
 
     decoded_bytes = sum(len(s) for s in splits.values()) * cfg.channels * cfg.image_size**2
     if decoded_bytes <= cfg.max_memory_mb * 2**20:
-        splits = {name: _decode_all(files) for name, files in splits.items()}
+        splits = {name: _decode_all(files, f"dataset.path={cfg.path!r} ({name})") for name, files in splits.items()}
     else:
         log.info("streaming %s from disk: %.0f MB decoded exceeds dataset.max_memory_mb=%d",
                  root, decoded_bytes / 2**20, cfg.max_memory_mb)

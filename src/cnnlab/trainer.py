@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -100,24 +102,91 @@ def total_grad_norm(parameters: list[nn.Parameter]) -> Tensor:
 
 def train_step(model: nn.Module, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                scheduler: LRScheduler | None, images: Tensor, labels: Tensor, grad_clip: float | None,
-               sums: RunningSums, probes: Probes | None = None) -> Tensor | None:
-    """One optimizer step, with no host synchronisation. Returns the gradient norm before clipping
-    when clipping (clip_grad_norm_ computes it anyway), else None. With `probes`, records the
-    gradients before clipping and the weights around the update."""
+               sums: RunningSums, probes: Probes | None = None,
+               skip_nonfinite: bool = False) -> tuple[Tensor | None, Tensor]:
+    """One optimizer step, with no host synchronisation unless skip_nonfinite.
+
+    Returns (gradient norm before clipping, or None when it was not computed; finite), where
+    `finite` is a device bool: the loss, and the gradient norm when computed, are finite. With
+    skip_nonfinite a step whose loss or gradients are not finite is not applied, which needs one
+    host sync per step. With `probes`, records the gradients before clipping and the weights around
+    the update."""
     logits = model(images)
     loss = F.cross_entropy(logits, labels)
     optimizer.zero_grad(set_to_none=True)  # free the gradients' memory before the next backward
     loss.backward()
     if probes is not None:
         probes.before_update()
-    grad_norm = nn.utils.clip_grad_norm_(parameters, grad_clip) if grad_clip else None
-    optimizer.step()
+    if grad_clip:
+        grad_norm = nn.utils.clip_grad_norm_(parameters, grad_clip)
+    else:
+        grad_norm = total_grad_norm(parameters) if skip_nonfinite else None
+    finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss) & torch.isfinite(grad_norm)
+    if skip_nonfinite and not finite:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+        sums.add(loss, logits, labels)
     if probes is not None:
         probes.after_update()
     if scheduler is not None:
-        scheduler.step()
-    sums.add(loss, logits, labels)
-    return grad_norm
+        scheduler.step()  # the schedule follows the steps, taken or skipped
+    return grad_norm, finite
+
+
+class Diverged(Exception):
+    def __init__(self, step: int):
+        super().__init__(f"the loss or the gradients became non-finite (NaN or inf) at step {step}")
+        self.step = step
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+        self.signum, self.step = signum, step
+
+
+class NonfiniteWatch:
+    """The first step whose loss or gradient norm was not finite, kept on the device and read only
+    when the loop talks to the host anyway (every step on the CPU, where reading costs nothing)."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), -1, dtype=torch.int64, device=device)
+        self.every_step = device.type == "cpu"
+
+    def update(self, step: int, finite: Tensor) -> None:
+        self.first = torch.where((self.first < 0) & ~finite, step, self.first)
+
+    def check(self, now: bool = False) -> None:
+        if now or self.every_step:
+            first = int(self.first)
+            if first >= 0:
+                raise Diverged(first)
+
+
+class StopRequest:
+    """SIGINT and SIGTERM ask the loop to stop after the current step, with a checkpoint. A second
+    SIGINT stops at once. Handlers a launcher installed (submitit's, say) are left alone."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+                    self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum: int, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 class TrainingLog:
@@ -130,6 +199,7 @@ class TrainingLog:
         self.window = RunningSums(device)
         self.seconds, self.images = 0.0, 0  # training time and images over the whole run
         self.dead_fraction: dict[str, float] = {}  # of the latest probe
+        self.skipped = 0  # steps not applied for a non-finite loss (trainer.on_nonfinite=skip)
         self.start_epoch()
 
     def start_epoch(self, keep_totals: bool = False) -> None:
@@ -139,12 +209,18 @@ class TrainingLog:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": [self.epoch_loss, self.epoch_correct, self.epoch_images], "seconds": self.seconds,
-                "images": self.images, "dead_fraction": dict(self.dead_fraction)}
+                "images": self.images, "dead_fraction": dict(self.dead_fraction), "skipped": self.skipped,
+                # the steps since the last log: a resumed run logs exactly what an uninterrupted one would
+                "window": [self.window.loss.clone(), self.window.correct.clone(), self.window.count]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch_loss, self.epoch_correct, self.epoch_images = state["epoch"]
         self.seconds, self.images = state["seconds"], state["images"]
         self.dead_fraction = dict(state["dead_fraction"])
+        self.skipped = state["skipped"]
+        loss, correct, self.window.count = state["window"]
+        self.window.loss.copy_(loss)
+        self.window.correct.copy_(correct)
 
     def flush(self, step: int, lr: float, grad_norm: Tensor | None, parameters: list[nn.Parameter]) -> tuple[float, float, float]:
         """Write the scalars of the steps since the last flush; returns (loss, accuracy, images/s)."""
@@ -170,29 +246,40 @@ class TrainingLog:
 def train_epoch(model: nn.Module, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                 scheduler: LRScheduler | None, batches: Batches, cfg: TrainerConfig, log: TrainingLog,
                 probes: Probes | None, progress: TrainingProgress, step: int, last_step: int,
-                checkpoint: Callable[[int, int], None] | None = None, first_batch: int = 0) -> int:
+                checkpoint: Callable[[int, int], None] | None = None, first_batch: int = 0,
+                watch: NonfiniteWatch | None = None, stop: StopRequest | None = None) -> int:
     """One pass over the training batches: step, log, probe, checkpoint. Returns the step count
     after it. Probes run every probes.every steps and at last_step, so a run always ends with one;
     `checkpoint(step, batches done)` runs every trainer.checkpoint_every steps within the epoch.
-    first_batch > 0 continues an interrupted epoch."""
+    first_batch > 0 continues an interrupted epoch. A non-finite loss raises Diverged (before any
+    checkpoint could keep it); a stop request ends the epoch early with a checkpoint."""
     log.start_epoch(keep_totals=first_batch > 0)
     model.train()
     lr, grad_norm = optimizer.param_groups[0]["lr"], None
     for batch, (images, labels) in enumerate(batches, first_batch + 1):
         probe_due = probes is not None and (probes.due(step + 1) or step + 1 == last_step)
         lr = optimizer.param_groups[0]["lr"]
-        grad_norm = train_step(model, parameters, optimizer, scheduler, images, labels, cfg.grad_clip, log.window,
-                               probes if probe_due else None)
+        grad_norm, finite = train_step(model, parameters, optimizer, scheduler, images, labels, cfg.grad_clip,
+                                       log.window, probes if probe_due else None, cfg.on_nonfinite == "skip")
         step += 1
+        if cfg.on_nonfinite == "skip" and not finite:
+            log.skipped += 1
+        elif watch is not None:
+            watch.update(step, finite)
         if probe_due:
             log.probe(step, probes)
         progress.advance()
-        if step % cfg.log_every == 0:
+        logged = step % cfg.log_every == 0
+        if logged and log.window.count:
             progress.update(*log.flush(step, lr, grad_norm, parameters))
-        if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch < len(batches):
-            if log.window.count:  # a checkpoint holds no half-summed window
-                progress.update(*log.flush(step, lr, grad_norm, parameters))
+        stopping = stop is not None and stop.signum is not None and batch < len(batches)
+        due = checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch < len(batches)
+        if watch is not None:
+            watch.check(now=logged or probe_due or due or stopping)
+        if (due or stopping) and checkpoint is not None:
             checkpoint(step, batch)
+        if stopping:
+            raise Interrupted(stop.signum, step)
     if log.window.count:  # the rest of the epoch: its last partial window
         progress.update(*log.flush(step, lr, grad_norm, parameters))
     return step
@@ -217,10 +304,12 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
         "train_loss": None, "train_acc": None, "val_loss": None, "val_acc": None,
         "test_loss": None, "test_acc": None, "best_val_acc": None, "best_epoch": None,
         "seconds": 0.0, "images_per_second": None,
-        "device": None, "threads": None, "parameters": None, "dead_fraction": None,
+        "device": None, "threads": None, "parameters": None, "dead_fraction": None, "skipped_steps": 0,
     }
     if not resume:
         write_metrics(run_dir, metrics)
+    # A resume that fails before it has restored the run leaves the run's files as they were.
+    restored = not resume
     writer = None
     try:
         device = resolve_device(t.device)
@@ -248,6 +337,9 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
             # The split seed, not the trainer seed: runs that differ by seed probe the same images.
             probe_images = data.train.sample(run.probes.batch_size, seed=run.dataset.split_seed)
             probes = Probes(model, probe_images, run.probes)
+        if state is not None:  # nothing of the run is touched until the checkpoint has proved usable
+            check_restorable(state, last_path, model, optimizer, scheduler)
+            restored = True
         # purge_step: events a killed run wrote after its last checkpoint are dropped, so that
         # TensorBoard has each step once.
         writer = SummaryWriter(str(run_dir), flush_secs=10, purge_step=state["step"] + 1 if state else None)
@@ -290,22 +382,26 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
                 "config": config,
             })
 
-        with TrainingProgress(t.epochs, console) as progress:
+        watch = NonfiniteWatch(device)
+        with TrainingProgress(t.epochs, console) as progress, StopRequest() as stop:
             for epoch in range(epoch, t.epochs + 1):
                 progress.start_epoch(epoch, len(data.train), completed=first_batch)
                 step = train_epoch(model, parameters, optimizer, scheduler, data.train, t, log, probes, progress, step,
                                    last_step=t.epochs * len(data.train),
-                                   checkpoint=lambda step, batch: checkpoint(epoch, step, batch), first_batch=first_batch)
+                                   checkpoint=lambda step, batch: checkpoint(epoch, step, batch), first_batch=first_batch,
+                                   watch=watch, stop=stop)
                 first_batch = 0
+                watch.check(now=True)  # never evaluate or checkpoint a diverged model
                 val_loss, val_acc = evaluate(model, data.val)
                 writer.add_scalar("val/loss", val_loss, step)
                 writer.add_scalar("val/acc", val_acc, step)
                 writer.add_scalar("epoch", epoch, step)
                 metrics.update(
-                    epochs=epoch, steps=step, train_loss=log.epoch_loss / log.epoch_images,
-                    train_acc=log.epoch_correct / log.epoch_images, val_loss=val_loss, val_acc=val_acc,
-                    images_per_second=log.images / max(log.seconds, 1e-9),
+                    epochs=epoch, steps=step, train_loss=log.epoch_loss / log.epoch_images if log.epoch_images else None,
+                    train_acc=log.epoch_correct / log.epoch_images if log.epoch_images else None, val_loss=val_loss,
+                    val_acc=val_acc, images_per_second=log.images / max(log.seconds, 1e-9),
                     seconds=round(time.perf_counter() - started, 3), dead_fraction=log.dead_fraction or None,
+                    skipped_steps=log.skipped,
                 )
                 if metrics["best_val_acc"] is None or val_acc > metrics["best_val_acc"]:
                     metrics.update(best_val_acc=val_acc, best_epoch=epoch)
@@ -317,6 +413,8 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
                     "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
                     "val_loss": val_loss, "val_acc": val_acc, "img/s": round(metrics["images_per_second"]),
                 })
+                if stop.signum is not None and epoch < t.epochs:  # asked to stop during this epoch's last step
+                    raise Interrupted(stop.signum, step)
 
         if data.test is not None:
             test_loss, test_acc = evaluate(model, data.test)
@@ -325,17 +423,38 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
             metrics.update(test_loss=test_loss, test_acc=test_acc)
         metrics["status"] = "completed"
     except BaseException as error:
-        metrics["status"] = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        if isinstance(error, Diverged):
+            metrics.update(status="diverged", diverged_step=error.step)
+        elif isinstance(error, (Interrupted, KeyboardInterrupt, SystemExit)):  # SystemExit: a launcher's own handler
+            metrics["status"] = "interrupted"
+        else:
+            metrics["status"] = "failed"
         metrics["error"] = " ".join(str(error).split()) or type(error).__name__
         raise
     finally:
         metrics["seconds"] = round(time.perf_counter() - started, 3)
-        write_metrics(run_dir, metrics)
+        if restored:
+            write_metrics(run_dir, metrics)
         if writer is not None:
             write_hparams_end(writer, metrics["status"])
             writer.close()
     console.print(summary_table(metrics, str(run_dir)))
     return metrics
+
+
+def check_restorable(state: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: LRScheduler | None) -> None:
+    """Refuse a checkpoint that does not fit this run's model, before anything is changed."""
+    missing = [key for key in ("model", "optimizer", "scheduler", "epoch", "step", "batch", "rng", "log", "metrics")
+               if key not in state]
+    if missing:
+        raise UserError(f"{path} is not a complete cnnlab checkpoint (no {', '.join(missing)}); it cannot be resumed.")
+    expected = model.state_dict()
+    saved = state["model"]
+    wrong = sorted(set(expected) ^ set(saved)) or [k for k in expected if tuple(saved[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise UserError(f"{path} holds a different model than this run's ({', '.join(wrong[:4])} differ); "
+                        f"it cannot be resumed as this run.")
 
 
 def restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
