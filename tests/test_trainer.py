@@ -10,7 +10,7 @@ from cnnlab.checkpoint import load_checkpoint
 from cnnlab.config import validate
 from cnnlab.errors import UserError
 from cnnlab.rundir import read_metrics
-from cnnlab.trainer import RunningSums, resolve_device, train, train_step
+from cnnlab.trainer import NonfiniteWatch, RunningSums, resolve_device, train, train_step
 from tests.helpers import compose_config, read_scalars, write_image_folder
 
 FAKE_DATA = ["dataset=fake", "dataset.train_size=300", "dataset.test_size=50", "dataset.image_size=8"]
@@ -156,15 +156,19 @@ def test_cuda_training_keeps_data_on_the_gpu_and_steps_never_sync(tmp_path):
     parameters = list(model.parameters())
     optimizer = torch.optim.Adam(parameters)
     sums = RunningSums(device)
+    watch = NonfiniteWatch(device)
     batches = iter(data.train)
-    next(batches)  # the first batch may allocate and warm up
+    images, labels = next(batches)  # the first step may allocate and warm up
+    train_step(model, parameters, optimizer, None, images, labels, 1.0, sums)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for images, labels in batches:
-            train_step(model, parameters, optimizer, None, images, labels, 1.0, sums)
+        for step, (images, labels) in enumerate(batches, 2):
+            _, finite = train_step(model, parameters, optimizer, None, images, labels, 1.0, sums)
+            watch.update(step, finite)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    watch.check(now=True)
     loss, acc, _ = sums.take()
     assert math.isfinite(loss) and 0 <= acc <= 1
 
@@ -179,3 +183,42 @@ def test_a_terminal_gets_a_live_progress_bar(tmp_path):
     output = console.file.getvalue()
     assert "\x1b[" in output  # drawn with terminal control codes
     assert "epoch 1/1" in output and "img/s" in output and "8/8" in output
+
+
+def test_bf16_autocast_and_channels_last_train_the_convnet(tmp_path):
+    model = ["model=convnet", "model.channels=[4,8]", "model.fc_hidden=16"]
+    plain, _ = run_training(tmp_path / "plain", "trainer.epochs=2", "optimizer.lr=0.01", model=model)
+    for options in (["trainer.amp=bf16"], ["trainer.channels_last=true"]):
+        metrics, _ = run_training(tmp_path / options[0], "trainer.epochs=2", "optimizer.lr=0.01", *options, model=model)
+        assert metrics["status"] == "completed" and math.isfinite(metrics["val_loss"])
+        assert metrics["val_acc"] == pytest.approx(plain["val_acc"], abs=0.15)
+
+
+def test_channels_last_hands_the_convnet_nhwc_batches(tmp_path):
+    from cnnlab.data import load_data
+
+    run = validate(compose_config(*FAKE_DATA, *FAST, "model=convnet"))
+    data = load_data(run.dataset, 32, 64, torch.device("cpu"), seed=0)
+    data.train.normalise.channels_last = True
+    images, _ = next(iter(data.train))
+    assert images.is_contiguous(memory_format=torch.channels_last) and images.dtype == torch.float32
+
+
+def test_fp16_needs_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("checks the message for a machine without CUDA")
+    with pytest.raises(UserError, match="trainer.amp=fp16"):
+        run_training(tmp_path, "trainer.amp=fp16", "trainer.epochs=1")
+
+
+def test_compiled_training_still_probes_every_layer(tmp_path, monkeypatch):
+    # The eager backend runs TorchDynamo's real tracing without minutes of code generation on a CPU;
+    # the benchmark measures the real compiler.
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="eager", **kw))
+    metrics, _ = run_training(tmp_path, "trainer.compile=true", "trainer.epochs=1", "probes.every=3")
+    assert metrics["status"] == "completed"
+    steps = [step for step, _ in read_scalars(tmp_path)["dead_fraction/all"]]
+    assert steps == [0, 3, 6, 8]
+    assert "model" in load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert not any(key.startswith("_orig_mod") for key in load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"])

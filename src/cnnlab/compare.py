@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cnnlab.errors import UserError
+from cnnlab.progress import format_number
 from cnnlab.rundir import METRICS_FILE
 
 SEED_KEY = "trainer.seed"
@@ -174,14 +175,6 @@ def write_summary(directory: Path, runs: list[Run]) -> tuple[Path, Path]:
     return csv_path, json_path
 
 
-def _cell(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def print_summary(console: Console, runs: list[Run], title: str) -> None:
     table = Table(title=title, title_justify="left")
     table.add_column("run", overflow="fold")
@@ -190,8 +183,8 @@ def print_summary(console: Console, runs: list[Run], title: str) -> None:
     styles = {"completed": "green", "invalid": "yellow"}
     for run in runs:
         table.add_row(escape(run.name), f"[{styles.get(run.status, 'red')}]{run.status}[/]",
-                      _cell(run.metric("val_acc")), _cell(run.metric("test_acc")),
-                      _cell(run.metric("dead_fraction")), _cell(run.metric("seconds"), 1))
+                      format_number(run.metric("val_acc")), format_number(run.metric("test_acc")),
+                      format_number(run.metric("dead_fraction")), format_number(run.metric("seconds"), 1))
     console.print(table)
     groups = seed_groups(runs)
     if any(group["runs"] > 1 for group in groups.values()) and any(SEED_KEY in run.overrides for run in runs):

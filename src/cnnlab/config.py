@@ -172,6 +172,9 @@ class TrainerConfig:
     threads: Optional[int] = MISSING  # CPU threads for torch; None = torch's default
     checkpoint_every: int = MISSING  # optimizer steps between mid-epoch checkpoints; 0 = epoch ends only
     on_nonfinite: str = MISSING  # "stop" or "skip": what a NaN/inf loss or gradient does
+    channels_last: bool = MISSING  # NHWC memory layout for images and conv weights
+    amp: str = MISSING  # mixed precision: "none", "bf16" or "fp16"
+    compile: bool = MISSING  # torch.compile the model used for training steps and evaluation
 
 
 @dataclass
@@ -347,6 +350,7 @@ def check_values(run: RunConfig) -> None:
     _require(t.eval_batch_size >= 1, "trainer.eval_batch_size", t.eval_batch_size, "must be at least 1")
     _require(t.log_every >= 1, "trainer.log_every", t.log_every, "must be at least 1 (optimizer steps)")
     _require(t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "must be > 0, or null for no clipping")
+    _require(t.amp in ("none", "bf16", "fp16"), "trainer.amp", t.amp, "valid choices are none, bf16, fp16 (fp16 needs CUDA)")
     _require(t.on_nonfinite in ("stop", "skip"), "trainer.on_nonfinite", t.on_nonfinite, "valid choices are stop, skip")
     _require(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every,
              "must be >= 0 (optimizer steps; 0 = at the end of each epoch only)")

@@ -97,8 +97,11 @@ class Normalise:
     def __init__(self, mean: Tensor, std: Tensor):
         self.scale = (1 / (255 * std)).view(1, -1, 1, 1)
         self.shift = (-mean / std).view(1, -1, 1, 1)
+        self.channels_last = False  # NHWC output (trainer.channels_last)
 
     def __call__(self, images: Tensor) -> Tensor:
+        if self.channels_last:  # reorder the bytes, not the floats: a quarter of the memory traffic
+            images = images.contiguous(memory_format=torch.channels_last)
         return images.float().mul_(self.scale).add_(self.shift)
 
 

@@ -10,7 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 
-def _number(value: Any, digits: int = 4) -> str:
+def format_number(value: Any, digits: int = 4) -> str:
+    """A table cell: '-' for missing, four decimals for floats."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -56,7 +57,7 @@ class TrainingProgress:
 
     def end_epoch(self, epoch: int, step: int, summary: dict[str, Any]) -> None:
         parts = [f"epoch {epoch}/{self.epochs}", f"step {step}"]
-        parts += [f"{key} {_number(value)}" for key, value in summary.items()]
+        parts += [f"{key} {format_number(value)}" for key, value in summary.items()]
         self.console.print(escape("  ".join(parts)), highlight=False, soft_wrap=True)
 
 
@@ -65,12 +66,12 @@ def summary_table(metrics: dict[str, Any], run_dir: str) -> Table:
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
     rows = [
-        ("train loss / acc", f"{_number(metrics.get('train_loss'))} / {_number(metrics.get('train_acc'))}"),
-        ("val loss / acc", f"{_number(metrics.get('val_loss'))} / {_number(metrics.get('val_acc'))}"),
-        ("test loss / acc", f"{_number(metrics.get('test_loss'))} / {_number(metrics.get('test_acc'))}"),
+        ("train loss / acc", f"{format_number(metrics.get('train_loss'))} / {format_number(metrics.get('train_acc'))}"),
+        ("val loss / acc", f"{format_number(metrics.get('val_loss'))} / {format_number(metrics.get('val_acc'))}"),
+        ("test loss / acc", f"{format_number(metrics.get('test_loss'))} / {format_number(metrics.get('test_acc'))}"),
         ("epochs / steps", f"{metrics.get('epochs')} / {metrics.get('steps')}"),
         ("images/s (training)", f"{metrics.get('images_per_second') or 0:,.0f}"),
-        ("seconds", _number(metrics.get("seconds"), 1)),
+        ("seconds", format_number(metrics.get("seconds"), 1)),
         ("device", str(metrics.get("device"))),
         ("parameters", f"{metrics.get('parameters') or 0:,}"),
         ("run directory", run_dir),

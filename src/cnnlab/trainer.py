@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -55,6 +56,26 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
+class Precision:
+    """trainer.amp: autocast to bf16 or fp16; fp16 also needs a gradient scaler against underflow."""
+
+    def __init__(self, amp: str, device: torch.device):
+        if amp == "fp16" and device.type != "cuda":
+            raise UserError(f"trainer.amp=fp16 needs a CUDA device (this run is on {device}); use trainer.amp=bf16 "
+                            f"or none.")
+        self.device_type = device.type
+        self.dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()  # entering a disabled autocast costs a few µs every step
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+FLOAT32 = Precision("none", torch.device("cpu"))
+
+
 class RunningSums:
     """Loss and correct predictions summed on the device, so a step never waits for the host."""
 
@@ -79,7 +100,7 @@ class RunningSums:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches) -> tuple[float, float]:
+def evaluate(model: nn.Module, batches: Batches, precision: Precision = FLOAT32) -> tuple[float, float]:
     """(mean loss, accuracy) in eval mode; the model's mode is restored afterwards."""
     was_training = model.training
     model.eval()
@@ -87,7 +108,8 @@ def evaluate(model: nn.Module, batches: Batches) -> tuple[float, float]:
     correct: Tensor | int = 0
     count = 0
     for images, labels in batches:
-        logits = model(images)
+        with precision.autocast():
+            logits = model(images).float()
         loss_sum = loss_sum + F.cross_entropy(logits, labels, reduction="sum")
         correct = correct + (logits.argmax(dim=1) == labels).sum()
         count += len(labels)
@@ -103,7 +125,7 @@ def total_grad_norm(parameters: list[nn.Parameter]) -> Tensor:
 def train_step(model: nn.Module, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                scheduler: LRScheduler | None, images: Tensor, labels: Tensor, grad_clip: float | None,
                sums: RunningSums, probes: Probes | None = None,
-               skip_nonfinite: bool = False) -> tuple[Tensor | None, Tensor]:
+               skip_nonfinite: bool = False, precision: Precision = FLOAT32) -> tuple[Tensor | None, Tensor]:
     """One optimizer step, with no host synchronisation unless skip_nonfinite.
 
     Returns (gradient norm before clipping, or None when it was not computed; finite), where
@@ -111,10 +133,16 @@ def train_step(model: nn.Module, parameters: list[nn.Parameter], optimizer: torc
     skip_nonfinite a step whose loss or gradients are not finite is not applied, which needs one
     host sync per step. With `probes`, records the gradients before clipping and the weights around
     the update."""
-    logits = model(images)
-    loss = F.cross_entropy(logits, labels)
+    with precision.autocast():
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
     optimizer.zero_grad(set_to_none=True)  # free the gradients' memory before the next backward
-    loss.backward()
+    scaler = precision.scaler
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # true gradients for clipping and probes
     if probes is not None:
         probes.before_update()
     if grad_clip:
@@ -124,8 +152,14 @@ def train_step(model: nn.Module, parameters: list[nn.Parameter], optimizer: torc
     finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss) & torch.isfinite(grad_norm)
     if skip_nonfinite and not finite:
         optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
     else:
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)  # skips the step itself when the scaled gradients overflowed
+            scaler.update()
         sums.add(loss, logits, labels)
     if probes is not None:
         probes.after_update()
@@ -147,18 +181,23 @@ class Interrupted(Exception):
 
 
 class NonfiniteWatch:
-    """The first step whose loss or gradient norm was not finite, kept on the device and read only
-    when the loop talks to the host anyway (every step on the CPU, where reading costs nothing)."""
+    """Stops the run at the first step whose loss or gradient norm is not finite. On the CPU each
+    step is checked at once (reading a CPU tensor costs nothing); on a GPU the first bad step is
+    kept on the device and read only when the loop talks to the host anyway."""
 
     def __init__(self, device: torch.device):
-        self.first = torch.full((), -1, dtype=torch.int64, device=device)
         self.every_step = device.type == "cpu"
+        self.first = torch.full((), -1, dtype=torch.int64, device=device)
 
     def update(self, step: int, finite: Tensor) -> None:
-        self.first = torch.where((self.first < 0) & ~finite, step, self.first)
+        if self.every_step:
+            if not finite:
+                raise Diverged(step)
+        else:
+            self.first = torch.where((self.first < 0) & ~finite, step, self.first)
 
-    def check(self, now: bool = False) -> None:
-        if now or self.every_step:
+    def check(self, now: bool) -> None:
+        if now and not self.every_step:
             first = int(self.first)
             if first >= 0:
                 raise Diverged(first)
@@ -247,20 +286,24 @@ def train_epoch(model: nn.Module, parameters: list[nn.Parameter], optimizer: tor
                 scheduler: LRScheduler | None, batches: Batches, cfg: TrainerConfig, log: TrainingLog,
                 probes: Probes | None, progress: TrainingProgress, step: int, last_step: int,
                 checkpoint: Callable[[int, int], None] | None = None, first_batch: int = 0,
-                watch: NonfiniteWatch | None = None, stop: StopRequest | None = None) -> int:
+                watch: NonfiniteWatch | None = None, stop: StopRequest | None = None,
+                precision: Precision = FLOAT32, step_model: nn.Module | None = None) -> int:
     """One pass over the training batches: step, log, probe, checkpoint. Returns the step count
     after it. Probes run every probes.every steps and at last_step, so a run always ends with one;
     `checkpoint(step, batches done)` runs every trainer.checkpoint_every steps within the epoch.
     first_batch > 0 continues an interrupted epoch. A non-finite loss raises Diverged (before any
-    checkpoint could keep it); a stop request ends the epoch early with a checkpoint."""
+    checkpoint could keep it); a stop request ends the epoch early with a checkpoint. step_model is
+    the module the steps run (a compiled `model`); probes always look at `model` itself."""
+    step_model = step_model or model
     log.start_epoch(keep_totals=first_batch > 0)
     model.train()
     lr, grad_norm = optimizer.param_groups[0]["lr"], None
     for batch, (images, labels) in enumerate(batches, first_batch + 1):
         probe_due = probes is not None and (probes.due(step + 1) or step + 1 == last_step)
         lr = optimizer.param_groups[0]["lr"]
-        grad_norm, finite = train_step(model, parameters, optimizer, scheduler, images, labels, cfg.grad_clip,
-                                       log.window, probes if probe_due else None, cfg.on_nonfinite == "skip")
+        grad_norm, finite = train_step(step_model, parameters, optimizer, scheduler, images, labels, cfg.grad_clip,
+                                       log.window, probes if probe_due else None, cfg.on_nonfinite == "skip",
+                                       precision)
         step += 1
         if cfg.on_nonfinite == "skip" and not finite:
             log.skipped += 1
@@ -285,7 +328,7 @@ def train_epoch(model: nn.Module, parameters: list[nn.Parameter], optimizer: tor
     return step
 
 
-def _same_run(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+def _differing_sections(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
     """The sections in which a checkpoint's config differs from this run's."""
     return [key for key in ("dataset", "model", "activation", "optimizer", "scheduler") if saved.get(key) != config.get(key)]
 
@@ -315,7 +358,7 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
         device = resolve_device(t.device)
         state = load_checkpoint(last_path, map_location=device) if resume else None
         if state is not None:
-            differs = _same_run(state.get("config") or {}, config)
+            differs = _differing_sections(state.get("config") or {}, config)
             if differs:
                 raise UserError(
                     f"{last_path} was written by a different configuration ({', '.join(differs)} differ) and "
@@ -328,6 +371,13 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
         metrics["threads"] = torch.get_num_threads()
         data = load_data(run.dataset, t.batch_size, t.eval_batch_size, device, t.seed)
         model = build_model(run.model, run.activation, data.input_shape, data.num_classes).to(device)
+        if t.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+            model = model.to(memory_format=torch.channels_last)
+            data.train.normalise.channels_last = True  # one Normalise serves every split
+        precision = Precision(t.amp, device)
+        # Hooks added to a compiled module after its first call never fire, so steps run the compiled
+        # module while probes (and checkpoints) use the eager one, which shares its parameters.
+        step_model = torch.compile(model) if t.compile else model
         parameters = list(model.parameters())
         metrics["parameters"] = sum(p.numel() for p in parameters)
         optimizer = build_optimizer(run.optimizer, parameters)
@@ -338,7 +388,7 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
             probe_images = data.train.sample(run.probes.batch_size, seed=run.dataset.split_seed)
             probes = Probes(model, probe_images, run.probes)
         if state is not None:  # nothing of the run is touched until the checkpoint has proved usable
-            check_restorable(state, last_path, model, optimizer, scheduler)
+            check_restorable(state, last_path, model)
             restored = True
         # purge_step: events a killed run wrote after its last checkpoint are dropped, so that
         # TensorBoard has each step once.
@@ -352,6 +402,8 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
                 log.probe(step, probes)  # before any update
         else:
             step, epoch, first_batch = restore(state, last_path, model, optimizer, scheduler, data.train, log, device)
+            if precision.scaler is not None and state.get("scaler"):
+                precision.scaler.load_state_dict(state["scaler"])
             if first_batch >= len(data.train):  # the checkpoint closed its epoch
                 epoch, first_batch = epoch + 1, 0
         write_metrics(run_dir, metrics)
@@ -378,6 +430,7 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
                     "data": data.train.state_dict(),
                 },
                 "log": log.state_dict(),
+                "scaler": precision.scaler.state_dict() if precision.scaler is not None else None,
                 "metrics": dict(metrics, epochs=epoch - (batch < len(data.train)), steps=step),
                 "config": config,
             })
@@ -389,10 +442,10 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
                 step = train_epoch(model, parameters, optimizer, scheduler, data.train, t, log, probes, progress, step,
                                    last_step=t.epochs * len(data.train),
                                    checkpoint=lambda step, batch: checkpoint(epoch, step, batch), first_batch=first_batch,
-                                   watch=watch, stop=stop)
+                                   watch=watch, stop=stop, precision=precision, step_model=step_model)
                 first_batch = 0
                 watch.check(now=True)  # never evaluate or checkpoint a diverged model
-                val_loss, val_acc = evaluate(model, data.val)
+                val_loss, val_acc = evaluate(step_model, data.val, precision)
                 writer.add_scalar("val/loss", val_loss, step)
                 writer.add_scalar("val/acc", val_acc, step)
                 writer.add_scalar("epoch", epoch, step)
@@ -417,7 +470,7 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
                     raise Interrupted(stop.signum, step)
 
         if data.test is not None:
-            test_loss, test_acc = evaluate(model, data.test)
+            test_loss, test_acc = evaluate(step_model, data.test, precision)
             writer.add_scalar("test/loss", test_loss, step)
             writer.add_scalar("test/acc", test_acc, step)
             metrics.update(test_loss=test_loss, test_acc=test_acc)
@@ -442,8 +495,7 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
     return metrics
 
 
-def check_restorable(state: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: LRScheduler | None) -> None:
+def check_restorable(state: dict[str, Any], path: Path, model: nn.Module) -> None:
     """Refuse a checkpoint that does not fit this run's model, before anything is changed."""
     missing = [key for key in ("model", "optimizer", "scheduler", "epoch", "step", "batch", "rng", "log", "metrics")
                if key not in state]
