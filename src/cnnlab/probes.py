@@ -46,13 +46,14 @@ def histogram(x: Tensor, bins: int) -> Tensor:
     """[min, max, sum, sum of squares, count of bucket 1..bins], float64, buckets spread evenly over
     [min, max]: every element is counted once, and the range needs no trip to the host."""
     x = x.detach().flatten().float()
-    low, high = x.min(), x.max()
-    scaled = (x - low) / (high - low).clamp_min(torch.finfo(torch.float32).tiny)  # in [0, 1]
+    low, high = torch.aminmax(x)  # one pass for both
+    scaled = torch.sub(x, low).div_((high - low).clamp_min(torch.finfo(torch.float32).tiny))  # in [0, 1]
     counts = torch.zeros(bins, dtype=torch.float64, device=x.device)
     with _histc_allowed(x.device):
         for chunk in scaled.split(HISTC_CHUNK):
             counts += torch.histc(chunk, bins=bins, min=0.0, max=1.0).double()
-    moments = torch.stack([low, high, x.sum(), x.square().sum()]).double()
+    squares = torch.linalg.vector_norm(x).square()  # no temporary the size of x
+    moments = torch.stack([low, high, x.sum(), squares]).double()
     return torch.cat([moments, counts])
 
 
