@@ -1,4 +1,4 @@
-"""The command line, `cnnlab train [OVERRIDES]`: the only module that knows about Hydra.
+"""The command line, `cnnlab train | compare | activations`: the only module that knows about Hydra.
 
 Nothing here imports torch: `--help`, `--cfg job` and config mistakes answer before it is loaded.
 """
