@@ -172,7 +172,6 @@ class TensorBatches:
         return self.normalise(self.data.images[index.to(self.data.images.device)])
 
 
-
 def decode_image(path: str, image_size: int, channels: int) -> Tensor:
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor

@@ -80,6 +80,7 @@ def update_ratio(before: Tensor, after: Tensor) -> Tensor:
 
 
 def gradient_norm(parameters: list[nn.Parameter]) -> Tensor:
+    """Global L2 norm of the gradients of `parameters` (zero when none has a gradient)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=parameters[0].device)
 

@@ -23,7 +23,7 @@ from cnnlab.data import Batches, load_data
 from cnnlab.errors import UserError
 from cnnlab.models import build_model
 from cnnlab.optim import build_optimizer, build_scheduler
-from cnnlab.probes import Probes
+from cnnlab.probes import Probes, gradient_norm
 from cnnlab.progress import TrainingProgress, summary_table
 from cnnlab.rundir import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, write_metrics
 from cnnlab.tblog import write_hparams_end, write_hparams_start, write_layout, write_probe
@@ -118,10 +118,6 @@ def evaluate(model: nn.Module, batches: Batches, precision: Precision = FLOAT32)
     return loss_sum / count, correct / count
 
 
-def total_grad_norm(parameters: list[nn.Parameter]) -> Tensor:
-    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-
-
 def train_step(model: nn.Module, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                scheduler: LRScheduler | None, images: Tensor, labels: Tensor, grad_clip: float | None,
                sums: RunningSums, probes: Probes | None = None,
@@ -148,7 +144,7 @@ def train_step(model: nn.Module, parameters: list[nn.Parameter], optimizer: torc
     if grad_clip:
         grad_norm = nn.utils.clip_grad_norm_(parameters, grad_clip)
     else:
-        grad_norm = total_grad_norm(parameters) if skip_nonfinite else None
+        grad_norm = gradient_norm(parameters) if skip_nonfinite else None
     finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss) & torch.isfinite(grad_norm)
     if skip_nonfinite and not finite:
         optimizer.zero_grad(set_to_none=True)
@@ -264,7 +260,7 @@ class TrainingLog:
     def flush(self, step: int, lr: float, grad_norm: Tensor | None, parameters: list[nn.Parameter]) -> tuple[float, float, float]:
         """Write the scalars of the steps since the last flush; returns (loss, accuracy, images/s)."""
         images = self.window.count
-        loss, acc, (norm,) = self.window.take(grad_norm if grad_norm is not None else total_grad_norm(parameters))
+        loss, acc, (norm,) = self.window.take(grad_norm if grad_norm is not None else gradient_norm(parameters))
         now = time.perf_counter()
         speed = images / max(now - self.timer, 1e-9)
         self.seconds += now - self.timer
