@@ -55,7 +55,7 @@ from cnnlab.models import build_model
 from cnnlab.optim import build_optimizer
 from cnnlab.probes import Probes
 from cnnlab.progress import TrainingProgress
-from cnnlab.trainer import Precision, TrainingLog, resolve_device, train_epoch
+from cnnlab.trainer import NonfiniteWatch, Precision, TrainingLog, TrainState, resolve_device, train_epoch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_probes import cpu_model  # noqa: E402  (a sibling script)
@@ -172,13 +172,19 @@ def bench(model_name: str, shape: str, images_per_epoch: int, rounds: int, devic
         # cnnlab's optimizer (fused Adam), so that (c)/(b) measures the loop and nothing else.
         optimizer = (torch.optim.Adam(parameters, lr=run.optimizer.lr) if name == "tutorial"
                      else build_optimizer(run.optimizer, parameters))
+        log = TrainingLog(device, SummaryWriter(str(workdir / f"{model_name}-{shape}-{name}")))
+        # (c), (d) and the options run cnnlab's own epoch on a state built like setup() builds it.
+        probes = (Probes(model, data.train.sample(run.probes.batch_size, seed=0), run.probes, last_step=-1)
+                  if name == "probes" else None)
+        step_model = torch.compile(model) if settings[name].compile else model
         state[name] = {
-            "model": model, "parameters": parameters, "optimizer": optimizer,
-            "step_model": torch.compile(model) if settings[name].compile else model,
-            "log": TrainingLog(SummaryWriter(str(workdir / f"{model_name}-{shape}-{name}")), device),
-            "step": 0, "peak": 0,
+            "optimizer": optimizer, "step_model": step_model, "log": log, "peak": 0,
+            "train": TrainState(
+                run=dataclasses.replace(run, trainer=settings[name]), config={}, run_dir=workdir, device=device,
+                model=model, step_model=step_model,
+                parameters=parameters, optimizer=optimizer, scheduler=None, data=data, probes=probes,
+                precision=Precision(settings[name].amp, device), log=log, watch=NonfiniteWatch(device), metrics={}),
         }
-    probes = Probes(state["probes"]["model"], data.train.sample(run.probes.batch_size, seed=0), run.probes)
     quiet = TrainingProgress(epochs=1, console=Console(file=io.StringIO()))
     generator = torch.Generator(device=device).manual_seed(0)
 
@@ -205,12 +211,10 @@ def bench(model_name: str, shape: str, images_per_epoch: int, rounds: int, devic
                 loss.backward()
                 optimizer.step()
         else:
-            trainer = settings[name]
-            data.train.normalise.channels_last = trainer.channels_last
+            data.train.normalise.channels_last = settings[name].channels_last
             quiet.start_epoch(1, steps)
-            s["step"] = train_epoch(s["model"], s["parameters"], optimizer, None, data.train, trainer, s["log"],
-                                    probes if name == "probes" else None, quiet, s["step"], last_step=-1,
-                                    precision=Precision(trainer.amp, device), step_model=model)
+            s["train"].batch = 0
+            train_epoch(s["train"], quiet)
             data.train.normalise.channels_last = False
         sync(device)
         seconds = time.perf_counter() - start

@@ -46,7 +46,7 @@ from cnnlab.optim import build_optimizer
 from cnnlab.probes import Probes
 from cnnlab.progress import TrainingProgress
 from cnnlab.tblog import write_probe
-from cnnlab.trainer import TrainingLog, resolve_device, train_epoch
+from cnnlab.trainer import NonfiniteWatch, Precision, TrainingLog, TrainState, resolve_device, train_epoch
 
 TARGETS = {"off/bare": 1.05, "on/off": 1.10}
 
@@ -85,11 +85,17 @@ def bench_model(model_name: str, steps: int, rounds: int, device_name: str, work
         parameters = list(copy_.parameters())
         variants[name] = {"model": copy_, "parameters": parameters, "optimizer": build_optimizer(run.optimizer, parameters)}
     probe_images = data.train.sample(run.probes.batch_size, seed=0)
-    probes = Probes(variants["on"]["model"], probe_images, run.probes)
+    probes = Probes(variants["on"]["model"], probe_images, run.probes, last_step=-1)
     quiet = TrainingProgress(epochs=1, console=Console(file=io.StringIO()))
     generator = torch.Generator(device=device).manual_seed(0)
-    logs = {name: TrainingLog(SummaryWriter(str(workdir / f"{model_name}-{name}")), device) for name in ("off", "on")}
-    step = {"off": 0, "on": 0}
+    logs = {name: TrainingLog(device, SummaryWriter(str(workdir / f"{model_name}-{name}"))) for name in ("off", "on")}
+    states = {  # cnnlab's own epoch, on a state built like setup() builds it
+        name: TrainState(run=run, config={}, run_dir=workdir, device=device, model=variants[name]["model"],
+                         step_model=variants[name]["model"], parameters=variants[name]["parameters"],
+                         optimizer=variants[name]["optimizer"], scheduler=None, data=data,
+                         probes=probes if name == "on" else None, precision=Precision("none", device),
+                         log=logs[name], watch=NonfiniteWatch(device), metrics={})
+        for name in ("off", "on")}
 
     def one_epoch(name: str) -> float:
         v = variants[name]
@@ -100,9 +106,8 @@ def bench_model(model_name: str, steps: int, rounds: int, device_name: str, work
             bare_epoch(v["model"], v["optimizer"], data, run.trainer.batch_size, generator)
         else:
             quiet.start_epoch(1, steps)
-            step[name] = train_epoch(v["model"], v["parameters"], v["optimizer"], None, data.train, run.trainer,
-                                     logs[name], probes if name == "on" else None, quiet, step[name],
-                                     last_step=-1)
+            states[name].batch = 0
+            train_epoch(states[name], quiet)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -123,7 +128,8 @@ def bench_model(model_name: str, steps: int, rounds: int, device_name: str, work
 
     probe_ms = {}
     for histograms in (True, False):  # the cost of one probe on its own, with and without histograms
-        alone = Probes(variants["on"]["model"], probe_images, dataclasses.replace(run.probes, histograms=histograms))
+        alone = Probes(variants["on"]["model"], probe_images, dataclasses.replace(run.probes, histograms=histograms),
+                       last_step=-1)
         with SummaryWriter(str(workdir / f"{model_name}-probe-{histograms}")) as writer:
             durations = []
             for i in range(6):

@@ -1,9 +1,58 @@
+import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_mnist
+from tests.helpers import TINY_DATA, TINY_MLP, TINY_TRAINER, compose_config, write_mnist
+
+
+@dataclass
+class TinyRun:
+    dir: Path  # the run directory: metrics.json, checkpoints/, event files
+    metrics: dict
+    output: str  # what the console showed
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """Train the tiny run (tests/helpers.py) plus OVERRIDES in this process, into tmp_path/NAME.
+    `data` and `model` swap those parts of it; `terminal` draws the output as on a terminal."""
+    from omegaconf import OmegaConf
+    from rich.console import Console
+
+    from cnnlab.config import validate
+    from cnnlab.trainer import train
+
+    def run(*overrides: str, data=TINY_DATA, model=TINY_MLP, name="run", terminal=False) -> TinyRun:
+        cfg = compose_config(*data, *model, *TINY_TRAINER, *overrides)
+        console = Console(file=io.StringIO(), force_terminal=terminal, width=150)
+        metrics = train(validate(cfg), tmp_path / name, OmegaConf.to_container(cfg), console=console)
+        return TinyRun(tmp_path / name, metrics, console.file.getvalue())
+
+    return run
+
+
+@pytest.fixture
+def tiny_state(tmp_path):
+    """setup() of the tiny run plus OVERRIDES, fresh or (resume=True) from tmp_path/NAME's
+    checkpoint: a TrainState to drive step by step. Its TensorBoard writer is closed afterwards."""
+    from omegaconf import OmegaConf
+
+    from cnnlab.config import validate
+    from cnnlab.trainer import setup
+
+    states = []
+
+    def build(*overrides: str, data=TINY_DATA, model=TINY_MLP, name="run", resume=False):
+        cfg = compose_config(*data, *model, *TINY_TRAINER, *overrides)
+        states.append(setup(validate(cfg), tmp_path / name, OmegaConf.to_container(cfg), resume=resume))
+        return states[-1]
+
+    yield build
+    for state in states:
+        state.log.writer.close()
 
 
 @pytest.fixture

@@ -6,13 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from cnnlab.compare import FIGURES, Run, find_runs, name_runs, seed_groups, spread
 from cnnlab.errors import UserError
-
-TINY = ["dataset=fake", "dataset.train_size=160", "dataset.test_size=40", "dataset.image_size=8", "model.hidden=[16,16]",
-        "trainer.batch_size=32", "trainer.epochs=2", "trainer.device=cpu", "probes.every=2", "probes.batch_size=16"]
+from tests.helpers import TINY, not_blank
 
 
 def cnnlab(*args, cwd):
@@ -23,7 +20,8 @@ def cnnlab(*args, cwd):
 def sweep(tmp_path_factory) -> Path:
     """A finished four-job sweep: two activations x two seeds."""
     cwd = tmp_path_factory.mktemp("sweep")
-    result = cnnlab("train", "-m", "activation=relu,tanh", "trainer.seed=0,1", *TINY, "hydra.sweep.dir=sweep", cwd=cwd)
+    result = cnnlab("train", "-m", "activation=relu,tanh", "trainer.seed=0,1", *TINY, "trainer.epochs=2", "probes.every=2",
+                    "hydra.sweep.dir=sweep", cwd=cwd)
     assert result.returncode == 0, result.stderr
     return cwd / "sweep"
 
@@ -67,36 +65,6 @@ def test_a_sweep_summary_is_written_with_one_row_per_job(sweep):
     assert lines[0].startswith("name,status,") and len(lines) == 5
 
 
-def test_each_job_records_its_hyperparameters_in_its_own_event_files(sweep):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    jobs = sorted(path.name for path in sweep.iterdir() if path.is_dir() and path.name != "figures")
-    assert len(jobs) == 4  # one folder per job, nothing else: no add_hparams sub-runs
-    job = sweep / "activation=tanh,trainer.seed=1"
-    assert not [p for p in job.iterdir() if p.is_dir() and p.name not in (".hydra", "checkpoints")]
-    events = EventAccumulator(str(job))
-    events.Reload()
-    content = {tag: plugin_data_pb2.HParamsPluginData.FromString(data)
-               for tag, data in events.PluginTagToContent("hparams").items()}
-    start = content["_hparams_/session_start_info"].session_start_info.hparams
-    assert start["activation"].string_value == "tanh" and start["trainer.seed"].number_value == 1
-    assert start["model.batchnorm"].bool_value is False and start["optimizer.lr"].number_value == pytest.approx(0.001)
-    experiment = content["_hparams_/experiment"].experiment
-    assert {m.name.tag for m in experiment.metric_infos} >= {"val/acc", "test/acc", "dead_fraction/all"}
-    activation_info = next(h for h in experiment.hparam_infos if h.name == "activation")
-    assert "selu" in [v.string_value for v in activation_info.domain_discrete.values]  # a categorical filter
-    assert content["_hparams_/session_end_info"].session_end_info.status == 1  # STATUS_SUCCESS
-    assert "val/acc" in events.Tags()["scalars"]  # the metric columns read these scalars
-
-
-def not_blank(path: Path) -> bool:
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        pixels = np.asarray(image.convert("RGB"))
-    return len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20
-
-
 def test_compare_writes_every_figure_the_summary_and_tensorboard_images(sweep, tmp_path):
     result = cnnlab("compare", str(sweep), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -133,13 +101,3 @@ def test_compare_accepts_globs_of_run_directories(sweep, tmp_path):
     assert [r.name for r in runs] == ["trainer.seed=0", "trainer.seed=1"]
     with pytest.raises(UserError, match="No run directories"):
         find_runs([str(tmp_path)])
-
-
-def test_activations_command_lists_every_activation_and_plots_them(tmp_path):
-    from cnnlab.models import ACTIVATIONS
-
-    result = cnnlab("activations", "--plot", "acts.png", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    for name in ACTIVATIONS:
-        assert name in result.stdout
-    assert not_blank(tmp_path / "acts.png")

@@ -20,7 +20,8 @@ def test_every_schema_option_has_a_yaml_file_and_every_yaml_file_a_schema():
 
 def test_builders_know_exactly_the_options_the_configs_offer():
     from cnnlab.data import LOADERS
-    from cnnlab.models import ACTIVATIONS, MODELS
+    from cnnlab.config import INIT_SCHEMES
+    from cnnlab.models import ACTIVATIONS, INITIALISERS, MODELS
     from cnnlab.optim import OPTIMIZERS, SCHEDULERS
 
     assert sorted(ACTIVATIONS) == options("activation")
@@ -28,6 +29,7 @@ def test_builders_know_exactly_the_options_the_configs_offer():
     assert sorted(LOADERS) == options("dataset")
     assert sorted(OPTIMIZERS) == options("optimizer")
     assert sorted(SCHEDULERS) == options("scheduler")
+    assert sorted(INITIALISERS) == sorted(INIT_SCHEMES)
 
 
 @pytest.mark.parametrize("group", sorted(SCHEMAS))

@@ -7,13 +7,13 @@ from torch import nn
 from cnnlab.config import SCHEMAS, validate
 from cnnlab.errors import UserError
 from cnnlab.models import ACTIVATIONS, build_model
-from tests.helpers import compose_config
-
-SMALL = {"mlp": ["model.hidden=[16,12]"], "convnet": ["model.channels=[4,6]", "model.fc_hidden=10"]}
+from tests.helpers import TINY_CONVNET, TINY_MLP, compose_config
 
 
 def small_model(model="mlp", activation="relu", *overrides, input_shape=(1, 8, 8), num_classes=3):
-    run = validate(compose_config(f"model={model}", f"activation={activation}", *SMALL[model], *overrides))
+    """The tiny run's MLP or ConvNet (tests/helpers.py) with OVERRIDES, for 8x8 grey images."""
+    tiny = {"mlp": TINY_MLP, "convnet": TINY_CONVNET}[model]
+    run = validate(compose_config(*tiny, f"activation={activation}", *overrides))
     return build_model(run.model, run.activation, input_shape, num_classes)
 
 
@@ -39,9 +39,10 @@ def test_every_model_activation_batchnorm_combination_trains_a_step(model_name, 
 
 @pytest.mark.parametrize("model_name", ["mlp", "convnet"])
 def test_each_activation_is_its_own_named_module(model_name):
-    model = small_model(model_name, "prelu", "activation.per_channel=true")
+    deeper = {"mlp": ["model.hidden=[16,12]"], "convnet": ["model.channels=[4,6]"]}  # two layers of each kind
+    model = small_model(model_name, "prelu", "activation.per_channel=true", *deeper[model_name])
     activations = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.PReLU)]
-    expected = {"mlp": [("act1", 16), ("act2", 12)], "convnet": [("act1", 4), ("act2", 6), ("act_fc", 10)]}
+    expected = {"mlp": [("act1", 16), ("act2", 12)], "convnet": [("act1", 4), ("act2", 6), ("act_fc", 8)]}
     assert [(name, m.weight.numel()) for name, m in activations] == expected[model_name]
     assert len({id(m) for _, m in activations}) == len(activations)
 
@@ -49,7 +50,7 @@ def test_each_activation_is_its_own_named_module(model_name):
 def test_shared_prelu_has_one_slope_with_the_initial_value():
     model = small_model("mlp", "prelu", "activation.init=0.1")
     slopes = [m.weight for m in model.modules() if isinstance(m, nn.PReLU)]
-    assert [s.numel() for s in slopes] == [1, 1]
+    assert [s.numel() for s in slopes] == [1]  # one slope for the layer's 32 units
     assert all(torch.allclose(s, torch.tensor([0.1])) for s in slopes)
 
 
@@ -63,7 +64,8 @@ def test_activation_parameters_reach_the_modules():
 
 
 def test_activation_table_maps_names_to_torch_modules():
-    assert ACTIVATIONS["relu"] is nn.ReLU and ACTIVATIONS["selu"] is nn.SELU and ACTIVATIONS["silu"] is nn.SiLU
+    assert ACTIVATIONS["relu"].module is nn.ReLU and ACTIVATIONS["selu"].module is nn.SELU
+    assert ACTIVATIONS["silu"].module is nn.SiLU
 
 
 def test_batchnorm_sits_between_the_weight_layer_and_the_activation():

@@ -1,10 +1,7 @@
-import io
 import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-from rich.console import Console
 from torch import nn
 
 from cnnlab.checkpoint import load_checkpoint
@@ -20,9 +17,7 @@ from cnnlab.probes import (
     weight_layers,
 )
 from cnnlab.rundir import read_metrics
-from cnnlab.tblog import write_probe
-from cnnlab.trainer import train
-from tests.helpers import compose_config
+from tests.helpers import TINY_CONVNET, compose_config
 
 PROBES = ProbesConfig(enabled=True, every=1, batch_size=8, histograms=True, bins=10, mode="train")
 
@@ -103,10 +98,10 @@ def hooks_left(model):
 
 def test_probing_leaves_no_hook_behind_even_when_the_forward_fails():
     model = small_model()
-    probes = Probes(model, torch.randn(8, 1, 8, 8), PROBES)
+    probes = Probes(model, torch.randn(8, 1, 8, 8), PROBES, last_step=10)
     probes.measure()
     assert hooks_left(model) == 0
-    broken = Probes(model, torch.randn(8, 2, 8, 8), PROBES)  # wrong channel count: the forward raises
+    broken = Probes(model, torch.randn(8, 2, 8, 8), PROBES, last_step=10)  # wrong channel count: the forward raises
     with pytest.raises(RuntimeError):
         broken.measure()
     assert hooks_left(model) == 0
@@ -118,7 +113,8 @@ def test_probing_restores_the_mode_and_batchnorm_statistics_and_draws_no_trainin
     model = small_model("model.batchnorm=true", "model.dropout=0.5", "activation=rrelu")
     model.train(was_training)
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
-    probes = Probes(model, torch.randn(8, 1, 8, 8) * 3 + 1, ProbesConfig(**{**PROBES.__dict__, "mode": mode}))
+    probes = Probes(model, torch.randn(8, 1, 8, 8) * 3 + 1, ProbesConfig(**{**PROBES.__dict__, "mode": mode}),
+                    last_step=10)
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
@@ -129,13 +125,9 @@ def test_probing_restores_the_mode_and_batchnorm_statistics_and_draws_no_trainin
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_a_probe_measures_every_family_for_every_layer_in_one_transfer(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    from tests.helpers import read_scalars
-
+def test_a_probe_measures_every_family_for_every_layer():
     model = small_model("activation=prelu", "activation.per_channel=true")
-    probes = Probes(model, torch.randn(8, 1, 8, 8), PROBES)
+    probes = Probes(model, torch.randn(8, 1, 8, 8), PROBES, last_step=10)
     loss = model(torch.randn(4, 1, 8, 8)).sum()
     loss.backward()
     probes.before_update()
@@ -152,58 +144,43 @@ def test_a_probe_measures_every_family_for_every_layer_in_one_transfer(tmp_path)
     for name in ("layer01_conv", "layer02_conv", "layer03_fc", "layer04_classifier"):
         for family in ("grad_norm", "update_ratio", "weights"):
             assert f"{family}/{name}" in tags
-    with SummaryWriter(str(tmp_path)) as writer:
-        dead = write_probe(writer, 5, measurements)
-    assert set(dead) == {"act01_conv", "act02_conv", "act03_fc", "all"}
-    scalars = read_scalars(tmp_path)
-    assert scalars["dead_fraction/all"] == [(5, pytest.approx(dead["all"]))]
+    assert "dead_fraction/all" in tags
     expected_norm = torch.cat([p.grad.flatten() for p in weight_layers(model)[0].module.parameters()]).norm().item()
-    assert scalars["grad_norm/layer01_conv"][0][1] == pytest.approx(expected_norm, rel=1e-5)
+    measured = next(m.value for m in measurements if m.tag == "grad_norm/layer01_conv")
+    assert measured.item() == pytest.approx(expected_norm, rel=1e-5)
 
 
-def test_dead_fraction_all_weights_layers_by_their_units(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
-
+def test_dead_fraction_all_weights_layers_by_their_units():
     model = nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 30), nn.ReLU(), nn.Linear(30, 2))
     with torch.no_grad():
         model[0].bias[:5], model[0].bias[5:] = -100.0, 100.0  # 5 of 10 units dead, the rest alive
         model[2].bias[:3], model[2].bias[3:] = -1e4, 1e4  # 3 of 30 units dead
-    probes = Probes(model, torch.randn(16, 4), PROBES)
-    with SummaryWriter(str(tmp_path)) as writer:
-        dead = write_probe(writer, 0, probes.measure())
-    assert dead["act01_fc"] == pytest.approx(0.5)
-    assert dead["act02_fc"] == pytest.approx(0.1)
-    assert dead["all"] == pytest.approx(8 / 40)
+    probes = Probes(model, torch.randn(16, 4), PROBES, last_step=10)
+    dead = {m.tag: m.value.item() for m in probes.measure() if m.tag.startswith("dead_fraction/")}
+    assert dead["dead_fraction/act01_fc"] == pytest.approx(0.5)
+    assert dead["dead_fraction/act02_fc"] == pytest.approx(0.1)
+    assert dead["dead_fraction/all"] == pytest.approx(8 / 40)
 
 
 # --- in the trainer ---------------------------------------------------------------------------------
-FAST = ["dataset=fake", "dataset.train_size=300", "dataset.test_size=40", "dataset.image_size=8",
-        "trainer.batch_size=32", "trainer.device=cpu", "probes.batch_size=16"]
-
-
-def run_training(run_dir, *overrides):
-    cfg = compose_config(*FAST, *overrides)
-    return train(validate(cfg), run_dir, OmegaConf.to_container(cfg), console=Console(file=io.StringIO()))
-
-
-def test_probes_never_change_training(tmp_path):
-    common = ["model=convnet", "model.channels=[4]", "model.fc_hidden=8", "model.batchnorm=true", "model.dropout=0.3",
-              "activation=rrelu", "trainer.epochs=2", "trainer.deterministic=true", "probes.every=3"]
-    on = run_training(tmp_path / "on", *common, "probes.enabled=true")
-    off = run_training(tmp_path / "off", *common, "probes.enabled=false")
-    weights_on = load_checkpoint(tmp_path / "on" / "checkpoints" / "last.pt")["model"]
-    weights_off = load_checkpoint(tmp_path / "off" / "checkpoints" / "last.pt")["model"]
+def test_probes_never_change_training(tiny_run):
+    common = ["model.batchnorm=true", "model.dropout=0.3", "activation=rrelu", "trainer.epochs=2",
+              "trainer.deterministic=true", "probes.every=3"]
+    on = tiny_run(*common, "probes.enabled=true", model=TINY_CONVNET, name="on")
+    off = tiny_run(*common, "probes.enabled=false", model=TINY_CONVNET, name="off")
+    weights_on = load_checkpoint(on.dir / "checkpoints" / "last.pt")["model"]
+    weights_off = load_checkpoint(off.dir / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(weights_on[k], weights_off[k]) for k in weights_on)
-    assert on["val_loss"] == off["val_loss"]
-    assert on["dead_fraction"] is not None and off["dead_fraction"] is None
+    assert on.metrics["val_loss"] == off.metrics["val_loss"]
+    assert on.metrics["dead_fraction"] is not None and off.metrics["dead_fraction"] is None
 
 
-def test_a_run_writes_every_probe_family_for_every_layer_from_step_0(tmp_path):
+def test_a_run_writes_every_probe_family_for_every_layer_from_step_0(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    metrics = run_training(tmp_path, "model=convnet", "model.channels=[4,4]", "model.fc_hidden=8", "activation=tanh",
-                           "trainer.epochs=1", "probes.every=4")
-    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    run = tiny_run("model.channels=[4,4]", "activation=tanh", "probes.every=4", model=TINY_CONVNET)
+    metrics = run.metrics
+    events = EventAccumulator(str(run.dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()
     last = metrics["steps"]
@@ -222,23 +199,23 @@ def test_a_run_writes_every_probe_family_for_every_layer_from_step_0(tmp_path):
     assert histogram.num == 16 * 4 * 8 * 8 and -1 <= histogram.min <= histogram.max <= 1
     assert "custom_scalars__config__" in tags["tensors"]
     assert set(metrics["dead_fraction"]) == {"act01_conv", "act02_conv", "act03_fc", "all"}
-    assert read_metrics(tmp_path)["dead_fraction"] == metrics["dead_fraction"]
+    assert read_metrics(run.dir)["dead_fraction"] == metrics["dead_fraction"]
     assert metrics["dead_fraction"]["all"] == pytest.approx(events.Scalars("dead_fraction/all")[-1].value)
 
 
-def test_high_learning_rate_relu_network_shows_dying_units(tmp_path):
+def test_high_learning_rate_relu_network_shows_dying_units(tiny_run):
     """What cnnlab exists for: SGD at a reckless learning rate kills ReLU units, and the probes see it."""
-    metrics = run_training(tmp_path, "model.hidden=[64,64]", "optimizer=sgd", "optimizer.lr=2.0",
-                           "optimizer.momentum=0.9", "trainer.epochs=2", "trainer.grad_clip=100")
-    healthy = run_training(tmp_path / "healthy", "model.hidden=[64,64]", "trainer.epochs=2")
-    assert metrics["dead_fraction"]["all"] > 0.3
-    assert healthy["dead_fraction"]["all"] < 0.1
+    reckless = tiny_run("model.hidden=[64,64]", "optimizer=sgd", "optimizer.lr=2.0", "optimizer.momentum=0.9",
+                        "trainer.epochs=2", "trainer.grad_clip=100", name="reckless")
+    healthy = tiny_run("model.hidden=[64,64]", "trainer.epochs=2", name="healthy")
+    assert reckless.metrics["dead_fraction"]["all"] > 0.3
+    assert healthy.metrics["dead_fraction"]["all"] < 0.1
 
 
-def test_histograms_can_be_switched_off(tmp_path):
+def test_histograms_can_be_switched_off(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_training(tmp_path, "model.hidden=[8]", "trainer.epochs=1", "probes.histograms=false")
-    events = EventAccumulator(str(tmp_path))
+    run = tiny_run("probes.histograms=false")
+    events = EventAccumulator(str(run.dir))
     events.Reload()
     assert events.Tags()["histograms"] == [] and "dead_fraction/act01_fc" in events.Tags()["scalars"]

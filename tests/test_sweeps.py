@@ -10,9 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from cnnlab.cli import config_dir, threads_per_job
 from cnnlab.config import validate
-
-TINY = ["dataset=fake", "dataset.train_size=160", "dataset.test_size=40", "dataset.image_size=8",
-        "trainer.batch_size=32", "trainer.epochs=1", "trainer.device=cpu", "probes.batch_size=16"]
+from tests.helpers import TINY, TINY_DATA, TINY_TRAINER
 
 
 def cnnlab(*args, cwd):
@@ -25,8 +23,8 @@ def statuses(sweep: Path) -> dict[str, str]:
 
 
 def test_a_failing_job_is_reported_at_once_and_at_the_end_and_the_others_complete(tmp_path):
-    result = cnnlab("train", "-m", "model=convnet", "model.channels=[4],[4,4,4,4],[4,4]", "model.fc_hidden=8", *TINY,
-                    "hydra.sweep.dir=sweep", cwd=tmp_path)
+    result = cnnlab("train", "-m", "model=convnet", "model.channels=[4],[4,4,4,4],[4,4]", "model.fc_hidden=8", *TINY_DATA,
+                    *TINY_TRAINER, "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == 1
     assert statuses(tmp_path / "sweep") == {"model.channels=[4]": "completed", "model.channels=[4,4,4,4]": "failed",
                                             "model.channels=[4,4]": "completed"}
@@ -108,7 +106,7 @@ def test_experiment_files_are_exactly_the_documented_ones():
 
 
 def test_an_experiment_sweep_runs_its_presets(tmp_path):
-    result = cnnlab("train", "-m", "experiment=selu_vs_batchnorm", *TINY, "model.hidden=[16,16,16]",
+    result = cnnlab("train", "-m", "experiment=selu_vs_batchnorm", *TINY_DATA, *TINY_TRAINER, "model.hidden=[16,16,16]",
                     "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     sweep = tmp_path / "sweep"

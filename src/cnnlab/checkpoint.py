@@ -1,15 +1,28 @@
-"""Checkpoints: written atomically, read back with tensors and plain containers only."""
+"""Checkpoints: what last.pt and best.pt hold, written atomically from a TrainState, and read back
+(tensors and plain containers only) into one after checking that they fit the run.
+
+last.pt is everything a run needs to continue exactly where it was written (weights, optimizer,
+schedule, random number generators, data order, the logging window, counters, metrics); best.pt
+is the weights of the best validation epoch.
+"""
 
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cnnlab.errors import UserError
-from cnnlab.rundir import replace_atomically
+from cnnlab.errors import UserError, one_line
+from cnnlab.rundir import best_checkpoint, last_checkpoint, replace_atomically
+
+if TYPE_CHECKING:
+    from cnnlab.trainer import TrainState
+
+# What a resumed run must share with the run that wrote the checkpoint.
+RESUMED_SECTIONS = ("dataset", "model", "activation", "optimizer", "scheduler")
+LAST_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "batch", "rng", "log", "metrics")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -30,13 +43,94 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
                 f"Refused to load {path}: it holds Python objects other than tensors and plain containers, "
                 f"which could run code when unpickled. cnnlab only opens checkpoints with weights_only=True."
             ) from None
-        raise UserError(f"Cannot read checkpoint {path} (corrupt?): {_one_line(error)}") from None
+        raise UserError(f"Cannot read checkpoint {path} (corrupt?): {one_line(error, 300)}") from None
     except Exception as error:  # truncated files raise EOFError, RuntimeError, ...
-        raise UserError(f"Cannot read checkpoint {path} (truncated or corrupt?): {_one_line(error)}") from None
+        raise UserError(f"Cannot read checkpoint {path} (truncated or corrupt?): {one_line(error, 300)}") from None
     if not isinstance(state, dict):
         raise UserError(f"{path} is not a cnnlab checkpoint (it holds a {type(state).__name__}, not a dict).")
     return state
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300] or type(error).__name__
+# --- writing ---------------------------------------------------------------------------------------
+def save_last(state: TrainState) -> None:
+    """last.pt: the run as it stands after state.batch batches of epoch state.epoch."""
+    state.log.writer.flush()  # every event up to this step is on disk before a checkpoint covers it
+    epoch_done = state.batch >= len(state.data.train)
+    scaler = state.precision.scaler
+    save_checkpoint(last_checkpoint(state.run_dir), {
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+        "epoch": state.epoch,
+        "step": state.step,
+        "batch": state.batch,  # batches of this epoch done
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(state.device) if state.device.type == "cuda" else None,
+            "data": state.data.train.state_dict(),
+        },
+        "log": state.log.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "metrics": dict(state.metrics, epochs=state.epoch - (not epoch_done), steps=state.step),
+        "config": state.config,
+    })
+
+
+def save_best(state: TrainState, val_acc: float) -> None:
+    """best.pt: the weights of the epoch with the best validation accuracy so far."""
+    save_checkpoint(best_checkpoint(state.run_dir), {
+        "model": state.model.state_dict(), "epoch": state.epoch, "step": state.step, "val_acc": val_acc,
+        "config": state.config})
+
+
+# --- reading back ----------------------------------------------------------------------------------
+def load_resumable(run_dir: Path, config: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """run_dir's last.pt, refused unless it is complete and was written by this run's configuration."""
+    path = last_checkpoint(run_dir)
+    saved = load_checkpoint(path, map_location=device)
+    missing = [key for key in LAST_KEYS if key not in saved]
+    if missing:
+        raise UserError(f"{path} is not a complete cnnlab checkpoint (no {', '.join(missing)}); it cannot be resumed.")
+    written_by = saved.get("config") or {}
+    differs = [key for key in RESUMED_SECTIONS if written_by.get(key) != config.get(key)]
+    if differs:
+        raise UserError(
+            f"{path} was written by a different configuration ({', '.join(differs)} differ) and "
+            f"cannot be resumed as this run; start a new run in another directory.")
+    return saved
+
+
+def check_fits(saved: dict[str, Any], state: TrainState) -> None:
+    """Refuse a checkpoint whose weights do not fit this run's model, before anything is changed."""
+    expected, weights = state.model.state_dict(), saved["model"]
+    wrong = sorted(set(expected) ^ set(weights)) or [
+        key for key in expected if tuple(weights[key].shape) != tuple(expected[key].shape)]
+    if wrong:
+        raise UserError(f"{last_checkpoint(state.run_dir)} holds a different model than this run's "
+                        f"({', '.join(wrong[:4])} differ); it cannot be resumed as this run.")
+
+
+def restore(state: TrainState, saved: dict[str, Any]) -> None:
+    """Put every piece of training state back as the checkpoint holds it, counters included; a
+    checkpoint that closed its epoch continues with the next one."""
+    check_fits(saved, state)
+    try:
+        state.model.load_state_dict(saved["model"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+        if state.scheduler is not None:
+            state.scheduler.load_state_dict(saved["scheduler"])
+        if state.precision.scaler is not None and saved.get("scaler"):
+            state.precision.scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        if state.device.type == "cuda" and saved["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(saved["rng"]["cuda"], state.device)
+        batches = state.data.train
+        state.epoch, state.step, state.batch = saved["epoch"], saved["step"], saved["batch"]
+        batches.load_state_dict(saved["rng"]["data"], resume_at=state.batch if state.batch < len(batches) else 0)
+        state.log.load_state_dict(saved["log"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        raise UserError(f"{last_checkpoint(state.run_dir)} does not fit this run and cannot be resumed: "
+                        f"{one_line(error, 300)}") from None
+    if state.batch >= len(state.data.train):
+        state.epoch, state.batch = state.epoch + 1, 0
+    state.metrics.update(saved["metrics"], status="running")

@@ -120,20 +120,20 @@ def place_single_run(args: list[str], overrides: list[str]) -> list[str]:
     """`resume=DIR` runs in DIR itself, and Hydra must not rewrite DIR/.hydra (the record of the
     run's config). A new run must not land in a folder that already holds one, nor where it cannot
     be written."""
-    from cnnlab.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT
+    from cnnlab.rundir import last_checkpoint
 
     values = dict(arg.partition("=")[::2] for arg in overrides if "=" in arg)
     if values.get("resume") not in (None, "", "null"):
         run_dir = Path(values["resume"]).expanduser()
-        if not (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file() or not (run_dir / ".hydra").is_dir():
+        if not last_checkpoint(run_dir).is_file() or not (run_dir / ".hydra").is_dir():
             raise UserError(
                 f"resume={values['resume']!r} is not a run directory with a checkpoint (looked for "
-                f"{run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT} and {run_dir / '.hydra'}). Pass the folder of a "
+                f"{last_checkpoint(run_dir)} and {run_dir / '.hydra'}). Pass the folder of a "
                 f"run, e.g. resume=outputs/2026-11-22/10-31-07-123456.")
         return [*args, f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
     given = values.get("hydra.run.dir")
     run_dir = Path(given) if given else Path(_default_dir("run"))
-    if (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+    if last_checkpoint(run_dir).is_file():
         raise UserError(
             f"hydra.run.dir={str(run_dir)!r} already holds a run; its results are kept. Continue it with "
             f"resume={run_dir}, or choose another directory.")
@@ -145,10 +145,6 @@ def threads_per_job(n_jobs: int, cores: int) -> int:
     """CPU threads per job when joblib runs n_jobs at once (joblib's -1 = all cores, -2 = all but one)."""
     parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
     return max(1, cores // parallel)
-
-
-# Outcomes of the jobs run in this process, for the exit code of a single run.
-_outcomes: list[str] = []
 
 
 def _print_error(message: str, job: str = "") -> None:
@@ -190,15 +186,31 @@ def resumed_config(run_dir: Path, task_overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def prepare_job(cfg: DictConfig, run_dir: Path, task_overrides: list[str]) -> tuple[DictConfig, bool, str | None]:
+    """(the config to run, whether it resumes, the status when there is nothing to run): `resume=DIR`,
+    or the same job run again in its own folder (a requeued cluster job, or a sweep rerun)."""
+    from cnnlab.rundir import last_checkpoint, read_metrics_or_none
+
+    if cfg.get("resume"):
+        return resumed_config(Path(cfg.resume), task_overrides), True, None
+    if last_checkpoint(run_dir).is_file():
+        status = (read_metrics_or_none(run_dir) or {}).get("status")
+        if status in ("completed", "diverged"):
+            print(f"cnnlab: {run_dir} already ended ({status}); its results are kept.")
+            return cfg, False, status
+        return cfg, True, None
+    return cfg, False, None
+
+
 def run_job(cfg: DictConfig) -> str:
-    """One Hydra job: validate the config, then train. A user mistake is reported, not raised; in a
-    sweep, so is any other failure, so that the remaining jobs still run."""
+    """One Hydra job: validate the config, then train; returns the job's status. A user mistake is
+    reported, not raised; in a sweep, so is any other failure, so that the remaining jobs still run."""
     import traceback
 
     from hydra.core.hydra_config import HydraConfig
 
     from cnnlab.config import validate
-    from cnnlab.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT, read_metrics, write_metrics
+    from cnnlab.rundir import CHECKPOINT_DIR, write_metrics
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -206,23 +218,14 @@ def run_job(cfg: DictConfig) -> str:
     job = f"#{hydra_cfg.job.num} ({','.join(hydra_cfg.overrides.task)})" if multirun else ""
     resume = False
     try:
-        if cfg.get("resume"):
-            cfg = resumed_config(Path(cfg.resume), hydra_cfg.overrides.task)
-            resume = True
-        elif (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
-            # The same job run again in its own folder: a requeued cluster job, or a sweep rerun.
-            status = read_metrics(run_dir).get("status") if (run_dir / "metrics.json").is_file() else None
-            if status in ("completed", "diverged"):
-                print(f"cnnlab: {run_dir} already ended ({status}); its results are kept.")
-                _outcomes.append(status)
-                return status
-            resume = True
+        cfg, resume, ended = prepare_job(cfg, run_dir, list(hydra_cfg.overrides.task))
+        if ended is not None:
+            return ended
         run = validate(cfg)
     except UserError as error:
         _print_error(str(error), job)
         if not resume and not (run_dir / CHECKPOINT_DIR).exists():
             write_metrics(run_dir, {"status": "invalid", "error": str(error)})
-        _outcomes.append("invalid")
         return "invalid"
     n_jobs = (hydra_cfg.get("launcher") or {}).get("n_jobs")
     if run.trainer.threads is None and isinstance(n_jobs, int):
@@ -230,33 +233,43 @@ def run_job(cfg: DictConfig) -> str:
     from cnnlab.trainer import Diverged, Interrupted, train  # torch: only once the config is known to be good
 
     try:
-        status = train(run, run_dir, OmegaConf.to_container(cfg, resolve=True), resume=resume)["status"]
+        return train(run, run_dir, OmegaConf.to_container(cfg, resolve=True), resume=resume)["status"]
     except UserError as error:  # bad data or device: the trainer has recorded it in metrics.json
         _print_error(str(error), job)
-        status = "failed"
+        return "failed"
     except Diverged as error:
         _print_error(f"{error}. The last good checkpoint is kept in {run_dir / CHECKPOINT_DIR}; try a lower "
                      f"optimizer.lr, trainer.grad_clip, or trainer.on_nonfinite=skip.", job)
-        status = "diverged"
+        return "diverged"
     except Interrupted as error:
         _print_error(f"{error}, with a checkpoint; continue with: cnnlab train resume={run_dir}", job)
-        _outcomes.append("interrupted")
         if multirun:
             raise KeyboardInterrupt from None  # stopping one job stops the sweep
         return "interrupted"
     except Exception as error:
         if not multirun:
-            _outcomes.append("failed")
             raise
         # One job's crash must not end the sweep: one line now, the traceback in the job's folder.
         (run_dir / "traceback.txt").write_text(traceback.format_exc())
         _print_error(f"{type(error).__name__}: {error} (traceback in {run_dir / 'traceback.txt'})", job)
-        status = "failed"
-    except BaseException:
-        _outcomes.append("interrupted")
-        raise
-    _outcomes.append(status)
-    return status
+        return "failed"
+
+
+def recording_statuses(statuses: list[str]):
+    """run_job for Hydra, noting each job's status in `statuses` (raised or returned) for the exit code."""
+    def job(cfg: DictConfig) -> str:
+        try:
+            status = run_job(cfg)
+        except Exception:
+            statuses.append("failed")
+            raise
+        except BaseException:
+            statuses.append("interrupted")
+            raise
+        statuses.append(status)
+        return status
+
+    return job
 
 
 def _exit_code(statuses: list[str]) -> int:
@@ -303,15 +316,15 @@ def train_command(args: list[str]) -> int:
         return EXIT_USAGE
     saved_argv = sys.argv
     sys.argv = ["cnnlab train", *args]  # Hydra reads its arguments from sys.argv
-    _outcomes.clear()
+    statuses: list[str] = []  # of the jobs run in this process: a single run's exit code
     try:
-        hydra.main(version_base=None, config_path=str(config_dir()), config_name="train")(run_job)()
+        hydra.main(version_base=None, config_path=str(config_dir()), config_name="train")(recording_statuses(statuses))()
     except KeyboardInterrupt:
         if sweep_dir is not None and sweep_dir.is_dir():
             summarise_sweep(sweep_dir)
         return EXIT_INTERRUPTED
     except SystemExit as exit:
-        if exit.code not in (0, None) and not _outcomes and not (sweep_dir and sweep_dir.is_dir()):
+        if exit.code not in (0, None) and not statuses and not (sweep_dir and sweep_dir.is_dir()):
             return EXIT_USAGE  # Hydra rejected the arguments or the config before any job ran
         if exit.code not in (0, None) and sweep_dir is None:
             return EXIT_FAILED
@@ -319,7 +332,7 @@ def train_command(args: list[str]) -> int:
         sys.argv = saved_argv
     if sweep_dir is not None and sweep_dir.is_dir():
         return summarise_sweep(sweep_dir)
-    return _exit_code(_outcomes)
+    return _exit_code(statuses)
 
 
 def compare_command(args: list[str]) -> int:
@@ -361,13 +374,13 @@ def activations_command(args: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from cnnlab.models import ACTIVATION_INFO
+    from cnnlab.models import ACTIVATIONS
 
     table = Table(title="activation=NAME", title_justify="left")
     for column in ("name", "formula", "range", "settings (default)", "typical use"):
         table.add_column(column, overflow="fold")
-    for name, info in ACTIVATION_INFO.items():
-        table.add_row(name, *info)
+    for name, row in ACTIVATIONS.items():
+        table.add_row(name, row.formula, row.output_range, row.settings, row.typical_use)
     Console().print(table)
     if options.plot:
         from cnnlab.models import plot_activations

@@ -1,7 +1,8 @@
 """Sweep summaries: find run directories, name them by what differs, group seeds, tables and files.
 
 Reads only what runs leave on disk (metrics.json, .hydra/overrides.yaml), so it works for every
-launcher, for finished and partial sweeps alike, and without importing torch.
+launcher, for finished and partial sweeps alike, and without importing torch. Figures: one small
+function per figure in FIGURES, drawn and written by make_figures.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from rich.table import Table
 
 from cnnlab.errors import UserError
 from cnnlab.progress import format_number
-from cnnlab.rundir import METRICS_FILE
+from cnnlab.rundir import METRICS_FILE, read_metrics_or_none
 
 SEED_KEY = "trainer.seed"
 FAILED_STATUSES = ("failed", "diverged", "interrupted", "missing", "running")
@@ -64,13 +65,6 @@ def _read_overrides(path: Path) -> dict[str, str]:
     return overrides
 
 
-def _read_metrics(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((path / METRICS_FILE).read_text())
-    except (OSError, ValueError):
-        return None  # not written yet, or the job died before writing it
-
-
 def find_runs(paths: list[str]) -> list[Run]:
     """Run directories named by `paths`: run directories, sweep directories (their job folders),
     or glob patterns of either."""
@@ -87,7 +81,8 @@ def find_runs(paths: list[str]) -> list[Run]:
     unique = list(dict.fromkeys(path.resolve() for path in found))
     if not unique:
         raise UserError(f"No run directories in {', '.join(paths)} (a run directory has .hydra/ or metrics.json).")
-    runs = [Run(path, _read_overrides(path), _read_metrics(path)) for path in unique]
+    # No metrics yet: not started, still starting, or the job died before writing them.
+    runs = [Run(path, _read_overrides(path), read_metrics_or_none(path)) for path in unique]
     name_runs(runs)
     return runs
 
@@ -129,13 +124,18 @@ def spread(values: list[Any]) -> Spread:
 GROUP_METRICS = ("val_acc", "test_acc", "val_loss", "test_loss", "dead_fraction")
 
 
-def seed_groups(runs: list[Run]) -> dict[str, dict[str, Any]]:
-    """Runs that differ only by trainer.seed, with mean and std of their completed runs' metrics."""
+def by_group(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs that differ only by trainer.seed, under their group name, in the order first seen."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(run.group, []).append(run)
+    return groups
+
+
+def seed_groups(runs: list[Run]) -> dict[str, dict[str, Any]]:
+    """Each group of runs, with mean and std of its completed runs' metrics."""
     summary = {}
-    for name, members in groups.items():
+    for name, members in by_group(runs).items():
         completed = [run for run in members if run.status == "completed"]
         summary[name] = {
             "runs": len(members),
@@ -200,10 +200,10 @@ def print_summary(console: Console, runs: list[Run], title: str) -> None:
 
 
 # --- figures -------------------------------------------------------------------------------------
-FIGURES = ("val_curves.png", "test_accuracy.png", "dead_fraction.png", "activation_depth.png")
+Series = dict[str, tuple[list[int], list[float]]]  # tag -> (steps, values)
 
 
-def read_scalars(run: Run, prefixes: tuple[str, ...]) -> dict[str, tuple[list[int], list[float]]]:
+def read_scalars(run: Run, prefixes: tuple[str, ...]) -> Series:
     """Scalar series of a run whose tag starts with one of `prefixes`, read by TensorBoard's reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -215,13 +215,6 @@ def read_scalars(run: Run, prefixes: tuple[str, ...]) -> dict[str, tuple[list[in
             points = events.Scalars(tag)
             series[tag] = ([p.step for p in points], [p.value for p in points])
     return series
-
-
-def _groups(runs: list[Run]) -> dict[str, list[Run]]:
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(run.group, []).append(run)
-    return groups
 
 
 def _label(name: str, members: list[Run]) -> str:
@@ -243,23 +236,13 @@ def _layer_index(tag: str) -> int:
     return int(tag.split("/", 1)[1][3:5])  # act07_conv -> 7
 
 
-def make_figures(runs: list[Run], out: Path) -> list[Path]:
-    """The comparison figures as PNG files in `out`, also written to TensorBoard (out/figures)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _val_curves(groups: dict[str, list[Run]], scalars: dict[Path, Series], colours: dict[str, Any]):
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    groups = _groups(runs)
-    scalars = {id(run): read_scalars(run, ("val/", "dead_fraction/act", "act_mean/", "act_std/")) for run in runs}
-    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(groups)}
-    figures = {}
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, members in groups.items():
         for axis, tag in zip(axes, ("val/loss", "val/acc")):
-            series = [scalars[id(run)][tag] for run in members if tag in scalars[id(run)]]
+            series = [scalars[run.path][tag] for run in members if tag in scalars[run.path]]
             if not series:
                 continue
             steps, mean, low, high = _mean_band(series)
@@ -271,7 +254,11 @@ def make_figures(runs: list[Run], out: Path) -> list[Path]:
         axis.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[1].legend(fontsize="small")
-    figures["val_curves.png"] = figure
+    return figure
+
+
+def _test_accuracy(groups: dict[str, list[Run]], scalars: dict[Path, Series], colours: dict[str, Any]):
+    import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4.5))
     for i, (name, members) in enumerate(groups.items()):
@@ -286,15 +273,19 @@ def make_figures(runs: list[Run], out: Path) -> list[Path]:
                     rotation=30, ha="right", fontsize="small")
     axis.set(title="final test accuracy (mean, standard deviation, seeds)", ylabel="test accuracy", ylim=(0, 1))
     axis.grid(axis="y", alpha=0.3)
-    figures["test_accuracy.png"] = figure
+    return figure
+
+
+def _dead_fraction(groups: dict[str, list[Run]], scalars: dict[Path, Series], colours: dict[str, Any]):
+    import matplotlib.pyplot as plt
 
     columns = min(3, len(groups))
     rows_ = math.ceil(len(groups) / columns)
     figure, grid = plt.subplots(rows_, columns, figsize=(5 * columns, 3.6 * rows_), squeeze=False, sharey=True)
     for axis, (name, members) in zip(grid.flat, groups.items()):
-        tags = sorted({tag for run in members for tag in scalars[id(run)] if tag.startswith("dead_fraction/act")})
+        tags = sorted({tag for run in members for tag in scalars[run.path] if tag.startswith("dead_fraction/act")})
         for tag in tags:
-            series = [scalars[id(run)][tag] for run in members if tag in scalars[id(run)]]
+            series = [scalars[run.path][tag] for run in members if tag in scalars[run.path]]
             steps, mean, _, _ = _mean_band(series)
             axis.plot(steps, mean, label=tag.split("/", 1)[1])
         axis.set(title=_label(name, members), xlabel="step", ylim=(-0.02, 1.02))
@@ -305,18 +296,23 @@ def make_figures(runs: list[Run], out: Path) -> list[Path]:
         axis.set_visible(False)
     grid[0][0].set_ylabel("dead fraction")
     figure.suptitle("dead units per layer")
-    figures["dead_fraction.png"] = figure
+    return figure
+
+
+def _activation_depth(groups: dict[str, list[Run]], scalars: dict[Path, Series], colours: dict[str, Any]):
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, members in groups.items():
         for axis, prefix in zip(axes, ("act_mean/", "act_std/")):
-            tags = sorted((tag for tag in scalars[id(members[0])] if tag.startswith(prefix)), key=_layer_index)
+            tags = sorted((tag for tag in scalars[members[0].path] if tag.startswith(prefix)), key=_layer_index)
             if not tags:
                 continue
             depth = [_layer_index(tag) for tag in tags]
             for moment, style in ((0, "--"), (-1, "-")):  # first probe (step 0) and last probe
-                values = [statistics.fmean(scalars[id(run)][tag][1][moment] for run in members
-                                           if tag in scalars[id(run)]) for tag in tags]
+                values = [statistics.fmean(scalars[run.path][tag][1][moment] for run in members
+                                           if tag in scalars[run.path]) for tag in tags]
                 label = f"{name} ({'start' if moment == 0 else 'end'})"
                 axis.plot(depth, values, style, marker="o", color=colours[name], label=label)
     for axis, title in zip(axes, ("activation mean by depth", "activation std by depth")):
@@ -324,13 +320,35 @@ def make_figures(runs: list[Run], out: Path) -> list[Path]:
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     axes[1].legend(fontsize="x-small")
-    figures["activation_depth.png"] = figure
+    return figure
 
+
+# One row per figure file: adding a figure is adding a row. Each draws from the groups of runs, their
+# scalar series (by run path) and one colour per group.
+FIGURES = {
+    "val_curves.png": _val_curves,
+    "test_accuracy.png": _test_accuracy,
+    "dead_fraction.png": _dead_fraction,
+    "activation_depth.png": _activation_depth,
+}
+SCALAR_PREFIXES = ("val/", "dead_fraction/act", "act_mean/", "act_std/")  # the series the figures read
+
+
+def make_figures(runs: list[Run], out: Path) -> list[Path]:
+    """The comparison figures as PNG files in `out`, also written to TensorBoard (out/figures)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     from torch.utils.tensorboard import SummaryWriter
 
+    groups = by_group(runs)
+    scalars = {run.path: read_scalars(run, SCALAR_PREFIXES) for run in runs}
+    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(groups)}
     written = []
     with SummaryWriter(str(out / "figures")) as writer:
-        for filename, figure in figures.items():
+        for filename, draw in FIGURES.items():
+            figure = draw(groups, scalars, colours)
             figure.tight_layout()
             figure.savefig(out / filename, dpi=100)
             writer.add_figure(f"compare/{filename.removesuffix('.png')}", figure, global_step=0, close=True)

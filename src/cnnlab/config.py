@@ -1,7 +1,8 @@
 """The schema of a run: typed dataclasses that the composed YAML config is checked against.
 
-The YAML files under configs/ hold the default values; these classes give each setting its type
-and say which values are valid. This module must not import torch: config errors answer fast.
+The YAML files under configs/ hold the default values; these classes give each setting its type,
+SCHEMAS says which class checks which option, and one checker per section says which values are
+valid. This module must not import torch: config errors answer fast.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from cnnlab.errors import UserError
 
+# The names of models.INITIALISERS, here so that validating a config needs no torch.
 INIT_SCHEMES = ("default", "kaiming", "xavier", "lecun", "orthogonal")
 
 
@@ -287,8 +289,17 @@ def _require(ok: bool, key: str, value: Any, what: str) -> None:
 
 
 def check_values(run: RunConfig) -> None:
-    """Range checks the types alone cannot express."""
-    d, m, a, o, s, t, p = run.dataset, run.model, run.activation, run.optimizer, run.scheduler, run.trainer, run.probes
+    """Range checks the types alone cannot express, one checker per section."""
+    _check_dataset(run.dataset)
+    _check_model(run.model)
+    _check_activation(run.activation)
+    _check_optimizer(run.optimizer)
+    _check_scheduler(run.scheduler, run.optimizer)
+    _check_trainer(run.trainer)
+    _check_probes(run.probes)
+
+
+def _check_dataset(d: DatasetConfig) -> None:
     _require(0 < d.val_fraction < 1, "dataset.val_fraction", d.val_fraction, "must be between 0 and 1 (exclusive)")
     if isinstance(d, ImageFolderConfig):
         _require(Path(d.path).expanduser().is_dir(), "dataset.path", d.path,
@@ -305,6 +316,8 @@ def check_values(run: RunConfig) -> None:
         _require(d.num_classes >= 2, "dataset.num_classes", d.num_classes, "must be at least 2")
         _require(d.noise >= 0, "dataset.noise", d.noise, "must be >= 0")
 
+
+def _check_model(m: ModelConfig) -> None:
     _require(m.init in INIT_SCHEMES, "model.init", m.init, f"valid choices are {', '.join(INIT_SCHEMES)}")
     _require(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
     if isinstance(m, MLPConfig):
@@ -314,6 +327,8 @@ def check_values(run: RunConfig) -> None:
         _require(all(c >= 1 for c in m.channels), "model.channels", list(m.channels), "every width must be at least 1")
         _require(m.fc_hidden >= 1, "model.fc_hidden", m.fc_hidden, "must be at least 1")
 
+
+def _check_activation(a: ActivationConfig) -> None:
     if isinstance(a, LeakyReLUConfig):
         _require(a.negative_slope >= 0, "activation.negative_slope", a.negative_slope, "must be >= 0")
     if isinstance(a, RReLUConfig):
@@ -325,6 +340,8 @@ def check_values(run: RunConfig) -> None:
     if isinstance(a, SoftplusConfig):
         _require(a.beta > 0, "activation.beta", a.beta, "must be > 0")
 
+
+def _check_optimizer(o: OptimizerConfig) -> None:
     _require(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
     _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
     if isinstance(o, (SGDConfig, RMSpropConfig)):
@@ -337,6 +354,8 @@ def check_values(run: RunConfig) -> None:
     if isinstance(o, RMSpropConfig):
         _require(0 <= o.alpha < 1, "optimizer.alpha", o.alpha, "must be in [0, 1)")
 
+
+def _check_scheduler(s: SchedulerConfig, o: OptimizerConfig) -> None:
     if isinstance(s, StepSchedulerConfig):
         _require(s.step_size >= 1, "scheduler.step_size", s.step_size, "must be at least 1 (epochs)")
         _require(0 < s.gamma <= 1, "scheduler.gamma", s.gamma, "must be in (0, 1]")
@@ -345,6 +364,8 @@ def check_values(run: RunConfig) -> None:
     if isinstance(s, OneCycleSchedulerConfig):
         _require(0 < s.pct_start < 1, "scheduler.pct_start", s.pct_start, "must be between 0 and 1 (exclusive)")
 
+
+def _check_trainer(t: TrainerConfig) -> None:
     _require(t.epochs >= 1, "trainer.epochs", t.epochs, "must be at least 1")
     _require(t.batch_size >= 1, "trainer.batch_size", t.batch_size, "must be at least 1")
     _require(t.eval_batch_size >= 1, "trainer.eval_batch_size", t.eval_batch_size, "must be at least 1")
@@ -358,6 +379,8 @@ def check_values(run: RunConfig) -> None:
     _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "trainer.device", t.device,
              "valid choices are auto, cpu, cuda, cuda:N")
 
+
+def _check_probes(p: ProbesConfig) -> None:
     _require(p.every >= 1, "probes.every", p.every, "must be at least 1 (optimizer steps)")
     _require(p.batch_size >= 2, "probes.batch_size", p.batch_size, "must be at least 2 (statistics over a batch)")
     _require(p.bins >= 2, "probes.bins", p.bins, "must be at least 2")

@@ -3,6 +3,7 @@
 torchvision reads (and downloads) MNIST, Fashion-MNIST, CIFAR-10 and folders of images. After that
 everything happens in bulk on the device: shuffling with randperm, augmentation, normalisation.
 Only image folders too large for `dataset.max_memory_mb` are streamed from disk by a DataLoader.
+LOADERS has one loader per dataset name; load_data turns what it loads into batches.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cnnlab.config import DatasetConfig, FakeDatasetConfig, ImageFolderConfig, TorchvisionDatasetConfig
-from cnnlab.errors import UserError
+from cnnlab.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -222,13 +223,14 @@ class _EpochIndices(torch.utils.data.Sampler):
 
 
 class StreamBatches:
-    """Batches decoded from files by DataLoader workers, then augmented and normalised on the device."""
+    """Batches decoded from files by DataLoader workers, then augmented and normalised on the device.
+    Training batches are shuffled, and augmented where the dataset's config asks for it."""
 
-    def __init__(self, files: FileSet, batch_size: int, normalise: Normalise, device: torch.device, *,
-                 num_workers: int, shuffle: bool = False, augment: bool = False, seed: int = 0):
-        self.files, self.device, self.normalise, self.augment = files, device, normalise, augment
-        self.batch_size, self.shuffle = batch_size, shuffle
-        self.drop_last = shuffle and len(files) >= batch_size
+    def __init__(self, files: FileSet, batch_size: int, normalise: Normalise, device: torch.device,
+                 cfg: ImageFolderConfig, *, training: bool = False, seed: int = 0):
+        self.files, self.device, self.normalise = files, device, normalise
+        self.batch_size, self.shuffle, self.augment = batch_size, training, training and cfg.augment
+        self.drop_last = training and len(files) >= batch_size
         self.generator = torch.Generator().manual_seed(seed)  # the order of the files
         self.augment_generator = torch.Generator(device=device).manual_seed(seed)
         self._epoch_start: Tensor | None = None
@@ -236,8 +238,8 @@ class StreamBatches:
         self.indices = _EpochIndices()
         self.loader = torch.utils.data.DataLoader(
             ImageFiles(files), batch_size=batch_size, sampler=self.indices, drop_last=self.drop_last,
-            num_workers=num_workers, collate_fn=_collate_readable, pin_memory=device.type == "cuda",
-            persistent_workers=num_workers > 0,
+            num_workers=cfg.num_workers, collate_fn=_collate_readable, pin_memory=device.type == "cuda",
+            persistent_workers=cfg.num_workers > 0,
         )
 
     def __len__(self) -> int:
@@ -272,7 +274,6 @@ class StreamBatches:
         """Like TensorBatches.sample, decoded from the files."""
         index = torch.randperm(len(self.files), generator=torch.Generator().manual_seed(seed))[:count]
         return self.normalise(_decode_all(self.files.subset(index)).images.to(self.device))
-
 
 
 Batches = Union[TensorBatches, StreamBatches]
@@ -311,10 +312,6 @@ def expected_files(dataset_class: type, root: Path) -> tuple[Path, list[str]]:
     return root / dataset_class.__name__ / "raw", names
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def load_torchvision(cfg: TorchvisionDatasetConfig) -> Splits:
     dataset_class = _torchvision_classes()[cfg.name]
     root = Path(cfg.root).expanduser()
@@ -326,7 +323,7 @@ def load_torchvision(cfg: TorchvisionDatasetConfig) -> Splits:
         files = ", ".join(names)
         if cfg.download:
             raise UserError(
-                f"Could not download {cfg.name} into {folder} (dataset.root={cfg.root!r}): {_one_line(error)}. "
+                f"Could not download {cfg.name} into {folder} (dataset.root={cfg.root!r}): {one_line(error)}. "
                 f"Without network access, copy the files ({files}) into {folder} yourself and set "
                 f"dataset.download=false, or point dataset.root at a folder that has them."
             ) from None
@@ -352,7 +349,7 @@ def _find_images(folder: Path, setting: str) -> tuple[list[tuple[str, int]], lis
         found = ImageFolder(str(folder))
     except FileNotFoundError as error:
         raise UserError(
-            f"{setting}: no images found in {folder}: {_one_line(error)} Expected one sub-folder per class "
+            f"{setting}: no images found in {folder}: {one_line(error)} Expected one sub-folder per class "
             f"holding image files ({', '.join(IMG_EXTENSIONS)})."
         ) from None
     return found.samples, found.classes
@@ -369,13 +366,13 @@ def _decode_all(files: FileSet, setting: str = "dataset.path") -> ImageSet:
         decoded = list(pool.map(decode, files.samples))
     failed = [(path, result) for (path, _), result in zip(files.samples, decoded) if isinstance(result, Exception)]
     if failed:
-        listed = "; ".join(f"{path}: {_one_line(error)}" for path, error in failed[:MAX_LISTED_FILES])
+        listed = "; ".join(f"{path}: {one_line(error)}" for path, error in failed[:MAX_LISTED_FILES])
         more = f" (and {len(failed) - MAX_LISTED_FILES} more)" if len(failed) > MAX_LISTED_FILES else ""
         log.warning("skipped %d unreadable image file(s): %s%s", len(failed), listed, more)
     kept = [(image, label) for image, (_, label) in zip(decoded, files.samples) if not isinstance(image, Exception)]
     if not kept:
         raise UserError(f"{setting}: none of the {len(files)} image files could be read (first: {failed[0][0]}: "
-                        f"{_one_line(failed[0][1])}). Point it at a folder of readable images.")
+                        f"{one_line(failed[0][1])}). Point it at a folder of readable images.")
     return ImageSet(torch.stack([image for image, _ in kept]), torch.tensor([label for _, label in kept]))
 
 
@@ -496,8 +493,7 @@ def load_data(cfg: DatasetConfig, batch_size: int, eval_batch_size: int, device:
                                  generator=generator if training else None)
     else:
         def batches(split, size, training=False):
-            return StreamBatches(split, size, normalise, device, num_workers=cfg.num_workers, shuffle=training,
-                                 augment=training and cfg.augment, seed=seed)
+            return StreamBatches(split, size, normalise, device, cfg, training=training, seed=seed)
 
     return Data(
         train=batches(train, batch_size, training=True),

@@ -1,66 +1,88 @@
-"""The MLP and the ConvNet, the table of activations, and the initialisation schemes."""
+"""The MLP and the ConvNet, built from two tables: ACTIVATIONS (one row per activation, all that is
+known about it) and INITIALISERS (one small function per initialisation scheme)."""
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import fields
-from typing import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Callable
 
-from torch import nn
+from torch import Tensor, nn
 
-from cnnlab.config import INIT_SCHEMES, ActivationConfig, ConvNetConfig, MLPConfig, ModelConfig
+from cnnlab.config import ActivationConfig, ConvNetConfig, MLPConfig, ModelConfig
 from cnnlab.errors import UserError
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "leaky_relu": nn.LeakyReLU,
-    "prelu": nn.PReLU,
-    "rrelu": nn.RReLU,
-    "elu": nn.ELU,
-    "selu": nn.SELU,
-    "celu": nn.CELU,
-    "gelu": nn.GELU,
-    "silu": nn.SiLU,
-    "mish": nn.Mish,
-    "softplus": nn.Softplus,
-    "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh,
-}
 
-# For `cnnlab activations`: formula, output range, settings, and when people reach for it.
-ACTIVATION_INFO: dict[str, tuple[str, str, str, str]] = {
-    "relu": ("max(0, x)", "[0, inf)", "-", "the default; cheap; units whose input stays negative die"),
-    "leaky_relu": ("x if x > 0 else a*x", "(-inf, inf)", "negative_slope a = 0.01", "ReLU that cannot die"),
-    "prelu": ("x if x > 0 else a*x, a learned", "(-inf, inf)", "per_channel, init a = 0.25",
-              "lets the network learn the leak (He et al. 2015)"),
-    "rrelu": ("x if x > 0 else a*x, a ~ U(l, u) in training", "(-inf, inf)", "lower = 1/8, upper = 1/3",
-              "leak as a regulariser; mean slope at evaluation"),
-    "elu": ("x if x > 0 else a*(exp(x) - 1)", "(-a, inf)", "alpha a = 1", "smooth, mean closer to 0 than ReLU"),
-    "selu": ("s*x if x > 0 else s*a*(exp(x) - 1)", "(-1.76, inf)", "fixed s = 1.0507, a = 1.6733",
-             "self-normalising MLPs with LeCun init, no BatchNorm"),
-    "celu": ("max(0, x) + min(0, a*(exp(x/a) - 1))", "(-a, inf)", "alpha a = 1", "ELU, continuously differentiable in a"),
-    "gelu": ("x * Phi(x)", "(-0.17, inf)", "approximate = none | tanh", "transformers; smooth ReLU"),
-    "silu": ("x * sigmoid(x)", "(-0.28, inf)", "-", "a.k.a. swish; smooth, non-monotonic"),
-    "mish": ("x * tanh(softplus(x))", "(-0.31, inf)", "-", "smooth, non-monotonic, close to SiLU"),
-    "softplus": ("log(1 + exp(b*x)) / b", "(0, inf)", "beta b = 1, threshold = 20", "a smooth ReLU that never dies"),
-    "sigmoid": ("1 / (1 + exp(-x))", "(0, 1)", "-", "outputs, gates; saturates, not zero-centred"),
-    "tanh": ("(exp(x) - exp(-x)) / (exp(x) + exp(-x))", "(-1, 1)", "-", "zero-centred sigmoid; saturates"),
+def _settings_as_kwargs(cfg: ActivationConfig, width: int) -> dict[str, Any]:
+    # The config's settings are named like the module's constructor arguments.
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "name"}
+
+
+def _relu_gain(cfg: ActivationConfig) -> tuple[str, float]:
+    # ReLU and its smooth relatives (ELU, CELU, GELU, SiLU, Mish, Softplus) are ReLU-like near the
+    # scale that matters for variance, so they get ReLU's gain.
+    return "relu", 0.0
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One row of ACTIVATIONS: its module class, how to build it, the gain for the weights before it,
+    how `cnnlab activations` describes it, and where it saturates."""
+
+    module: type[nn.Module]
+    # What `cnnlab activations` prints about it.
+    formula: str
+    output_range: str
+    settings: str  # with their defaults
+    typical_use: str
+    # The constructor's arguments for a layer of the given width (units or channels).
+    kwargs: Callable[[ActivationConfig, int], dict[str, Any]] = _settings_as_kwargs
+    # The (nonlinearity, slope) that torch.nn.init's gain formulas know for this activation.
+    gain: Callable[[ActivationConfig], tuple[str, float]] = _relu_gain
+    bounds: tuple[float, float] | None = None  # asymptotes of the output, where it saturates
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "relu": Activation(nn.ReLU, "max(0, x)", "[0, inf)", "-",
+                       "the default; cheap; units whose input stays negative die"),
+    "leaky_relu": Activation(nn.LeakyReLU, "x if x > 0 else a*x", "(-inf, inf)", "negative_slope a = 0.01",
+                             "ReLU that cannot die", gain=lambda cfg: ("leaky_relu", cfg.negative_slope)),
+    "prelu": Activation(nn.PReLU, "x if x > 0 else a*x, a learned", "(-inf, inf)", "per_channel, init a = 0.25",
+                        "lets the network learn the leak (He et al. 2015)",
+                        kwargs=lambda cfg, width: {"num_parameters": width if cfg.per_channel else 1, "init": cfg.init},
+                        gain=lambda cfg: ("leaky_relu", cfg.init)),
+    "rrelu": Activation(nn.RReLU, "x if x > 0 else a*x, a ~ U(l, u) in training", "(-inf, inf)",
+                        "lower = 1/8, upper = 1/3", "leak as a regulariser; mean slope at evaluation",
+                        gain=lambda cfg: ("leaky_relu", (cfg.lower + cfg.upper) / 2)),
+    "elu": Activation(nn.ELU, "x if x > 0 else a*(exp(x) - 1)", "(-a, inf)", "alpha a = 1",
+                      "smooth, mean closer to 0 than ReLU"),
+    # Self-normalising networks need unit-variance weights (LeCun), not a SELU-specific gain.
+    "selu": Activation(nn.SELU, "s*x if x > 0 else s*a*(exp(x) - 1)", "(-1.76, inf)", "fixed s = 1.0507, a = 1.6733",
+                       "self-normalising MLPs with LeCun init, no BatchNorm", gain=lambda cfg: ("linear", 0.0)),
+    "celu": Activation(nn.CELU, "max(0, x) + min(0, a*(exp(x/a) - 1))", "(-a, inf)", "alpha a = 1",
+                       "ELU, continuously differentiable in a"),
+    "gelu": Activation(nn.GELU, "x * Phi(x)", "(-0.17, inf)", "approximate = none | tanh", "transformers; smooth ReLU"),
+    "silu": Activation(nn.SiLU, "x * sigmoid(x)", "(-0.28, inf)", "-", "a.k.a. swish; smooth, non-monotonic"),
+    "mish": Activation(nn.Mish, "x * tanh(softplus(x))", "(-0.31, inf)", "-", "smooth, non-monotonic, close to SiLU"),
+    "softplus": Activation(nn.Softplus, "log(1 + exp(b*x)) / b", "(0, inf)", "beta b = 1, threshold = 20",
+                           "a smooth ReLU that never dies"),
+    "sigmoid": Activation(nn.Sigmoid, "1 / (1 + exp(-x))", "(0, 1)", "-", "outputs, gates; saturates, not zero-centred",
+                          gain=lambda cfg: ("sigmoid", 0.0), bounds=(0.0, 1.0)),
+    "tanh": Activation(nn.Tanh, "(exp(x) - exp(-x)) / (exp(x) + exp(-x))", "(-1, 1)", "-",
+                       "zero-centred sigmoid; saturates", gain=lambda cfg: ("tanh", 0.0), bounds=(-1.0, 1.0)),
 }
+# What the probes need to know about a module of the network.
+ACTIVATION_MODULES = tuple(row.module for row in ACTIVATIONS.values())
+BOUNDS_BY_MODULE = {row.module: row.bounds for row in ACTIVATIONS.values() if row.bounds}
 
 # Makes one fresh activation module for a layer of the given width (units or channels).
 ActivationFactory = Callable[[int], nn.Module]
 
 
 def activation_factory(cfg: ActivationConfig) -> ActivationFactory:
-    if cfg.name not in ACTIVATIONS:
-        raise UserError(f"Unknown activation '{cfg.name}'. Valid choices: {', '.join(ACTIVATIONS)}.")
-    if cfg.name == "prelu":
-        return lambda width: nn.PReLU(num_parameters=width if cfg.per_channel else 1, init=cfg.init)
-    module_class = ACTIVATIONS[cfg.name]
-    # The config's settings are named like the module's constructor arguments.
-    kwargs = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "name"}
-    return lambda width: module_class(**kwargs)
+    row = ACTIVATIONS[cfg.name]
+    return lambda width: row.module(**row.kwargs(cfg, width))
 
 
 def build_mlp(cfg: MLPConfig, make_activation: ActivationFactory, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
@@ -110,50 +132,48 @@ MODELS = {"mlp": build_mlp, "convnet": build_convnet}
 
 
 def build_model(cfg: ModelConfig, activation: ActivationConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
-    if cfg.name not in MODELS:
-        raise UserError(f"Unknown model '{cfg.name}'. Valid choices: {', '.join(MODELS)}.")
     model = MODELS[cfg.name](cfg, activation_factory(activation), input_shape, num_classes)
     initialise(model, cfg.init, activation)
     return model
 
 
-def gain_arguments(activation: ActivationConfig) -> tuple[str, float]:
-    """The (nonlinearity, slope) that torch.nn.init's gain formulas know for this activation."""
-    name = activation.name
-    if name == "leaky_relu":
-        return "leaky_relu", activation.negative_slope
-    if name == "prelu":
-        return "leaky_relu", activation.init
-    if name == "rrelu":
-        return "leaky_relu", (activation.lower + activation.upper) / 2
-    if name in ("sigmoid", "tanh"):
-        return name, 0.0
-    if name == "selu":
-        # Self-normalising networks need unit-variance weights (LeCun), not a SELU-specific gain.
-        return "linear", 0.0
-    # ReLU and its smooth relatives (ELU, CELU, GELU, SiLU, Mish, Softplus) are ReLU-like near the
-    # scale that matters for variance, so they get ReLU's gain.
-    return "relu", 0.0
+def _kaiming(weight: Tensor, nonlinearity: str, slope: float) -> None:
+    nn.init.kaiming_normal_(weight, a=slope, nonlinearity=nonlinearity)
+
+
+def _lecun(weight: Tensor, nonlinearity: str, slope: float) -> None:
+    nn.init.kaiming_normal_(weight, nonlinearity="linear")  # variance 1/fan_in whatever the activation
+
+
+def _xavier(weight: Tensor, nonlinearity: str, slope: float) -> None:
+    nn.init.xavier_uniform_(weight, gain=nn.init.calculate_gain(nonlinearity, slope))
+
+
+def _orthogonal(weight: Tensor, nonlinearity: str, slope: float) -> None:
+    nn.init.orthogonal_(weight, gain=nn.init.calculate_gain(nonlinearity, slope))
+
+
+# Each scheme draws a weight for the gain arguments of the activation that follows it; "default"
+# keeps PyTorch's own initialisation, biases included.
+INITIALISERS: dict[str, Callable[[Tensor, str, float], None] | None] = {
+    "default": None,
+    "kaiming": _kaiming,
+    "xavier": _xavier,
+    "lecun": _lecun,
+    "orthogonal": _orthogonal,
+}
 
 
 def initialise(model: nn.Module, scheme: str, activation: ActivationConfig) -> None:
     """Re-initialise every Linear/Conv weight; the classifier (last layer) gets the linear gain."""
-    if scheme not in INIT_SCHEMES:
-        raise UserError(f"Unknown model.init '{scheme}'. Valid choices: {', '.join(INIT_SCHEMES)}.")
-    if scheme == "default":
+    draw = INITIALISERS[scheme]
+    if draw is None:
         return
     weight_layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    hidden_gain = ACTIVATIONS[activation.name].gain(activation)
     for layer in weight_layers:
-        nonlinearity, slope = ("linear", 0.0) if layer is weight_layers[-1] else gain_arguments(activation)
-        gain = nn.init.calculate_gain(nonlinearity, slope)
-        if scheme == "kaiming":
-            nn.init.kaiming_normal_(layer.weight, a=slope, nonlinearity=nonlinearity)
-        elif scheme == "lecun":
-            nn.init.kaiming_normal_(layer.weight, nonlinearity="linear")
-        elif scheme == "xavier":
-            nn.init.xavier_uniform_(layer.weight, gain=gain)
-        elif scheme == "orthogonal":
-            nn.init.orthogonal_(layer.weight, gain=gain)
+        nonlinearity, slope = ("linear", 0.0) if layer is weight_layers[-1] else hidden_gain
+        draw(layer.weight, nonlinearity, slope)
         if layer.bias is not None:
             nn.init.zeros_(layer.bias)
 
@@ -170,8 +190,8 @@ def plot_activations(path) -> None:
     columns = 4
     rows = math.ceil(len(ACTIVATIONS) / columns)
     figure, grid = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
-    for axis, (name, module_class) in zip(grid.flat, ACTIVATIONS.items()):
-        module = module_class().eval()  # RReLU: its mean slope
+    for axis, (name, row) in zip(grid.flat, ACTIVATIONS.items()):
+        module = row.module().eval()  # RReLU: its mean slope
         y = module(x)
         (slope,) = torch.autograd.grad(y.sum(), x)
         axis.plot(x.detach(), y.detach(), label="f(x)")

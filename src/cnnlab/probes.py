@@ -15,13 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from cnnlab.config import ProbesConfig
-from cnnlab.models import ACTIVATIONS
+from cnnlab.models import ACTIVATION_MODULES, BOUNDS_BY_MODULE
 
 # An output within this distance of an asymptote counts as saturated: there the derivative of
 # sigmoid is below 0.0099 (4% of its peak) and that of tanh below 0.02 (2% of its peak).
 SATURATION_MARGIN = 0.01
-BOUNDED_ACTIVATIONS: dict[type[nn.Module], tuple[float, float]] = {nn.Sigmoid: (0.0, 1.0), nn.Tanh: (-1.0, 1.0)}
-ACTIVATION_TYPES = tuple(ACTIVATIONS.values())
 # histc counts in float32, which stops counting one by one past 2**24: histogram larger tensors in chunks.
 HISTC_CHUNK = 2**24
 
@@ -100,7 +98,7 @@ def activation_layers(model: nn.Module) -> list[Layer]:
             kind = "conv"
         elif isinstance(module, nn.Linear):
             kind = "fc"
-        elif isinstance(module, ACTIVATION_TYPES):
+        elif isinstance(module, ACTIVATION_MODULES):
             layers.append(Layer(f"act{len(layers) + 1:02d}_{kind}", module))
     return layers
 
@@ -116,10 +114,9 @@ def weight_layers(model: nn.Module) -> list[Layer]:
 # --- one probe: what is measured, as (kind, tag, device tensor) -----------------------------------
 @dataclass
 class Measurement:
-    kind: str  # "scalar", "histogram", or "dead" (dead-unit count of a layer)
+    kind: str  # "scalar" or "histogram" (see `histogram` for its layout)
     tag: str
     value: Tensor
-    units: int = 0  # for "dead": units in the layer
 
 
 @contextmanager
@@ -153,15 +150,17 @@ def side_effect_free(model: nn.Module, mode: str, device: torch.device) -> Itera
 class Probes:
     """Everything probed about one model: activations on a fixed batch, gradients, weights, updates."""
 
-    def __init__(self, model: nn.Module, probe_images: Tensor, cfg: ProbesConfig):
-        self.model, self.images, self.cfg = model, probe_images, cfg
+    def __init__(self, model: nn.Module, probe_images: Tensor, cfg: ProbesConfig, last_step: int):
+        self.model, self.images, self.cfg, self.last_step = model, probe_images, cfg, last_step
         self.activations = activation_layers(model)
         self.weights = weight_layers(model)
         self._pending: list[Measurement] = []
         self._weights_before: list[Tensor] = []
 
     def due(self, step: int) -> bool:
-        return step % self.cfg.every == 0
+        """Probe before any update (step 0), every probes.every steps, and after the last step, so
+        that a run always starts and ends with one."""
+        return step % self.cfg.every == 0 or step == self.last_step
 
     def before_update(self) -> None:
         """Between backward and the optimizer step: gradient norms (before any clipping), and a copy
@@ -183,14 +182,18 @@ class Probes:
         found, self._pending = self._pending, []
         names = {id(layer.module): layer.name for layer in self.activations}
         bins, histograms = self.cfg.bins, self.cfg.histograms
+        dead_counts: list[Tensor] = []  # per layer; "all" weights the layers by their units
+        units: list[int] = []
 
         def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             name, pre = names[id(module)], inputs[0]
             found.append(Measurement("scalar", f"act_mean/{name}", output.mean()))
             found.append(Measurement("scalar", f"act_std/{name}", output.std()))
             dead = dead_units(pre)
-            found.append(Measurement("dead", f"dead_fraction/{name}", dead.sum(), units=dead.numel()))
-            bounds = BOUNDED_ACTIVATIONS.get(type(module))
+            dead_counts.append(dead.sum())
+            units.append(dead.numel())
+            found.append(Measurement("scalar", f"dead_fraction/{name}", dead.float().mean()))
+            bounds = BOUNDS_BY_MODULE.get(type(module))
             if bounds is not None:
                 found.append(Measurement("scalar", f"saturation/{name}", saturation_fraction(output, *bounds)))
             if histograms:
@@ -201,6 +204,8 @@ class Probes:
         with side_effect_free(self.model, self.cfg.mode, device), \
                 forward_hooks([layer.module for layer in self.activations], record):
             self.model(self.images)
+        if units:
+            found.append(Measurement("scalar", "dead_fraction/all", torch.stack(dead_counts).sum() / sum(units)))
 
         for layer in self.activations:
             if isinstance(layer.module, nn.PReLU):

@@ -31,3 +31,21 @@ def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / METRICS_FILE).read_text())
+
+
+def read_metrics_or_none(run_dir: Path) -> dict[str, Any] | None:
+    """The run's metrics, or None while there are none to read (not written yet, or cut short)."""
+    try:
+        return read_metrics(run_dir)
+    except (OSError, ValueError):
+        return None
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """Where a run keeps the checkpoint it resumes from."""
+    return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """Where a run keeps the weights of its best validation epoch."""
+    return Path(run_dir) / CHECKPOINT_DIR / BEST_CHECKPOINT

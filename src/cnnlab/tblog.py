@@ -1,4 +1,5 @@
-"""What goes into TensorBoard beyond plain scalars: probe results, histograms, the chart layout."""
+"""What goes into TensorBoard beyond plain scalars: probe results, histograms, the chart layout,
+the HParams records. It writes what it is given and computes nothing."""
 
 from __future__ import annotations
 
@@ -37,30 +38,21 @@ def write_layout(writer: SummaryWriter) -> None:
 
 
 def write_probe(writer: SummaryWriter, step: int, measurements: list[Measurement]) -> dict[str, float]:
-    """Write one probe's results with a single transfer to the host; returns the dead fractions
-    per layer and over the whole network ("all")."""
+    """Write one probe's results with a single transfer to the host; returns its scalars by tag."""
     if not measurements:
         return {}
     values = torch.cat([m.value.detach().reshape(-1).double() for m in measurements]).tolist()
-    dead: dict[str, float] = {}
-    dead_units = total_units = 0
+    scalars: dict[str, float] = {}
     offset = 0
     for m in measurements:
         size = m.value.numel()
         chunk, offset = values[offset:offset + size], offset + size
         if m.kind == "scalar":
             writer.add_scalar(m.tag, chunk[0], step)
-        elif m.kind == "dead":
-            fraction = chunk[0] / m.units
-            writer.add_scalar(m.tag, fraction, step)
-            dead[m.tag.split("/", 1)[1]] = fraction
-            dead_units, total_units = dead_units + chunk[0], total_units + m.units
+            scalars[m.tag] = chunk[0]
         else:
             _write_histogram(writer, m.tag, chunk, step)
-    if total_units:
-        dead["all"] = dead_units / total_units
-        writer.add_scalar("dead_fraction/all", dead["all"], step)
-    return dead
+    return scalars
 
 
 def _write_histogram(writer: SummaryWriter, tag: str, values: list[float], step: int) -> None:

@@ -1,4 +1,9 @@
-"""The training loop: from a validated config to a finished run directory."""
+"""The training loop: `setup` builds a run's state, `train` runs it, one explicit loop.
+
+What a run is made of (model, optimizer, data, probes, logging window, counters) is one TrainState,
+built fresh or from a checkpoint by `setup`; `train_epoch` and `train_step` advance it. Writing and
+restoring checkpoints is checkpoint.py's, when to probe is probes.py's, TensorBoard is tblog.py's.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,15 +23,15 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.tensorboard import SummaryWriter
 
-from cnnlab.checkpoint import load_checkpoint, save_checkpoint
-from cnnlab.config import RunConfig, TrainerConfig
-from cnnlab.data import Batches, load_data
-from cnnlab.errors import UserError
+from cnnlab.checkpoint import load_resumable, restore, save_best, save_last
+from cnnlab.config import RunConfig
+from cnnlab.data import Batches, Data, load_data
+from cnnlab.errors import UserError, one_line
 from cnnlab.models import build_model
 from cnnlab.optim import build_optimizer, build_scheduler
 from cnnlab.probes import Probes, gradient_norm
 from cnnlab.progress import TrainingProgress, summary_table
-from cnnlab.rundir import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, write_metrics
+from cnnlab.rundir import write_metrics
 from cnnlab.tblog import write_hparams_end, write_hparams_start, write_layout, write_probe
 
 
@@ -118,52 +124,6 @@ def evaluate(model: nn.Module, batches: Batches, precision: Precision = FLOAT32)
     return loss_sum / count, correct / count
 
 
-def train_step(model: nn.Module, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer,
-               scheduler: LRScheduler | None, images: Tensor, labels: Tensor, grad_clip: float | None,
-               sums: RunningSums, probes: Probes | None = None,
-               skip_nonfinite: bool = False, precision: Precision = FLOAT32) -> tuple[Tensor | None, Tensor]:
-    """One optimizer step, with no host synchronisation unless skip_nonfinite.
-
-    Returns (gradient norm before clipping, or None when it was not computed; finite), where
-    `finite` is a device bool: the loss, and the gradient norm when computed, are finite. With
-    skip_nonfinite a step whose loss or gradients are not finite is not applied, which needs one
-    host sync per step. With `probes`, records the gradients before clipping and the weights around
-    the update."""
-    with precision.autocast():
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
-    optimizer.zero_grad(set_to_none=True)  # free the gradients' memory before the next backward
-    scaler = precision.scaler
-    if scaler is None:
-        loss.backward()
-    else:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # true gradients for clipping and probes
-    if probes is not None:
-        probes.before_update()
-    if grad_clip:
-        grad_norm = nn.utils.clip_grad_norm_(parameters, grad_clip)
-    else:
-        grad_norm = gradient_norm(parameters) if skip_nonfinite else None
-    finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss) & torch.isfinite(grad_norm)
-    if skip_nonfinite and not finite:
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.update()
-    else:
-        if scaler is None:
-            optimizer.step()
-        else:
-            scaler.step(optimizer)  # skips the step itself when the scaled gradients overflowed
-            scaler.update()
-        sums.add(loss, logits, labels)
-    if probes is not None:
-        probes.after_update()
-    if scheduler is not None:
-        scheduler.step()  # the schedule follows the steps, taken or skipped
-    return grad_norm, finite
-
-
 class Diverged(Exception):
     def __init__(self, step: int):
         super().__init__(f"the loss or the gradients became non-finite (NaN or inf) at step {step}")
@@ -229,8 +189,8 @@ class TrainingLog:
     transfer to the host each time. Throughput is timed between transfers, when the device has
     really finished the work."""
 
-    def __init__(self, writer: SummaryWriter, device: torch.device):
-        self.writer = writer
+    def __init__(self, device: torch.device, writer: SummaryWriter | None = None):
+        self.writer = writer  # opened by setup once the run is known to start or resume
         self.window = RunningSums(device)
         self.seconds, self.images = 0.0, 0  # training time and images over the whole run
         self.dead_fraction: dict[str, float] = {}  # of the latest probe
@@ -275,250 +235,264 @@ class TrainingLog:
         return loss, acc, speed
 
     def probe(self, step: int, probes: Probes) -> None:
-        self.dead_fraction = write_probe(self.writer, step, probes.measure())
+        scalars = write_probe(self.writer, step, probes.measure())
+        self.dead_fraction = {tag.split("/", 1)[1]: value for tag, value in scalars.items()
+                              if tag.startswith("dead_fraction/")}
 
 
-def train_epoch(model: nn.Module, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer,
-                scheduler: LRScheduler | None, batches: Batches, cfg: TrainerConfig, log: TrainingLog,
-                probes: Probes | None, progress: TrainingProgress, step: int, last_step: int,
-                checkpoint: Callable[[int, int], None] | None = None, first_batch: int = 0,
-                watch: NonfiniteWatch | None = None, stop: StopRequest | None = None,
-                precision: Precision = FLOAT32, step_model: nn.Module | None = None) -> int:
-    """One pass over the training batches: step, log, probe, checkpoint. Returns the step count
-    after it. Probes run every probes.every steps and at last_step, so a run always ends with one;
-    `checkpoint(step, batches done)` runs every trainer.checkpoint_every steps within the epoch.
-    first_batch > 0 continues an interrupted epoch. A non-finite loss raises Diverged (before any
-    checkpoint could keep it); a stop request ends the epoch early with a checkpoint. step_model is
-    the module the steps run (a compiled `model`); probes always look at `model` itself."""
-    step_model = step_model or model
-    log.start_epoch(keep_totals=first_batch > 0)
-    model.train()
-    lr, grad_norm = optimizer.param_groups[0]["lr"], None
-    for batch, (images, labels) in enumerate(batches, first_batch + 1):
-        probe_due = probes is not None and (probes.due(step + 1) or step + 1 == last_step)
-        lr = optimizer.param_groups[0]["lr"]
-        grad_norm, finite = train_step(step_model, parameters, optimizer, scheduler, images, labels, cfg.grad_clip,
-                                       log.window, probes if probe_due else None, cfg.on_nonfinite == "skip",
-                                       precision)
-        step += 1
-        if cfg.on_nonfinite == "skip" and not finite:
-            log.skipped += 1
-        elif watch is not None:
-            watch.update(step, finite)
-        if probe_due:
-            log.probe(step, probes)
-        progress.advance()
-        logged = step % cfg.log_every == 0
-        if logged and log.window.count:
-            progress.update(*log.flush(step, lr, grad_norm, parameters))
-        stopping = stop is not None and stop.signum is not None and batch < len(batches)
-        due = checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch < len(batches)
-        if watch is not None:
-            watch.check(now=logged or probe_due or due or stopping)
-        if (due or stopping) and checkpoint is not None:
-            checkpoint(step, batch)
-        if stopping:
-            raise Interrupted(stop.signum, step)
-    if log.window.count:  # the rest of the epoch: its last partial window
-        progress.update(*log.flush(step, lr, grad_norm, parameters))
-    return step
 
 
-def _differing_sections(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
-    """The sections in which a checkpoint's config differs from this run's."""
-    return [key for key in ("dataset", "model", "activation", "optimizer", "scheduler") if saved.get(key) != config.get(key)]
+@dataclass
+class TrainState:
+    """Everything a run is made of, built by `setup`; the loop functions read and advance it."""
+
+    run: RunConfig
+    config: dict[str, Any]  # the composed config, kept in checkpoints to check a resume against
+    run_dir: Path
+    device: torch.device
+    model: nn.Module  # the eager module: probes and checkpoints look at it
+    step_model: nn.Module  # what steps and evaluation run: `model`, or `model` compiled (same parameters)
+    parameters: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler | None
+    data: Data
+    probes: Probes | None
+    precision: Precision
+    log: TrainingLog
+    watch: NonfiniteWatch
+    metrics: dict[str, Any]  # what metrics.json says about the run
+    epoch: int = 1  # the epoch in progress
+    step: int = 0  # optimizer steps taken
+    batch: int = 0  # batches of this epoch done
+    started: float = field(default_factory=time.perf_counter)  # the run's clock, for metrics' seconds
 
 
-def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Console | None = None,
-          resume: bool = False) -> dict[str, Any]:
-    """Train, validate every epoch, test once at the end; everything lands in run_dir. With resume,
-    continue from run_dir/checkpoints/last.pt exactly where it was written."""
-    console = console or Console()
-    started = time.perf_counter()
-    run_dir = Path(run_dir)
-    last_path = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-    t = run.trainer
-    metrics: dict[str, Any] = {
+def new_metrics() -> dict[str, Any]:
+    return {
         "status": "running", "epochs": 0, "steps": 0,
         "train_loss": None, "train_acc": None, "val_loss": None, "val_acc": None,
         "test_loss": None, "test_acc": None, "best_val_acc": None, "best_epoch": None,
         "seconds": 0.0, "images_per_second": None,
         "device": None, "threads": None, "parameters": None, "dead_fraction": None, "skipped_steps": 0,
     }
+
+
+def setup(run: RunConfig, run_dir: Path, config: dict[str, Any], resume: bool = False,
+          metrics: dict[str, Any] | None = None) -> TrainState:
+    """Build a run's state: fresh, or with `resume` exactly as run_dir's last checkpoint left it.
+    A resume touches nothing in run_dir until the checkpoint has proved to fit this run."""
+    t = run.trainer
+    device = resolve_device(t.device)
+    saved = load_resumable(run_dir, config, device) if resume else None
+    seed_everything(t.seed, t.deterministic)
+    if t.threads is not None:
+        torch.set_num_threads(t.threads)
+    data = load_data(run.dataset, t.batch_size, t.eval_batch_size, device, t.seed)
+    model = build_model(run.model, run.activation, data.input_shape, data.num_classes).to(device)
+    if t.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last)
+        data.train.normalise.channels_last = True  # one Normalise serves every split
+    # Hooks added to a compiled module after its first call never fire, so steps run the compiled
+    # module while probes (and checkpoints) use the eager one, which shares its parameters.
+    step_model = torch.compile(model) if t.compile else model
+    parameters = list(model.parameters())
+    optimizer = build_optimizer(run.optimizer, parameters)
+    probes = None
+    if run.probes.enabled:
+        # The split seed, not the trainer seed: runs that differ by seed probe the same images.
+        probe_images = data.train.sample(run.probes.batch_size, seed=run.dataset.split_seed)
+        probes = Probes(model, probe_images, run.probes, last_step=t.epochs * len(data.train))
+    state = TrainState(
+        run=run, config=config, run_dir=Path(run_dir), device=device, model=model, step_model=step_model,
+        parameters=parameters, optimizer=optimizer,
+        scheduler=build_scheduler(run.scheduler, optimizer, len(data.train), t.epochs), data=data, probes=probes,
+        precision=Precision(t.amp, device), log=TrainingLog(device), watch=NonfiniteWatch(device),
+        metrics=new_metrics() if metrics is None else metrics)
+    if saved is not None:
+        restore(state, saved)
+    state.metrics.update(device=str(device), threads=torch.get_num_threads(),
+                         parameters=sum(p.numel() for p in parameters))
+    # purge_step: events a killed run wrote after its last checkpoint are dropped, so that
+    # TensorBoard has each step once.
+    state.log.writer = SummaryWriter(str(run_dir), flush_secs=10, purge_step=state.step + 1 if saved else None)
+    if saved is None:
+        write_layout(state.log.writer)
+        write_hparams_start(state.log.writer, run)
+        if probes is not None and probes.due(0):
+            state.log.probe(0, probes)  # before any update
+    return state
+
+
+def train_step(state: TrainState, images: Tensor, labels: Tensor, probe: bool = False) -> tuple[Tensor | None, Tensor]:
+    """One optimizer step, with no host synchronisation unless trainer.on_nonfinite=skip.
+
+    Returns (gradient norm before clipping, or None when it was not computed; finite), where
+    `finite` is a device bool: the loss, and the gradient norm when computed, are finite. With
+    on_nonfinite=skip a step whose loss or gradients are not finite is not applied, which needs one
+    host sync per step. With `probe`, the probes record the gradients before clipping and the
+    weights around the update."""
+    t, precision, optimizer = state.run.trainer, state.precision, state.optimizer
+    probes = state.probes if probe else None
+    skip_nonfinite = t.on_nonfinite == "skip"
+    with precision.autocast():
+        logits = state.step_model(images)
+        loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)  # free the gradients' memory before the next backward
+    scaler = precision.scaler
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # true gradients for clipping and probes
+    if probes is not None:
+        probes.before_update()
+    if t.grad_clip:
+        grad_norm = nn.utils.clip_grad_norm_(state.parameters, t.grad_clip)
+    else:
+        grad_norm = gradient_norm(state.parameters) if skip_nonfinite else None
+    finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss) & torch.isfinite(grad_norm)
+    if skip_nonfinite and not finite:
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+    else:
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)  # skips the step itself when the scaled gradients overflowed
+            scaler.update()
+        state.log.window.add(loss, logits, labels)
+    if probes is not None:
+        probes.after_update()
+    if state.scheduler is not None:
+        state.scheduler.step()  # the schedule follows the steps, taken or skipped
+    return grad_norm, finite
+
+
+def train_epoch(state: TrainState, progress: TrainingProgress, stop: StopRequest | None = None) -> None:
+    """The rest of epoch state.epoch (all of it, unless a resume starts mid-epoch): step, log,
+    probe, checkpoint every trainer.checkpoint_every steps. A non-finite loss raises Diverged
+    before any checkpoint could keep it; a stop request ends the epoch early with a checkpoint."""
+    t, log, batches, probes = state.run.trainer, state.log, state.data.train, state.probes
+    log.start_epoch(keep_totals=state.batch > 0)
+    state.model.train()
+    lr, grad_norm = state.optimizer.param_groups[0]["lr"], None
+    for images, labels in batches:
+        probe = probes is not None and probes.due(state.step + 1)
+        lr = state.optimizer.param_groups[0]["lr"]
+        grad_norm, finite = train_step(state, images, labels, probe)
+        state.step, state.batch = state.step + 1, state.batch + 1
+        if t.on_nonfinite == "skip" and not finite:
+            log.skipped += 1
+        else:
+            state.watch.update(state.step, finite)
+        if probe:
+            log.probe(state.step, probes)
+        progress.advance()
+        logged = state.step % t.log_every == 0
+        if logged and log.window.count:
+            progress.update(*log.flush(state.step, lr, grad_norm, state.parameters))
+        mid_epoch = state.batch < len(batches)
+        stopping = stop is not None and stop.signum is not None and mid_epoch
+        due = bool(t.checkpoint_every) and state.step % t.checkpoint_every == 0 and mid_epoch
+        state.watch.check(now=logged or probe or due or stopping)
+        if due or stopping:
+            save_last(state)
+        if stopping:
+            raise Interrupted(stop.signum, state.step)
+    if log.window.count:  # the rest of the epoch: its last partial window
+        progress.update(*log.flush(state.step, lr, grad_norm, state.parameters))
+
+
+def end_epoch(state: TrainState, progress: TrainingProgress) -> None:
+    """Validate, keep the best weights, checkpoint, and record the epoch in metrics.json."""
+    state.watch.check(now=True)  # never evaluate or checkpoint a diverged model
+    val_loss, val_acc = evaluate(state.step_model, state.data.val, state.precision)
+    writer, log, metrics = state.log.writer, state.log, state.metrics
+    writer.add_scalar("val/loss", val_loss, state.step)
+    writer.add_scalar("val/acc", val_acc, state.step)
+    writer.add_scalar("epoch", state.epoch, state.step)
+    metrics.update(
+        epochs=state.epoch, steps=state.step,
+        train_loss=log.epoch_loss / log.epoch_images if log.epoch_images else None,
+        train_acc=log.epoch_correct / log.epoch_images if log.epoch_images else None,
+        val_loss=val_loss, val_acc=val_acc, images_per_second=log.images / max(log.seconds, 1e-9),
+        seconds=round(time.perf_counter() - state.started, 3), dead_fraction=log.dead_fraction or None,
+        skipped_steps=log.skipped,
+    )
+    if metrics["best_val_acc"] is None or val_acc > metrics["best_val_acc"]:
+        metrics.update(best_val_acc=val_acc, best_epoch=state.epoch)
+        save_best(state, val_acc)
+    save_last(state)
+    write_metrics(state.run_dir, metrics)
+    progress.end_epoch(state.epoch, state.step, {
+        "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
+        "val_loss": val_loss, "val_acc": val_acc, "img/s": round(metrics["images_per_second"]),
+    })
+
+
+def test(state: TrainState) -> None:
+    """The test split, once, at the end (there is none for an image folder without test/)."""
+    if state.data.test is None:
+        return
+    test_loss, test_acc = evaluate(state.step_model, state.data.test, state.precision)
+    state.log.writer.add_scalar("test/loss", test_loss, state.step)
+    state.log.writer.add_scalar("test/acc", test_acc, state.step)
+    state.metrics.update(test_loss=test_loss, test_acc=test_acc)
+
+
+def ending(error: BaseException) -> dict[str, Any]:
+    """What metrics.json says about a run that `error` ended."""
+    if isinstance(error, Diverged):
+        status = {"status": "diverged", "diverged_step": error.step}
+    elif isinstance(error, (Interrupted, KeyboardInterrupt, SystemExit)):  # SystemExit: a launcher's own handler
+        status = {"status": "interrupted"}
+    else:
+        status = {"status": "failed"}
+    return {**status, "error": one_line(error)}
+
+
+def describe(state: TrainState, resumed: bool) -> str:
+    run, sizes = state.run, " / ".join(f"{count:,} {name}" for name, count in state.data.sizes.items() if count)
+    return (f"cnnlab: {run.model.name} + {run.activation.name} on {run.dataset.name} ({sizes}), "
+            f"{state.metrics['parameters']:,} parameters, {state.device}, run directory {state.run_dir}"
+            + (f"; resuming at epoch {state.epoch}, step {state.step}" if resumed else ""))
+
+
+def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Console | None = None,
+          resume: bool = False) -> dict[str, Any]:
+    """Train, validate every epoch, test once at the end; everything lands in run_dir. With resume,
+    continue from run_dir's last checkpoint exactly where it was written."""
+    console = console or Console()
+    started = time.perf_counter()
+    run_dir, metrics, state = Path(run_dir), new_metrics(), None
     if not resume:
         write_metrics(run_dir, metrics)
-    # A resume that fails before it has restored the run leaves the run's files as they were.
-    restored = not resume
-    writer = None
     try:
-        device = resolve_device(t.device)
-        state = load_checkpoint(last_path, map_location=device) if resume else None
-        if state is not None:
-            differs = _differing_sections(state.get("config") or {}, config)
-            if differs:
-                raise UserError(
-                    f"{last_path} was written by a different configuration ({', '.join(differs)} differ) and "
-                    f"cannot be resumed as this run; start a new run in another directory.")
-            metrics.update(state["metrics"], status="running")
-        metrics["device"] = str(device)
-        seed_everything(t.seed, t.deterministic)
-        if t.threads is not None:
-            torch.set_num_threads(t.threads)
-        metrics["threads"] = torch.get_num_threads()
-        data = load_data(run.dataset, t.batch_size, t.eval_batch_size, device, t.seed)
-        model = build_model(run.model, run.activation, data.input_shape, data.num_classes).to(device)
-        if t.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
-            model = model.to(memory_format=torch.channels_last)
-            data.train.normalise.channels_last = True  # one Normalise serves every split
-        precision = Precision(t.amp, device)
-        # Hooks added to a compiled module after its first call never fire, so steps run the compiled
-        # module while probes (and checkpoints) use the eager one, which shares its parameters.
-        step_model = torch.compile(model) if t.compile else model
-        parameters = list(model.parameters())
-        metrics["parameters"] = sum(p.numel() for p in parameters)
-        optimizer = build_optimizer(run.optimizer, parameters)
-        scheduler = build_scheduler(run.scheduler, optimizer, len(data.train), t.epochs)
-        probes = None
-        if run.probes.enabled:
-            # The split seed, not the trainer seed: runs that differ by seed probe the same images.
-            probe_images = data.train.sample(run.probes.batch_size, seed=run.dataset.split_seed)
-            probes = Probes(model, probe_images, run.probes)
-        if state is not None:  # nothing of the run is touched until the checkpoint has proved usable
-            check_restorable(state, last_path, model)
-            restored = True
-        # purge_step: events a killed run wrote after its last checkpoint are dropped, so that
-        # TensorBoard has each step once.
-        writer = SummaryWriter(str(run_dir), flush_secs=10, purge_step=state["step"] + 1 if state else None)
-        log = TrainingLog(writer, device)
-        step, epoch, first_batch = 0, 1, 0
-        if state is None:
-            write_layout(writer)
-            write_hparams_start(writer, run)
-            if probes is not None:
-                log.probe(step, probes)  # before any update
-        else:
-            step, epoch, first_batch = restore(state, last_path, model, optimizer, scheduler, data.train, log, device)
-            if precision.scaler is not None and state.get("scaler"):
-                precision.scaler.load_state_dict(state["scaler"])
-            if first_batch >= len(data.train):  # the checkpoint closed its epoch
-                epoch, first_batch = epoch + 1, 0
+        state = setup(run, run_dir, config, resume, metrics)
+        state.started = started  # setup's time (data loading) counts too
         write_metrics(run_dir, metrics)
-        sizes = " / ".join(f"{count:,} {name}" for name, count in data.sizes.items() if count)
-        console.print(
-            f"cnnlab: {run.model.name} + {run.activation.name} on {run.dataset.name} ({sizes}), "
-            f"{metrics['parameters']:,} parameters, {device}, run directory {run_dir}"
-            + (f"; resuming at epoch {epoch}, step {step}" if state is not None else ""),
-            highlight=False, markup=False, soft_wrap=True,
-        )
-
-        def checkpoint(epoch: int, step: int, batch: int) -> None:
-            writer.flush()  # every event up to this step is on disk before a checkpoint covers it
-            save_checkpoint(last_path, {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "epoch": epoch,
-                "step": step,
-                "batch": batch,  # batches of this epoch done
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "data": data.train.state_dict(),
-                },
-                "log": log.state_dict(),
-                "scaler": precision.scaler.state_dict() if precision.scaler is not None else None,
-                "metrics": dict(metrics, epochs=epoch - (batch < len(data.train)), steps=step),
-                "config": config,
-            })
-
-        watch = NonfiniteWatch(device)
-        with TrainingProgress(t.epochs, console) as progress, StopRequest() as stop:
-            for epoch in range(epoch, t.epochs + 1):
-                progress.start_epoch(epoch, len(data.train), completed=first_batch)
-                step = train_epoch(model, parameters, optimizer, scheduler, data.train, t, log, probes, progress, step,
-                                   last_step=t.epochs * len(data.train),
-                                   checkpoint=lambda step, batch: checkpoint(epoch, step, batch), first_batch=first_batch,
-                                   watch=watch, stop=stop, precision=precision, step_model=step_model)
-                first_batch = 0
-                watch.check(now=True)  # never evaluate or checkpoint a diverged model
-                val_loss, val_acc = evaluate(step_model, data.val, precision)
-                writer.add_scalar("val/loss", val_loss, step)
-                writer.add_scalar("val/acc", val_acc, step)
-                writer.add_scalar("epoch", epoch, step)
-                metrics.update(
-                    epochs=epoch, steps=step, train_loss=log.epoch_loss / log.epoch_images if log.epoch_images else None,
-                    train_acc=log.epoch_correct / log.epoch_images if log.epoch_images else None, val_loss=val_loss,
-                    val_acc=val_acc, images_per_second=log.images / max(log.seconds, 1e-9),
-                    seconds=round(time.perf_counter() - started, 3), dead_fraction=log.dead_fraction or None,
-                    skipped_steps=log.skipped,
-                )
-                if metrics["best_val_acc"] is None or val_acc > metrics["best_val_acc"]:
-                    metrics.update(best_val_acc=val_acc, best_epoch=epoch)
-                    save_checkpoint(run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT, {
-                        "model": model.state_dict(), "epoch": epoch, "step": step, "val_acc": val_acc, "config": config})
-                checkpoint(epoch, step, len(data.train))
-                write_metrics(run_dir, metrics)
-                progress.end_epoch(epoch, step, {
-                    "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
-                    "val_loss": val_loss, "val_acc": val_acc, "img/s": round(metrics["images_per_second"]),
-                })
-                if stop.signum is not None and epoch < t.epochs:  # asked to stop during this epoch's last step
-                    raise Interrupted(stop.signum, step)
-
-        if data.test is not None:
-            test_loss, test_acc = evaluate(step_model, data.test, precision)
-            writer.add_scalar("test/loss", test_loss, step)
-            writer.add_scalar("test/acc", test_acc, step)
-            metrics.update(test_loss=test_loss, test_acc=test_acc)
+        console.print(describe(state, resume), highlight=False, markup=False, soft_wrap=True)
+        epochs = run.trainer.epochs
+        with TrainingProgress(epochs, console) as progress, StopRequest() as stop:
+            while state.epoch <= epochs:
+                progress.start_epoch(state.epoch, len(state.data.train), completed=state.batch)
+                train_epoch(state, progress, stop)
+                end_epoch(state, progress)
+                if stop.signum is not None and state.epoch < epochs:  # asked to stop during the last step
+                    raise Interrupted(stop.signum, state.step)
+                state.epoch, state.batch = state.epoch + 1, 0
+        test(state)
         metrics["status"] = "completed"
     except BaseException as error:
-        if isinstance(error, Diverged):
-            metrics.update(status="diverged", diverged_step=error.step)
-        elif isinstance(error, (Interrupted, KeyboardInterrupt, SystemExit)):  # SystemExit: a launcher's own handler
-            metrics["status"] = "interrupted"
-        else:
-            metrics["status"] = "failed"
-        metrics["error"] = " ".join(str(error).split()) or type(error).__name__
+        metrics.update(ending(error))
         raise
     finally:
         metrics["seconds"] = round(time.perf_counter() - started, 3)
-        if restored:
+        if state is not None or not resume:  # a refused resume leaves the run's files as they were
             write_metrics(run_dir, metrics)
-        if writer is not None:
-            write_hparams_end(writer, metrics["status"])
-            writer.close()
+        if state is not None and state.log.writer is not None:
+            write_hparams_end(state.log.writer, metrics["status"])
+            state.log.writer.close()
     console.print(summary_table(metrics, str(run_dir)))
     return metrics
-
-
-def check_restorable(state: dict[str, Any], path: Path, model: nn.Module) -> None:
-    """Refuse a checkpoint that does not fit this run's model, before anything is changed."""
-    missing = [key for key in ("model", "optimizer", "scheduler", "epoch", "step", "batch", "rng", "log", "metrics")
-               if key not in state]
-    if missing:
-        raise UserError(f"{path} is not a complete cnnlab checkpoint (no {', '.join(missing)}); it cannot be resumed.")
-    expected = model.state_dict()
-    saved = state["model"]
-    wrong = sorted(set(expected) ^ set(saved)) or [k for k in expected if tuple(saved[k].shape) != tuple(expected[k].shape)]
-    if wrong:
-        raise UserError(f"{path} holds a different model than this run's ({', '.join(wrong[:4])} differ); "
-                        f"it cannot be resumed as this run.")
-
-
-def restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: LRScheduler | None, batches: Batches, log: TrainingLog, device: torch.device) -> tuple[int, int, int]:
-    """Put every piece of training state back as the checkpoint holds it; (step, epoch, batch)."""
-    try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        batch = state["batch"]
-        batches.load_state_dict(state["rng"]["data"], resume_at=batch if batch < len(batches) else 0)
-        log.load_state_dict(state["log"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as error:
-        raise UserError(f"{path} does not fit this run and cannot be resumed: {' '.join(str(error).split())[:300]}") from None
-    return state["step"], state["epoch"], batch

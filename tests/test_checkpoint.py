@@ -1,0 +1,86 @@
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cnnlab.checkpoint import load_checkpoint, load_resumable, save_checkpoint, save_last
+from cnnlab.errors import UserError
+from cnnlab.rundir import best_checkpoint, last_checkpoint
+from cnnlab.trainer import train_step
+from tests.helpers import TINY, compose_config
+
+# Dropout draws random numbers at every step: a restore must give the generators back too.
+DROPOUT = ("model.dropout=0.3", "trainer.epochs=2")
+
+
+def take_steps(state, batches, count):
+    """`count` training steps from the iterator `batches`, counted as train_epoch counts them."""
+    for _ in range(count):
+        images, labels = next(batches)
+        train_step(state, images, labels)
+        state.step, state.batch = state.step + 1, state.batch + 1
+
+
+def weights(state):
+    return {key: value.clone() for key, value in state.model.state_dict().items()}
+
+
+def test_a_restored_state_continues_exactly_as_the_saved_one_would(tiny_state):
+    state = tiny_state(*DROPOUT)
+    batches = iter(state.data.train)
+    take_steps(state, batches, 3)
+    save_last(state)
+    take_steps(state, batches, 2)  # the same epoch's order and dropout's draws, continued in memory
+    expected = weights(state)
+
+    resumed = tiny_state(*DROPOUT, resume=True)
+    assert (resumed.epoch, resumed.step, resumed.batch) == (1, 3, 3)
+    take_steps(resumed, iter(resumed.data.train), 2)
+    assert all(torch.equal(expected[key], value) for key, value in weights(resumed).items())
+
+
+def test_a_checkpoint_that_closed_its_epoch_resumes_at_the_start_of_the_next(tiny_state):
+    state = tiny_state(*DROPOUT)
+    take_steps(state, iter(state.data.train), len(state.data.train))
+    save_last(state)
+    assert load_checkpoint(last_checkpoint(state.run_dir))["metrics"]["epochs"] == 1
+
+    resumed = tiny_state(*DROPOUT, resume=True)
+    assert (resumed.epoch, resumed.step, resumed.batch) == (2, len(state.data.train), 0)
+
+
+def test_a_mid_epoch_checkpoint_counts_only_finished_epochs(tiny_state):
+    state = tiny_state()
+    take_steps(state, iter(state.data.train), 2)
+    save_last(state)
+    saved = load_checkpoint(last_checkpoint(state.run_dir))
+    assert (saved["epoch"], saved["step"], saved["batch"]) == (1, 2, 2)
+    assert saved["metrics"]["epochs"] == 0 and saved["metrics"]["steps"] == 2
+
+
+def test_an_incomplete_checkpoint_names_what_it_lacks(tmp_path):
+    save_checkpoint(last_checkpoint(tmp_path), {"model": {}, "epoch": 1, "step": 3, "val_acc": 0.5, "config": {}})
+    with pytest.raises(UserError, match="not a complete cnnlab checkpoint .*optimizer"):
+        load_resumable(tmp_path, {}, torch.device("cpu"))
+
+
+def test_a_checkpoint_of_another_configuration_names_the_sections_that_differ(tiny_state):
+    state = tiny_state()
+    save_last(state)
+    other = OmegaConf.to_container(compose_config(*TINY, "activation=elu", "optimizer.lr=0.5"))
+    with pytest.raises(UserError, match=r"\(activation, optimizer differ\)"):
+        load_resumable(state.run_dir, other, torch.device("cpu"))
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused_before_anything_changes(tiny_state):
+    state = tiny_state()
+    save_last(state)
+    saved = load_checkpoint(last_checkpoint(state.run_dir))
+    saved["model"]["fc1.weight"] = torch.zeros(3, 3)
+    save_checkpoint(last_checkpoint(state.run_dir), saved)
+    with pytest.raises(UserError, match="different model .*fc1.weight"):
+        tiny_state(resume=True)
+
+
+def test_best_and_last_live_in_the_run_directorys_checkpoints_folder(tmp_path):
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoints" / "last.pt"
+    assert best_checkpoint(tmp_path) == tmp_path / "checkpoints" / "best.pt"
