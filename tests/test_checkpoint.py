@@ -63,12 +63,22 @@ def test_an_incomplete_checkpoint_names_what_it_lacks(tmp_path):
         load_resumable(tmp_path, {}, torch.device("cpu"))
 
 
-def test_a_checkpoint_of_another_configuration_names_the_sections_that_differ(tiny_state):
+def test_a_checkpoint_of_another_configuration_names_every_setting_that_differs(tiny_state):
     state = tiny_state()
     save_last(state)
-    other = OmegaConf.to_container(compose_config(*TINY, "activation=elu", "optimizer.lr=0.5"))
-    with pytest.raises(UserError, match=r"\(activation, optimizer differ\)"):
+    other = OmegaConf.to_container(compose_config(*TINY, "activation=elu", "optimizer.lr=0.5", "trainer.seed=1",
+                                                  "trainer.batch_size=64", "trainer.grad_clip=1"))
+    with pytest.raises(UserError, match=r"\(activation.alpha, activation.name, optimizer.lr, trainer.batch_size, "
+                                        r"trainer.grad_clip, trainer.seed differ\)"):
         load_resumable(state.run_dir, other, torch.device("cpu"))
+
+
+def test_the_settings_a_resume_may_change_do_not_count_as_another_configuration(tiny_state):
+    state = tiny_state()
+    save_last(state)
+    longer = OmegaConf.to_container(compose_config(*TINY, "trainer.epochs=5", "trainer.log_every=7",
+                                                   "trainer.checkpoint_every=3", "trainer.threads=1"))
+    assert load_resumable(state.run_dir, longer, torch.device("cpu"))["step"] == 0
 
 
 def test_a_checkpoint_of_another_model_shape_is_refused_before_anything_changes(tiny_state):

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from cnnlab import cli
 from cnnlab.checkpoint import load_checkpoint
-from tests.helpers import TINY, TINY_MLP, TINY_TRAINER, not_blank, read_scalars, write_mnist
+from tests.helpers import TINY, TINY_MLP, TINY_TRAINER, not_blank, read_scalars, write_image_folder, write_mnist
 
 
 def cnnlab(*args: str, cwd: Path, importtime: bool = False) -> subprocess.CompletedProcess:
@@ -17,6 +18,22 @@ def cnnlab(*args: str, cwd: Path, importtime: bool = False) -> subprocess.Comple
     env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}  # keep errors short
     return subprocess.run([sys.executable, *flags, "-m", "cnnlab", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env=env)
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch, tmp_path):
+    """`cnnlab ARGS` in this process, in tmp_path: (exit code, stdout, stderr), never a traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as exit:
+            cli.main(list(args))
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err
+        return exit.value.code, out, err
+
+    return run
 
 
 def imported_torch(result: subprocess.CompletedProcess) -> bool:
@@ -133,3 +150,127 @@ def test_activations_command_lists_every_activation_and_plots_them(tmp_path):
     for name in ACTIVATIONS:
         assert name in result.stdout
     assert not_blank(tmp_path / "acts.png")
+
+
+# A shared experiment file (`--config-dir mine experiment=shared`) that would run code through
+# Hydra before any job starts: the code would delete `victim` or create `marker`.
+CODE_IN_CONFIGS = {
+    "callback": ("hydra.callbacks.x", """
+hydra:
+  callbacks:
+    x: {_target_: pathlib.Path.unlink, self: VICTIM}
+"""),
+    "logging_factory": ("hydra.job_logging.formatters.x.()", """
+hydra:
+  job_logging:
+    formatters:
+      x: {"()": pathlib.Path.touch, self: MARKER}
+"""),
+    "logging_class": ("hydra.hydra_logging.handlers.x.class", """
+hydra:
+  hydra_logging:
+    handlers:
+      x: {class: pathlib.Path.touch, self: MARKER}
+"""),
+    "launcher": ("hydra.launcher._target_", """
+hydra:
+  launcher:
+    _target_: pathlib.Path.touch
+"""),
+    "interpolated_factory": ("hydra.job_logging.formatters.x.()", """
+hydra:
+  job_logging:
+    formatters:
+      x: "${oc.create:'{\\"()\\": pathlib.Path.touch, self: MARKER}'}"
+"""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CODE_IN_CONFIGS))
+@pytest.mark.parametrize("multirun", [False, True])
+def test_a_config_that_would_run_code_is_refused_before_anything_runs(run_cli, tmp_path, case, multirun):
+    key, text = CODE_IN_CONFIGS[case]
+    victim, marker = tmp_path / "victim", tmp_path / "marker"
+    victim.write_text("keep me")
+    (tmp_path / "mine" / "experiment").mkdir(parents=True)
+    (tmp_path / "mine" / "experiment" / "shared.yaml").write_text(
+        "# @package _global_" + text.replace("VICTIM", str(victim)).replace("MARKER", str(marker)))
+    mode, where = (["-m"], ["activation=relu,elu", "hydra.sweep.dir=sweep"]) if multirun else ([], ["hydra.run.dir=run"])
+    code, _, err = run_cli("train", *mode, "--config-dir", "mine", "experiment=shared", *TINY, *where)
+    assert code == 2 and key in err and "nothing has run" in err, err
+    assert victim.read_text() == "keep me" and not marker.exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_code_in_any_job_of_a_sweep_or_in_an_override_is_refused(run_cli, tmp_path):
+    (tmp_path / "mine" / "activation").mkdir(parents=True)
+    (tmp_path / "mine" / "activation" / "custom.yaml").write_text("name: relu\n_target_: pathlib.Path.touch\n")
+    code, _, err = run_cli("train", "-m", "--config-dir", "mine", "activation=relu,elu,custom", *TINY,
+                           "hydra.sweep.dir=sweep")
+    assert code == 2 and "activation._target_" in err and "activation=custom" in err
+    assert not (tmp_path / "sweep").exists()  # not even the first job ran
+    code, _, err = run_cli("train", "+hydra.callbacks.x._target_=pathlib.Path.touch", *TINY)
+    assert code == 2 and "hydra.callbacks.x._target_" in err
+    code, _, err = run_cli("train", "-m", "+extra={a:1},{_target_:pathlib.Path.touch}", *TINY, "hydra.sweep.dir=sweep")
+    assert code == 2 and "extra._target_" in err and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "submitit_slurm"])
+def test_hydras_own_launchers_pass_the_check(launcher):
+    cli.check_config_before_hydra(["-m", f"hydra/launcher={launcher}", "activation=relu,elu"])
+
+
+def test_every_named_experiment_passes_the_check():
+    for experiment in sorted(path.stem for path in (cli.config_dir() / "experiment").glob("*.yaml")):
+        cli.check_config_before_hydra(["-m", f"experiment={experiment}", "trainer.seed=0,1"])
+
+
+def test_a_config_file_that_is_not_valid_yaml_is_named(run_cli, tmp_path):
+    (tmp_path / "mine" / "experiment").mkdir(parents=True)
+    broken = tmp_path / "mine" / "experiment" / "broken.yaml"
+    broken.write_text("# @package _global_\ntrainer:\n  epochs: [1, 2\n")
+    for mode, where in (["--cfg", "job"], []), ([], ["hydra.run.dir=run"]), (["-m"], ["trainer.seed=0,1"]):
+        code, _, err = run_cli("train", *mode, "--config-dir", "mine", "experiment=broken", *where)
+        assert code == 2 and f"{broken} is not valid YAML" in err and "line 4" in err, err
+
+
+def test_a_sweep_that_lists_a_value_twice_is_refused(run_cli, tmp_path):
+    code, _, err = run_cli("train", "-m", "trainer.seed=0,0", *TINY, "hydra.sweep.dir=sweep")
+    assert code == 2 and "trainer.seed=0,0 lists 0 more than once" in err
+    code, _, err = run_cli("train", "-m", "activation=relu,elu", *TINY, "hydra.sweep.dir=sweep",
+                           "hydra.job.config.override_dirname.exclude_keys=[activation]")
+    assert code == 2 and "activation" in err and "share folders" in err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_sweep_over_paths_gets_one_flat_folder_per_job(run_cli, tmp_path):
+    for name in ("a", "b"):
+        write_image_folder(tmp_path / "data" / name, per_class=6, size=8)
+    paths = [str(tmp_path / "data" / name) for name in ("a", "b")]  # values with slashes
+    code, _, err = run_cli("train", "-m", "dataset=imagefolder", f"dataset.path={','.join(paths)}",
+                           "dataset.image_size=8", *TINY_MLP, *TINY_TRAINER, "trainer.batch_size=4",
+                           "probes.batch_size=4", "hydra.sweep.dir=sweep")
+    assert code == 0, err
+    jobs = sorted(path for path in (tmp_path / "sweep").iterdir() if path.is_dir())
+    assert len(jobs) == 2 and all(job.name.startswith("dataset.path=") for job in jobs)
+    assert all(json.loads((job / "metrics.json").read_text())["status"] == "completed" for job in jobs)
+    summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
+    assert sorted(row["name"] for row in summary["runs"]) == [f"dataset.path={path}" for path in paths]
+
+
+def test_job_folder_names_are_single_safe_bounded_and_unique():
+    assert cli._job_dir("activation=elu,trainer.seed=1", 3) == "activation=elu,trainer.seed=1"  # unchanged
+    assert cli._job_dir("", 3) == "job3"
+    names = ["dataset.path=/a/b", "dataset.path=/a_b", "dataset.path=_a_b", ".hidden=1", "x=" + "é" * 200,
+             "x=" + "é" * 199 + "e", "x=line\nbreak", "x=" + "a" * 300, "x=" + "a" * 299]
+    folders = [cli._job_dir(name, 0) for name in names]
+    assert len(set(folders)) == len(names)
+    for folder in folders:
+        assert "/" not in folder and "\n" not in folder and not folder.startswith(".")
+        assert len(folder.encode()) <= cli.JOB_DIR_BYTES
+    assert folders[0].startswith("dataset.path=_a_b-") and folders[2] == "dataset.path=_a_b"
+
+
+def test_shared_overrides_are_left_out_of_job_names_whatever_their_prefix():
+    args = cli.name_jobs_by_swept_overrides(["-m", "activation=relu,elu", "+preset=selu_lecun", "dataset.root=/d"])
+    assert args[-1] == "hydra.job.config.override_dirname.exclude_keys=['preset','dataset.root']"

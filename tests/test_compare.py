@@ -101,3 +101,52 @@ def test_compare_accepts_globs_of_run_directories(sweep, tmp_path):
     assert [r.name for r in runs] == ["trainer.seed=0", "trainer.seed=1"]
     with pytest.raises(UserError, match="No run directories"):
         find_runs([str(tmp_path)])
+
+
+def write_run(path: Path, overrides="- activation=relu\n", metrics='{"status": "completed", "val_acc": 0.5}') -> Path:
+    """A run directory as a run leaves it, without training: .hydra/overrides.yaml and metrics.json."""
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "overrides.yaml").write_text(overrides)
+    (path / "metrics.json").write_text(metrics)
+    return path
+
+
+@pytest.mark.parametrize("file, text, problem", [
+    ("metrics.json", "[1, 2]", "holds a JSON list"),
+    ("metrics.json", '"done"', "holds a JSON str"),
+    ("metrics.json", '{"status": "compl', "cannot be read"),
+    ("overrides.yaml", "- a=1\n  - b: [", "cannot be read"),
+    ("overrides.yaml", "activation: relu\n", "holds a dict"),
+])
+def test_a_run_with_malformed_files_is_skipped_with_a_warning_naming_the_file(tmp_path, file, text, problem):
+    write_run(tmp_path / "sweep" / "good")
+    bad = write_run(tmp_path / "sweep" / "bad", overrides="- activation=elu\n")
+    (bad / ".hydra" / file if file == "overrides.yaml" else bad / file).write_text(text)
+    warnings = []
+    runs = find_runs([str(tmp_path / "sweep")], warn=warnings.append)
+    assert [run.path.name for run in runs] == ["good"]
+    (warning,) = warnings
+    assert f"{bad.name}" in warning and file in warning and problem in warning
+
+
+def test_compare_refuses_runs_it_cannot_read_and_an_out_that_is_a_file(tmp_path, capsys, monkeypatch):
+    from cnnlab import cli
+
+    monkeypatch.chdir(tmp_path)
+
+    def compare(*args):
+        with pytest.raises(SystemExit) as exit:
+            cli.main(["compare", *args])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err
+        return exit.value.code, err
+
+    write_run(tmp_path / "broken" / "a", metrics="[]")
+    code, err = compare("broken")
+    assert code == 2 and "No readable run" in err and "metrics.json holds a JSON list" in err
+
+    write_run(tmp_path / "sweep" / "a")
+    (tmp_path / "taken").write_text("a file")
+    code, err = compare("sweep", "--out", "taken")
+    assert code == 2 and "--out='taken'" in err and "is a file, not a folder" in err
+    assert (tmp_path / "taken").read_text() == "a file" and not (tmp_path / "sweep" / "summary.csv").exists()

@@ -4,7 +4,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cnnlab.cli import config_dir
-from cnnlab.config import SCHEMAS, ImageFolderConfig, MLPConfig, RunConfig, validate
+from cnnlab.config import MAX_SEED, SCHEMAS, ImageFolderConfig, MLPConfig, RunConfig, check_values, validate
 from cnnlab.errors import UserError
 from tests.helpers import compose_config
 
@@ -93,6 +93,19 @@ def test_overrides_arrive_typed():
         (["+model.width=3"], "model.width"),
         (["+foo=1"], "foo"),
         (["activation.name=swish"], "activation"),
+        (["trainer.seed=18446744073709551616"], "trainer.seed"),  # 2**64: torch refuses it
+        (["trainer.seed=-1"], "trainer.seed"),
+        (["dataset.split_seed=18446744073709551616"], "dataset.split_seed"),
+        (["model.hidden=[[1,2]]"], "model.hidden"),
+        (["optimizer=adam", "optimizer.betas=[0.9,[0.99]]"], "optimizer.betas"),
+        (["model=convnet", "model.channels=[4,{a:1}]"], "model.channels"),
+        (["optimizer.lr=inf"], "optimizer.lr"),
+        (["optimizer.lr=nan"], "optimizer.lr"),
+        (["trainer.grad_clip=inf"], "trainer.grad_clip"),
+        (["optimizer=adam", "optimizer.betas=[0.9,nan]"], "optimizer.betas"),
+        (["model=convnet", "model.channels=[8,8,8,8,8,8]"], "model.channels"),  # on MNIST's 28x28 images
+        (["model=convnet", "dataset=cifar10", "model.channels=[4,4,4,4,4,4]"], "model.channels"),  # 32x32
+        (["model=convnet", "dataset=fake", "dataset.image_size=1", "model.channels=[4]"], "dataset.image_size"),
     ],
 )
 def test_impossible_values_are_user_errors_that_name_the_setting(overrides, names):
@@ -144,3 +157,65 @@ def test_validation_needs_no_torch():
 def test_composed_config_is_plain_yaml_without_class_paths():
     text = OmegaConf.to_yaml(compose_config("model=convnet", "activation=prelu", "optimizer=sgd", "scheduler=cosine"))
     assert "_target_" not in text
+
+
+def test_seeds_may_be_anything_torch_accepts_and_nothing_else():
+    import torch
+
+    torch.Generator().manual_seed(MAX_SEED)  # the largest seed torch takes...
+    with pytest.raises(ValueError):
+        torch.Generator().manual_seed(MAX_SEED + 1)  # ...and the one it does not
+    run = validate(compose_config(f"trainer.seed={MAX_SEED}", f"dataset.split_seed={MAX_SEED}", "trainer.epochs=1"))
+    assert run.trainer.seed == run.dataset.split_seed == MAX_SEED
+    with pytest.raises(UserError, match=r"trainer\.seed.*\[0, 2\*\*64 - 1\]"):
+        validate(compose_config(f"trainer.seed={MAX_SEED + 1}"))
+
+
+def test_every_float_setting_refuses_non_finite_values():
+    """Range checks alone would let `inf` through (inf > 0); every float of every option is refused."""
+    import typing
+    from dataclasses import fields
+
+    checked = 0
+    for group, schemas in SCHEMAS.items():
+        for option, schema in schemas.items():
+            hints = typing.get_type_hints(schema)
+            for f in fields(schema):
+                if hints[f.name] not in (float, typing.Optional[float]):
+                    continue
+                extra = [f"dataset.path={Path.cwd()}"] if option == "imagefolder" else []
+                with pytest.raises(UserError, match=rf"{group}\.{f.name}=inf: .*finite"):
+                    validate(compose_config(f"{group}={option}", *extra, f"{group}.{f.name}=inf"))
+                checked += 1
+    assert checked >= 15
+
+
+def test_a_convnet_is_refused_exactly_when_it_would_halve_the_images_to_nothing():
+    """The config's check agrees with the model builder's for every image size and depth."""
+    from torch import nn
+
+    from cnnlab.models import build_convnet
+
+    run = validate(compose_config("dataset=fake", "model=convnet"))
+    for size in range(1, 40):
+        for blocks in range(1, 7):
+            run.dataset.image_size, run.model.channels = size, [2] * blocks
+            try:
+                build_convnet(run.model, lambda width: nn.ReLU(), (1, size, size), 10)
+                builds = True
+            except UserError:
+                builds = False
+            try:
+                check_values(run)
+                valid = True
+            except UserError as error:
+                assert "model.channels" in str(error) and "dataset.image_size" in str(error)
+                valid = False
+            assert valid == builds, (size, blocks)
+
+
+def test_the_torchvision_datasets_known_image_sizes_bound_the_convnet():
+    validate(compose_config("model=convnet", "model.channels=[4,4,4,4]"))  # 28 -> 1
+    with pytest.raises(UserError, match=r"28x28 images of dataset mnist.*at most 4 blocks"):
+        validate(compose_config("model=convnet", "model.channels=[4,4,4,4,4]"))
+    validate(compose_config("model=convnet", "dataset=cifar10", "model.channels=[4,4,4,4,4]"))  # 32 -> 1

@@ -1,13 +1,14 @@
 import logging
 from urllib.error import URLError
 
-import numpy as np
 import pytest
 import torch
 
+from cnnlab import data as data_module
+from cnnlab.checkpoint import save_last
 from cnnlab.config import validate
 from cnnlab.data import (
-    FileSet,
+    ImageFiles,
     ImageSet,
     StreamBatches,
     TensorBatches,
@@ -17,7 +18,8 @@ from cnnlab.data import (
     random_crop_flip,
 )
 from cnnlab.errors import UserError
-from tests.helpers import CIFAR_CLASSES, compose_config, write_cifar10, write_image_folder, write_mnist
+from cnnlab.trainer import train_step
+from tests.helpers import CIFAR_CLASSES, compose_config, write_cifar10, write_idx, write_image_folder, write_mnist
 
 CPU = torch.device("cpu")
 
@@ -267,3 +269,160 @@ def test_val_fraction_that_leaves_nothing_is_a_user_error():
     cfg = dataset_config("dataset=fake", "dataset.train_size=4", "dataset.val_fraction=0.05")
     with pytest.raises(UserError, match="val_fraction"):
         load_data(cfg, 2, 2, CPU, seed=0)
+
+
+# --- streamed image folders: exact resume, no draws from torch's global generator -------------------
+def streamed_pets(tmp_path, *overrides):
+    """A streamed (max_memory_mb=0), augmented folder of 20 8x8 images: 2 validate, 18 train."""
+    root = write_image_folder(tmp_path / "pets", per_class=10, size=8)
+    return ["dataset=imagefolder", f"dataset.path={root}", "dataset.image_size=8", "dataset.max_memory_mb=0",
+            "dataset.augment=true", *overrides]
+
+
+def take_steps(state, batches, count):
+    for _ in range(count):
+        images, labels = next(batches)
+        train_step(state, images, labels)
+        state.step, state.batch = state.step + 1, state.batch + 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_streamed_epoch_resumed_mid_way_ends_with_the_same_weights(tmp_path, tiny_state, workers):
+    # Dropout draws from torch's global generator, which the checkpoint restores: streaming must not draw from it.
+    data, run = streamed_pets(tmp_path, f"dataset.num_workers={workers}"), ("model.dropout=0.3", "trainer.batch_size=4")
+    state = tiny_state(*run, data=data)
+    batches = iter(state.data.train)
+    take_steps(state, batches, 2)
+    save_last(state)
+    take_steps(state, batches, 2)  # the rest of the epoch, in memory
+    expected = state.model.state_dict()
+
+    resumed = tiny_state(*run, data=data, resume=True)
+    take_steps(resumed, iter(resumed.data.train), 2)
+    assert all(torch.equal(expected[key], value) for key, value in resumed.model.state_dict().items())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_draws_nothing_from_torchs_global_generator(tmp_path, workers):
+    data = load_data(dataset_config(*streamed_pets(tmp_path, f"dataset.num_workers={workers}")), 4, 4, CPU, seed=0)
+    before = torch.get_rng_state()
+    for batches in (data.train, data.val, data.train):  # twice: persistent workers start on the first pass only
+        assert len(list(batches)) == len(batches)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_stream_workers_are_seeded_by_the_trainer_seed_alone(tmp_path, monkeypatch):
+    # Decoding draws no random numbers today; should a worker ever draw, a resumed run's workers start
+    # from the same seeds as the interrupted run's. Here each item's label is its worker's seed.
+    def worker_seed(self, index):
+        return torch.zeros(3, 8, 8, dtype=torch.uint8), torch.utils.data.get_worker_info().seed
+
+    cfg = dataset_config(*streamed_pets(tmp_path, "dataset.num_workers=2"))
+    monkeypatch.setattr(ImageFiles, "__getitem__", worker_seed)
+    fresh = load_data(cfg, 4, 4, CPU, seed=0).train
+    first_pass = {y for _, labels in fresh for y in labels.tolist()}
+    torch.manual_seed(1234)  # the global generator has moved on, as it has in a resumed run
+    resumed = load_data(cfg, 4, 4, CPU, seed=0).train
+    resumed.load_state_dict(fresh.state_dict(), resume_at=1)
+    assert len(first_pass) == 2 and {y for _, labels in resumed for y in labels.tolist()} == first_pass
+
+
+# --- symbolic links in image folders ---------------------------------------------------------------
+@pytest.mark.parametrize("target", ["..", "/", "outside"])
+def test_linked_folders_inside_a_class_folder_are_not_followed(tmp_path, caplog, target):
+    # `cat/link -> ..` once made 10 images 691 samples (dog images labelled cat); `-> /` scanned the machine.
+    root = write_image_folder(tmp_path / "pets", per_class=5, size=8)
+    outside = write_image_folder(tmp_path / "outside", classes=("more",), per_class=3, size=8)
+    (root / "cat" / "link").symlink_to(outside / "more" if target == "outside" else target)
+    (root / "dog" / "linked.png").symlink_to(outside / "more" / "0.png")  # a linked file is an image like any other
+    cfg = dataset_config("dataset=imagefolder", f"dataset.path={root}", "dataset.image_size=8")
+    with caplog.at_level(logging.WARNING, logger="cnnlab.data"):
+        splits = load_imagefolder(cfg)
+    assert splits.classes == ["cat", "dog"]
+    assert torch.bincount(splits.train.labels).tolist() == [5, 6]
+    assert str(root / "cat" / "link") in caplog.text
+
+
+@pytest.mark.parametrize("target", ["/", "..", ".", "outside"])
+def test_a_class_folder_linked_out_of_the_dataset_or_around_it_is_a_user_error(tmp_path, target):
+    root = write_image_folder(tmp_path / "pets", per_class=2, size=8)
+    outside = write_image_folder(tmp_path / "outside", classes=("owl",), per_class=2, size=8)
+    (root / "owl").symlink_to(outside / "owl" if target == "outside" else target)
+    with pytest.raises(UserError) as error:
+        load_imagefolder(dataset_config("dataset=imagefolder", f"dataset.path={root}", "dataset.image_size=8"))
+    assert "dataset.path" in str(error.value) and str(root / "owl") in str(error.value)
+
+
+def test_a_class_folder_linked_within_the_dataset_folder_is_read(tmp_path):
+    root = tmp_path / "set"
+    write_image_folder(root / "pool", classes=("cat", "dog"), per_class=3, size=8)
+    (root / "train").mkdir()
+    for name in ("cat", "dog"):
+        (root / "train" / name).symlink_to(root / "pool" / name)
+    write_image_folder(root / "val", per_class=1, size=8)
+    splits = load_imagefolder(dataset_config("dataset=imagefolder", f"dataset.path={root}", "dataset.image_size=8"))
+    assert splits.classes == ["cat", "dog"] and torch.bincount(splits.train.labels).tolist() == [3, 3]
+
+
+def test_an_image_folder_scan_stops_at_a_limit_with_the_setting_named(tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "pets", per_class=5, size=8)
+    monkeypatch.setattr(data_module, "MAX_SCANNED_ENTRIES", 6)
+    with pytest.raises(UserError, match=r"dataset.path=.*more than 6 files and folders"):
+        load_imagefolder(dataset_config("dataset=imagefolder", f"dataset.path={root}", "dataset.image_size=8"))
+
+
+# --- label values ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("fault", ["value", "count"])
+def test_mnist_labels_that_do_not_fit_name_the_labels_file(tmp_path, fault):
+    arrays = write_mnist(tmp_path, train=30, test=12)
+    labels = arrays["train"][1].copy()
+    if fault == "value":
+        labels[7] = 200
+    labels_file = tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    write_idx(labels_file, labels if fault == "value" else labels[:29])
+    with pytest.raises(UserError) as error:
+        load_torchvision(dataset_config(f"dataset.root={tmp_path}", "dataset.download=false"))
+    message = str(error.value)
+    assert str(labels_file) in message
+    assert ("200" in message and "0 to 9" in message) if fault == "value" else "30 images but 29 labels" in message
+
+
+def test_cifar_labels_that_do_not_fit_name_the_batch_files(tmp_path, accept_generated_cifar):
+    import pickle
+
+    write_cifar10(tmp_path, per_batch=4, test=6)
+    test_batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    batch = pickle.loads(test_batch.read_bytes())
+    batch["labels"][2] = -1
+    test_batch.write_bytes(pickle.dumps(batch))
+    with pytest.raises(UserError, match=r"test_batch.*-1.*0 to 9"):
+        load_torchvision(dataset_config("dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false"))
+
+
+# --- generated data --------------------------------------------------------------------------------
+@pytest.mark.parametrize("setting, value", [("train_size", 10**11), ("test_size", 10**11), ("image_size", 10**6)])
+def test_fake_data_larger_than_memory_is_refused_before_allocating(setting, value):
+    with pytest.raises(UserError) as error:
+        load_data(dataset_config("dataset=fake", f"dataset.{setting}={value}"), 2, 2, CPU, seed=0)
+    assert f"dataset.{setting}={value}" in str(error.value) and "GB" in str(error.value)
+
+
+def test_fake_data_is_measured_against_the_memory_available(monkeypatch):
+    monkeypatch.setattr(data_module, "available_memory", lambda: 2**20, raising=False)
+    cfg = dataset_config("dataset=fake", "dataset.train_size=10000", "dataset.test_size=10", "dataset.image_size=8")
+    with pytest.raises(UserError, match=r"dataset.train_size=10000,.*available"):
+        load_data(cfg, 2, 2, CPU, seed=0)
+    load_data(dataset_config("dataset=fake", "dataset.train_size=100", "dataset.test_size=10", "dataset.image_size=8"),
+              2, 2, CPU, seed=0)  # small enough
+
+
+def test_image_folder_listing_matches_torchvisions_without_links(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    root = write_image_folder(tmp_path / "pets", classes=("dog", "cat", "b"), per_class=3, size=8)
+    write_image_folder(root / "cat" / "kittens", classes=("x", "y"), per_class=2, size=8, fmt="jpg")
+    (root / "dog" / "UPPER.PNG").write_bytes((root / "dog" / "0.png").read_bytes())
+    (root / "dog" / "notes.txt").write_text("not an image")
+    samples, classes = data_module._find_images(root, root, "dataset.path")
+    reference = ImageFolder(str(root))
+    assert (samples, classes) == (reference.samples, reference.classes)

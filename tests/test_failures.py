@@ -4,17 +4,36 @@ shell would run it, only without paying torch's import time for every case. The 
 and device errors are tested where they are made (test_data.py, test_trainer.py); here, what the
 command line does with such an error."""
 
+import errno
+import io
 import json
+import os
 import shutil
+import signal
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from rich.console import Console
 
-from cnnlab import cli
+from cnnlab import cli, trainer
 from cnnlab.checkpoint import load_checkpoint
-from cnnlab.trainer import train_step
-from tests.helpers import TINY, TINY_CONVNET, TINY_DATA, TINY_MLP, TINY_TRAINER, write_image_folder
+from cnnlab.config import validate
+from cnnlab.errors import UserError
+from cnnlab.rundir import run_lock
+from cnnlab.trainer import Interrupted, train_step
+from tests.helpers import (
+    TINY,
+    TINY_CONVNET,
+    TINY_DATA,
+    TINY_MLP,
+    TINY_TRAINER,
+    compose_config,
+    read_scalars,
+    write_image_folder,
+)
 
 
 @pytest.fixture
@@ -75,15 +94,20 @@ def test_resume_refuses_what_is_not_a_run_or_not_this_run(run_cli, tmp_path):
     code, _, err = run_cli("train", "resume=mlp", "optimizer.lr=0.5")  # a setting that makes another run
     assert code == 2 and "optimizer.lr cannot change" in err
 
+    # The run completed its epoch; trainer.epochs=2 asks it to go on, which needs its checkpoint.
     shutil.copy(tmp_path / "cnn" / "checkpoints" / "last.pt", tmp_path / "mlp" / "checkpoints" / "last.pt")
-    code, _, err = run_cli("train", "resume=mlp")  # a checkpoint of a different model
-    assert code == 1 and "different configuration" in err and "model" in err
+    code, _, err = run_cli("train", "resume=mlp", "trainer.epochs=2")  # a checkpoint of a different model
+    assert code == 1 and "different configuration" in err and "model.name" in err
 
     checkpoint = tmp_path / "mlp" / "checkpoints" / "last.pt"
     checkpoint.write_bytes((tmp_path / "cnn" / "checkpoints" / "last.pt").read_bytes()[:300])  # truncated
-    code, _, err = run_cli("train", "resume=mlp")
-    assert code == 1 and "Cannot read checkpoint" in err
+    code, _, err = run_cli("train", "resume=mlp", "trainer.epochs=2")
+    assert code == 1 and "Cannot read checkpoint" in err and "truncated" in err
+    checkpoint.write_bytes(bytes(range(256)) * 8)  # random bytes
+    code, _, err = run_cli("train", "resume=mlp", "trainer.epochs=2")
+    assert code == 1 and "not a checkpoint" in err and "run code" not in err
     assert (tmp_path / "mlp" / "metrics.json").read_text() == before  # nothing lost on the way
+    assert "epochs: 1" in (tmp_path / "mlp" / ".hydra" / "config.yaml").read_text()  # nor its config rewritten
 
 
 class Payload:
@@ -104,7 +128,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_the_code_never_runs(run
     state["model"] = Payload(marker)
     torch.save(state, checkpoint)
 
-    code, _, err = run_cli("train", "resume=run")
+    code, _, err = run_cli("train", "resume=run", "trainer.epochs=2")  # on from the completed epoch
     assert code == 1 and "Refused to load" in err and "weights_only" in err
     assert not marker.exists()
     torch.load(checkpoint, weights_only=False)  # what an unsafe loader would have done
@@ -132,6 +156,12 @@ def test_a_diverging_job_does_not_stop_a_sweep(run_cli, tmp_path):
                 for job in ("optimizer.lr=10000.0", "optimizer.lr=0.01")}
     assert statuses == {"optimizer.lr=10000.0": "diverged", "optimizer.lr=0.01": "completed"}
     assert "optimizer.lr=10000.0 (diverged)" in err
+    diverged = tmp_path / "sweep" / "optimizer.lr=10000.0"
+    assert not (diverged / "checkpoints" / "last.pt").exists()  # it diverged before its first checkpoint
+    before = (diverged / "metrics.json").read_text()
+    code, out, _ = run_cli("train", "-m", "optimizer.lr=10000.0,0.01", "optimizer=sgd", "scheduler=onecycle",
+                           *TINY, "trainer.epochs=3", "hydra.sweep.dir=sweep")  # the sweep run again
+    assert code == 1 and out.count("already ended") == 2 and (diverged / "metrics.json").read_text() == before
 
 
 def test_skip_mode_drops_a_non_finite_step_and_keeps_the_weights(tiny_state):
@@ -144,3 +174,186 @@ def test_skip_mode_drops_a_non_finite_step_and_keeps_the_weights(tiny_state):
     _, finite = train_step(state, images, labels)
     assert finite and state.log.window.count == len(labels)
     assert not all(torch.equal(b, p) for b, p in zip(before, state.parameters))
+
+
+# --- one writer per run folder --------------------------------------------------------------------
+def test_a_second_run_cannot_write_into_the_folder_of_a_live_one(run_cli, tmp_path):
+    with run_lock(tmp_path / "run"):  # what a live run holds until its process ends
+        code, _, err = run_cli("train", *TINY, "hydra.run.dir=run")
+        assert code == 2 and "still going" in err
+        assert not (tmp_path / "run" / ".hydra").exists()  # refused before Hydra wrote anything there
+    assert run_cli("train", *TINY, "trainer.epochs=2", "trainer.checkpoint_every=3", "hydra.run.dir=run")[0] == 0
+    before = (tmp_path / "run" / "metrics.json").read_text()
+    with run_lock(tmp_path / "run"):
+        code, _, err = run_cli("train", "resume=run", "trainer.epochs=3")
+        assert code == 2 and "still going" in err
+    assert (tmp_path / "run" / "metrics.json").read_text() == before
+
+
+def test_a_folder_left_by_a_run_killed_before_its_first_checkpoint_is_reused_cleanly(run_cli, tmp_path):
+    stale = tmp_path / "run"
+    stale.mkdir()
+    (stale / "events.out.tfevents.0.stale").write_bytes(b"")
+    (stale / "metrics.json").write_text('{"status": "running"}')
+    assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0
+    assert not (stale / "events.out.tfevents.0.stale").exists()
+    assert json.loads((stale / "metrics.json").read_text())["status"] == "completed"
+    assert [step for step, _ in read_scalars(stale)["val/acc"]] == [8]  # one run's events, not two
+
+
+# --- settings and checkpoints of resumed runs -----------------------------------------------------
+def test_a_refused_resume_leaves_the_runs_config_as_it_was(run_cli, tmp_path):
+    assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0
+    saved = tmp_path / "run" / ".hydra" / "config.yaml"
+    before = saved.read_text()
+    assert run_cli("train", "resume=run", "trainer.epochs=2", "trainer.log_every=abc")[0] == 2
+    assert run_cli("train", "resume=run", "trainer.epochs=2", "trainer.device=cuda:7")[0] == 1
+    assert saved.read_text() == before
+    code, _, err = run_cli("train", "resume=run", "trainer.epochs=0")
+    assert code == 2 and saved.read_text() == before
+    assert run_cli("train", "resume=run", "trainer.epochs=2")[0] == 0  # accepted: the record follows
+    assert "epochs: 2" in saved.read_text() and json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_a_resume_may_not_make_a_run_shorter_than_it_already_is(run_cli, tmp_path):
+    assert run_cli("train", *TINY, "trainer.epochs=2", "hydra.run.dir=run")[0] == 0
+    code, _, err = run_cli("train", "resume=run", "trainer.epochs=1")
+    assert code == 2 and "fewer than the 2 epochs" in err
+    assert "epochs: 2" in (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
+
+
+def test_resuming_a_completed_run_has_nothing_to_do_and_changes_nothing(run_cli, tmp_path):
+    assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0
+    files = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
+    code, out, _ = run_cli("train", "resume=run")
+    assert code == 0 and "nothing to do" in out
+    assert {path: path.read_bytes() for path in files} == files
+    assert {p for p in (tmp_path / "run").rglob("*") if p.is_file() and p.suffix != ".log"} == {
+        p for p in files if p.suffix != ".log"}
+
+
+def test_an_interrupted_run_says_how_far_it_got_and_its_resume_adds_to_its_time(tiny_run, monkeypatch, tmp_path):
+    step = trainer.train_step
+
+    def stopped_at_step_3(state, *args):
+        if state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster preempting the job would
+        return step(state, *args)
+
+    monkeypatch.setattr(trainer, "train_step", stopped_at_step_3)
+    with pytest.raises(Interrupted):
+        tiny_run("trainer.epochs=2")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["steps"] == 3 and metrics["epochs"] == 0
+    spent = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["metrics"]["seconds"]
+    assert spent > 0
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    cfg = compose_config(*TINY, "trainer.epochs=2")
+    metrics = trainer.train(validate(cfg), tmp_path / "run", OmegaConf.to_container(cfg), Console(file=io.StringIO()),
+                            resume=True)
+    assert metrics["status"] == "completed" and metrics["steps"] == 16
+    assert metrics["seconds"] > spent  # the time before the interrupt, and this process's
+
+
+# --- stop requests outside the training steps ------------------------------------------------------
+def test_a_stop_request_while_the_run_starts_ends_it_cleanly_with_nothing_to_resume(run_cli, monkeypatch, tmp_path):
+    load_data = trainer.load_data
+
+    def preempted_while_loading(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return load_data(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "load_data", preempted_while_loading)
+    code, _, err = run_cli("train", *TINY, "hydra.run.dir=run")
+    assert code == 130 and "nothing to resume" in err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "interrupted"
+
+
+def test_a_stop_request_during_the_final_test_lets_the_finished_run_complete(run_cli, monkeypatch, tmp_path):
+    test = trainer.test
+
+    def preempted_while_testing(state):
+        os.kill(os.getpid(), signal.SIGTERM)
+        test(state)
+
+    monkeypatch.setattr(trainer, "test", preempted_while_testing)
+    assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["test_acc"] is not None
+
+
+# --- divergence the loss cannot see, disks that fill, machines too small -----------------------------
+def test_a_last_step_that_breaks_the_model_is_caught_although_its_loss_was_finite(run_cli, tmp_path):
+    # 270 images, batches of 100: two steps; the second makes the weights so large that the
+    # validation logits overflow, while its own training loss was still finite.
+    code, _, err = run_cli("train", *TINY, "optimizer=sgd", "optimizer.lr=1e10", "trainer.batch_size=100",
+                           "hydra.run.dir=run")
+    assert code == 3 and "validation loss became non-finite" in err
+    assert "before its first checkpoint" in err and "checkpoints" not in err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text(),
+                         parse_constant=lambda name: pytest.fail(f"{name} in metrics.json"))
+    assert metrics["status"] == "diverged" and metrics["diverged_step"] == 2
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint_leaves_no_temporaries_and_says_so(tiny_run, monkeypatch, tmp_path):
+    save, calls = torch.save, []
+
+    def disk_fills_after_the_first_epoch(obj, file):
+        calls.append(1)
+        if len(calls) > 2:  # best.pt and last.pt of epoch 1 fit
+            file.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(obj, file)
+
+    monkeypatch.setattr(torch, "save", disk_fills_after_the_first_epoch)
+    with pytest.raises(UserError, match="No space left on device.*last checkpoint written before it is kept"):
+        tiny_run("trainer.epochs=3", "optimizer.lr=0.01")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+def test_a_model_too_large_for_memory_is_one_clear_error(run_cli):
+    code, _, err = run_cli("train", *TINY_DATA, "model.hidden=[100000000000]", *TINY_TRAINER, "hydra.run.dir=run")
+    assert code == 1 and "does not fit in memory" in err and "model.hidden" in err
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_hydra_starts(run_cli, monkeypatch, tmp_path):
+    code, _, err = run_cli("train", *TINY, "hydra.run.dir=/proc/cnnlab-run")
+    assert code == 2 and "hydra.run.dir" in err and "cannot be" in err
+    assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    code, _, err = run_cli("train", "resume=run", "trainer.epochs=2")
+    assert code == 2 and "Read-only file system" in err
+
+
+def test_a_runs_config_that_is_not_valid_yaml_is_named_on_resume(run_cli, tmp_path):
+    assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text("trainer: {epochs: [1\n")
+    code, _, err = run_cli("train", "resume=run", "trainer.epochs=2")
+    assert code == 2 and "cannot read the run's config" in err and "config.yaml" in err
+
+
+def test_a_best_checkpoint_copied_over_the_last_one_is_refused_naming_what_it_lacks(run_cli, tmp_path):
+    assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    shutil.copy(checkpoints / "best.pt", checkpoints / "last.pt")
+    code, _, err = run_cli("train", "resume=run", "trainer.epochs=2")
+    assert code == 1 and "not a complete cnnlab checkpoint" in err and "optimizer" in err
+
+
+def test_sigterm_while_hydra_starts_a_single_run_ends_it_with_a_message_and_130(run_cli, monkeypatch):
+    def preempted_at_start(cfg):
+        os.kill(os.getpid(), signal.SIGTERM)  # before the trainer's own handler exists
+        raise AssertionError("SIGTERM should have interrupted the command")
+
+    monkeypatch.setattr(cli, "run_job", preempted_at_start)
+    code, _, err = run_cli("train", *TINY, "hydra.run.dir=run")
+    assert code == 130 and "stopped at once by a signal" in err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the command's handler is gone again

@@ -1,8 +1,10 @@
 """Sweeps from the shell: failures, launchers, named experiments."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from cnnlab.cli import config_dir, threads_per_job
 from cnnlab.config import validate
-from tests.helpers import TINY, TINY_DATA, TINY_TRAINER
+from tests.helpers import TINY, TINY_DATA, TINY_MLP, TINY_TRAINER, write_mnist
 
 
 def cnnlab(*args, cwd):
@@ -23,19 +25,22 @@ def statuses(sweep: Path) -> dict[str, str]:
 
 
 def test_a_failing_job_is_reported_at_once_and_at_the_end_and_the_others_complete(tmp_path):
-    result = cnnlab("train", "-m", "model=convnet", "model.channels=[4],[4,4,4,4],[4,4]", "model.fc_hidden=8", *TINY_DATA,
-                    *TINY_TRAINER, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    # The middle job's data is missing: it fails once it runs (a config check cannot know that).
+    write_mnist(tmp_path / "a")
+    write_mnist(tmp_path / "c")
+    result = cnnlab("train", "-m", "dataset.root=a,missing,c", "dataset.download=false", *TINY_MLP, *TINY_TRAINER,
+                    "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == 1
-    assert statuses(tmp_path / "sweep") == {"model.channels=[4]": "completed", "model.channels=[4,4,4,4]": "failed",
-                                            "model.channels=[4,4]": "completed"}
+    assert statuses(tmp_path / "sweep") == {"dataset.root=a": "completed", "dataset.root=missing": "failed",
+                                            "dataset.root=c": "completed"}
     lines = [line for line in result.stderr.splitlines() if "failed" in line]
-    assert lines[0].startswith("cnnlab: job #1 (") and "model.channels" in lines[0]  # reported as it happened
-    assert "1 of 3 jobs did not complete: model.channels=[4,4,4,4] (failed)" in result.stderr  # and at the end
+    assert lines[0].startswith("cnnlab: job #1 (") and "dataset.root=missing" in lines[0]  # reported as it happened
+    assert "1 of 3 jobs did not complete: dataset.root=missing (failed)" in result.stderr  # and at the end
     assert "Traceback" not in result.stderr
     summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
-    assert summary["not_completed"] == ["model.channels=[4,4,4,4]"]
+    assert summary["not_completed"] == ["dataset.root=missing"]
     # The failed job ran after the first one and before the last: the sweep went on.
-    assert (tmp_path / "sweep" / "model.channels=[4,4]" / "checkpoints" / "last.pt").is_file()
+    assert (tmp_path / "sweep" / "dataset.root=c" / "checkpoints" / "last.pt").is_file()
 
 
 def test_a_crash_in_one_job_leaves_a_traceback_file_and_the_sweep_goes_on(tmp_path):
@@ -60,6 +65,89 @@ def test_joblib_runs_jobs_in_parallel_processes_with_one_thread_each(tmp_path):
     for job in ("activation=relu", "activation=elu"):
         assert json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())["threads"] == max(1, threads_per_job(2, _cores()))
     assert "Joblib" in result.stdout + result.stderr
+
+
+# Jobs long enough (6,700 steps, a few seconds) for two parallel jobs to be training at once, however
+# far apart their workers start, with a checkpoint soon after each starts training.
+LONGER = ["dataset.train_size=20000", "trainer.epochs=12", "trainer.checkpoint_every=50"]
+
+
+def start_sweep(*args, cwd) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "-m", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoints(process: subprocess.Popen, sweep: Path, count: int) -> None:
+    """Until `count` jobs have written a checkpoint: well inside their training loops."""
+    deadline = time.monotonic() + 60
+    while len(list(sweep.glob("*/checkpoints/last.pt"))) < count:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def children(pid: int) -> list[int]:
+    def parent(status: Path) -> int:
+        try:
+            return int(status.read_text().split("\nPPid:\t")[1].split()[0])
+        except (OSError, IndexError):  # gone meanwhile
+            return -1
+
+    return [int(status.parent.name) for status in Path("/proc").glob("[0-9]*/status") if parent(status) == pid]
+
+
+def summary_statuses(sweep: Path) -> dict[str, str]:
+    return {run["name"]: run["status"] for run in json.loads((sweep / "summary.json").read_text())["runs"]}
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the sweep finds joblib's workers in /proc")
+def test_sigterm_stops_every_job_of_a_joblib_sweep_with_a_checkpoint_and_the_same_command_finishes_them(tmp_path):
+    args = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "activation=relu,elu,gelu", *TINY, *LONGER,
+            "hydra.sweep.dir=sweep"]
+    sweep = tmp_path / "sweep"
+    process = start_sweep(*args, cwd=tmp_path)
+    wait_for_checkpoints(process, sweep, 2)  # the first two jobs; the third waits for a free worker
+    workers = children(process.pid)
+    assert len(workers) >= 2
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    deadline = time.monotonic() + 10
+    while any(map(alive, workers)):  # none keeps training once the sweep has ended
+        assert time.monotonic() < deadline, [pid for pid in workers if alive(pid)]
+        time.sleep(0.01)
+    assert err.count("stopped by SIGTERM") == 2 and "Traceback" not in err
+    summary = summary_statuses(sweep)
+    assert summary == {"activation=relu": "interrupted", "activation=elu": "interrupted", "activation=gelu": "missing"}
+    assert all(name in out for name in summary)  # the table lists the job that never started too
+    for job in ("activation=relu", "activation=elu"):
+        assert (sweep / job / "checkpoints" / "last.pt").is_file()
+
+    again = cnnlab("train", "-m", *args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("resuming at epoch") == 2
+    assert statuses(sweep) == {"activation=relu": "completed", "activation=elu": "completed",
+                               "activation=gelu": "completed"}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda signum: signum.name)
+def test_a_signal_stops_a_sweep_in_one_process_and_the_summary_lists_the_jobs_not_started(tmp_path, signum):
+    process = start_sweep("activation=relu,elu,gelu", *TINY, *LONGER, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    wait_for_checkpoints(process, tmp_path / "sweep", 1)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert f"stopped by {signal.Signals(signum).name}" in err and "Traceback" not in err
+    assert summary_statuses(tmp_path / "sweep") == {"activation=relu": "interrupted", "activation=elu": "missing",
+                                                    "activation=gelu": "missing"}
+    assert "3 of 3 jobs did not complete" in err and "activation=gelu (missing)" in err
 
 
 def _cores() -> int:

@@ -7,7 +7,7 @@ from cnnlab.checkpoint import load_checkpoint
 from cnnlab.config import validate
 from cnnlab.errors import UserError
 from cnnlab.rundir import read_metrics
-from cnnlab.trainer import resolve_device, train_step
+from cnnlab.trainer import Diverged, resolve_device, train_step
 from tests.helpers import TINY_CONVNET, TINY_DATA, TINY_TRAINER, compose_config, read_scalars, write_image_folder
 
 
@@ -170,3 +170,12 @@ def test_compiled_training_still_probes_every_layer(tiny_run, monkeypatch):
     assert steps == [0, 3, 6, 8]
     assert "model" in load_checkpoint(run.dir / "checkpoints" / "last.pt")
     assert not any(key.startswith("_orig_mod") for key in load_checkpoint(run.dir / "checkpoints" / "last.pt")["model"])
+
+
+def test_weights_that_became_non_finite_stop_the_run_even_when_the_loss_was_finite(tiny_state):
+    state = tiny_state()
+    state.watch.check_weights(state.parameters, step=4)  # finite: nothing happens
+    with torch.no_grad():
+        state.parameters[0][0, 0] = float("inf")
+    with pytest.raises(Diverged, match="the weights became non-finite .* at step 4"):
+        state.watch.check_weights(state.parameters, step=4)

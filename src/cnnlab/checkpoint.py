@@ -9,19 +9,20 @@ is the weights of the best validation epoch.
 from __future__ import annotations
 
 import pickle
+import time
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cnnlab.config import RESUMABLE
 from cnnlab.errors import UserError, one_line
 from cnnlab.rundir import best_checkpoint, last_checkpoint, replace_atomically
 
 if TYPE_CHECKING:
     from cnnlab.trainer import TrainState
 
-# What a resumed run must share with the run that wrote the checkpoint.
-RESUMED_SECTIONS = ("dataset", "model", "activation", "optimizer", "scheduler")
 LAST_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "batch", "rng", "log", "metrics")
 
 
@@ -35,6 +36,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     path = Path(path)
     if not path.is_file():
         raise UserError(f"No checkpoint at {path}.")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise UserError(f"Cannot read checkpoint {path}: it is not a complete file written by torch.save "
+                        f"(truncated, or not a checkpoint at all).")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -71,7 +75,8 @@ def save_last(state: TrainState) -> None:
         },
         "log": state.log.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "metrics": dict(state.metrics, epochs=state.epoch - (not epoch_done), steps=state.step),
+        "metrics": dict(state.metrics, epochs=state.epoch - (not epoch_done), steps=state.step,
+                        seconds=round(time.perf_counter() - state.started, 3)),
         "config": state.config,
     })
 
@@ -91,13 +96,29 @@ def load_resumable(run_dir: Path, config: dict[str, Any], device: torch.device) 
     missing = [key for key in LAST_KEYS if key not in saved]
     if missing:
         raise UserError(f"{path} is not a complete cnnlab checkpoint (no {', '.join(missing)}); it cannot be resumed.")
-    written_by = saved.get("config") or {}
-    differs = [key for key in RESUMED_SECTIONS if written_by.get(key) != config.get(key)]
+    differs = differing_settings(saved.get("config") or {}, config)
     if differs:
+        shown = ", ".join(differs[:6]) + (f" and {len(differs) - 6} more" if len(differs) > 6 else "")
         raise UserError(
-            f"{path} was written by a different configuration ({', '.join(differs)} differ) and "
-            f"cannot be resumed as this run; start a new run in another directory.")
+            f"{path} was written by a different configuration ({shown} differ) and cannot be resumed as "
+            f"this run; start a new run in another directory.")
     return saved
+
+
+def differing_settings(written_by: dict[str, Any], config: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every setting (dotted key) that shapes a run and differs between two configs; the settings
+    a resume may change (config.RESUMABLE) and `resume` itself do not count."""
+    differs = []
+    for key in sorted(set(written_by) | set(config), key=str):
+        dotted = f"{prefix}{key}"
+        if dotted in RESUMABLE or dotted == "resume":
+            continue
+        old, new = written_by.get(key), config.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differs += differing_settings(old, new, f"{dotted}.")
+        elif old != new:
+            differs.append(dotted)
+    return differs
 
 
 def check_fits(saved: dict[str, Any], state: TrainState) -> None:

@@ -5,15 +5,19 @@ Nothing here imports torch: `--help`, `--cfg job` and config mistakes answer bef
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab import __version__
-from cnnlab.errors import UserError
+from cnnlab.errors import UserError, one_line
 
 # 0: every run completed; 1: a run failed (bad data, no device, a crash), or a sweep job did not
 # complete; 2: the command line or the config was rejected before training started; 3: the loss or
@@ -48,8 +52,200 @@ def config_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "configs"
 
 
+# --- what a config may not do: checked before Hydra, which acts on the config before any job starts --
+# Hydra instantiates `_target_` classes (hydra.callbacks, the launcher, the sweeper) and hands
+# hydra.job_logging / hydra.hydra_logging to logging.config.dictConfig (which imports and calls what
+# `()` and `class` name) before validate() could see the config. cnnlab's configs name no Python
+# classes; the only class paths allowed are those of Hydra's own launchers and sweeper.
+ALLOWED_TARGETS = {
+    "hydra.launcher._target_": (
+        "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+        "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+        "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+        "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+    ),
+    "hydra.sweeper._target_": ("hydra._internal.core_plugins.basic_sweeper.BasicSweeper",),
+}
+LOGGING_SECTIONS = ("hydra.job_logging.", "hydra.hydra_logging.")
+LOGGING_CLASSES = ("logging.StreamHandler", "logging.FileHandler", "logging.NullHandler", "logging.Formatter",
+                   "logging.handlers.RotatingFileHandler", "logging.handlers.TimedRotatingFileHandler",
+                   "logging.handlers.WatchedFileHandler")
+LOGGING_STREAMS = ("ext://sys.stdout", "ext://sys.stderr")
+REFUSED = "Configs may not run code; nothing has run."
+
+
+def check_config_before_hydra(args: list[str]) -> None:
+    """Compose the config as Hydra will (in a sweep, once for every swept value) and refuse what
+    would run code, a YAML file that does not parse, and a sweep whose jobs would share a folder.
+    Other composition errors are left to Hydra, which reports them with its own message."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    parsed = _hydra_arguments(args)
+    loader = _config_loader(parsed)
+    if loader is None:
+        return
+    try:
+        parser = OverridesParser.create(config_loader=loader)
+        overrides = parser.parse_overrides(parsed.overrides)
+    except Exception:
+        return
+    for override in overrides:
+        key = override.key_or_group.replace("/", ".")
+        if "_target_" in key or key == "hydra.callbacks" or key.startswith("hydra.callbacks."):
+            raise UserError(f"{override.input_line}: {key} names code for Hydra to run. {REFUSED}")
+    config_name = parsed.config_name or "train"
+    cfg = _compose(loader, config_name, parsed.overrides, RunMode.MULTIRUN if parsed.multirun else RunMode.RUN)
+    if cfg is None:
+        return
+    _refuse_code(cfg)
+    if parsed.multirun:
+        hydra_overrides = list(cfg.hydra.overrides.hydra)
+        for job_overrides in _sweep_samples(parser, cfg):
+            job = _compose(loader, config_name, [*hydra_overrides, *job_overrides], RunMode.RUN)
+            if job is not None:
+                _refuse_code(job, f" (in the sweep's job with {' '.join(job_overrides)})")
+
+
+def _config_loader(parsed):
+    """Hydra's config loader with the search path hydra.main builds (configs/, then --config-dir)."""
+    from hydra import version
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.utils import setup_globals
+
+    version.setbase(None)  # as hydra.main(version_base=None) does
+    setup_globals()  # Hydra's resolvers (${now:...}), so that settings resolve as they will
+    search_path = create_automatic_config_search_path(__file__, __name__, parsed.config_path or str(config_dir()))
+    if parsed.config_dir is not None:
+        if not os.path.isdir(parsed.config_dir):
+            return None  # Hydra says so itself
+        search_path.prepend(provider="command-line", path=f"file://{os.path.abspath(parsed.config_dir)}",
+                            anchor=SearchPathQuery(provider="schema"))
+    return ConfigLoaderImpl(config_search_path=search_path)
+
+
+def _compose(loader, config_name: str, overrides: list[str], run_mode) -> DictConfig | None:
+    """The composed config with Hydra's own node; None where Hydra would refuse it (and say why)."""
+    import yaml
+
+    try:
+        return loader.load_configuration(config_name=config_name, overrides=list(overrides), run_mode=run_mode)
+    except Exception as error:
+        cause: BaseException | None = error
+        for _ in range(20):  # the YAML error, possibly wrapped by Hydra or OmegaConf
+            if cause is None or isinstance(cause, yaml.YAMLError):
+                break
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, yaml.YAMLError):
+            raise UserError(_yaml_error_message(cause)) from None
+        return None
+
+
+def _yaml_error_message(error) -> str:
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    what = ": ".join(str(part) for part in (getattr(error, "context", None), getattr(error, "problem", None)) if part)
+    if mark is None:
+        return f"A config file is not valid YAML: {one_line(error, 300)}."
+    return (f"{mark.name} is not valid YAML: {what or one_line(error, 200)} (line {mark.line + 1}, column "
+            f"{mark.column + 1}). Fix the file, or take it out of the config folder.")
+
+
+def _settings(node, path: str = "", depth: int = 0):
+    """(dotted key, value) of every setting under node, depth first, with interpolations resolved
+    where they can be before a job runs (`${oc.create:...}` can make a node out of a string)."""
+    from omegaconf import ListConfig
+
+    if depth > 40:  # an interpolation that refers to its own parent
+        return
+    for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+        where = f"{path}.{key}" if path else str(key)
+        try:
+            value = node[key]
+        except Exception:  # ${hydra:...} resolves only in a running job, ??? never
+            value = node._get_node(key)._value()
+        yield where, value
+        if isinstance(value, (DictConfig, ListConfig)) and not value._is_none() and not value._is_missing():
+            yield from _settings(value, where, depth + 1)
+
+
+def _refuse_code(cfg: DictConfig, job: str = "") -> None:
+    for where, value in _settings(cfg):
+        key = where.rpartition(".")[2]
+        logging_setting = where.startswith(LOGGING_SECTIONS)
+        if where.startswith("hydra.callbacks."):
+            raise UserError(f"{where}{job}: Hydra callbacks run code before any job starts, and cnnlab takes none; "
+                            f"remove hydra.callbacks from the config. {REFUSED}")
+        if key == "_target_" and value not in ALLOWED_TARGETS.get(where, ()):
+            instead = ("Choose Hydra's launcher by name instead (hydra/launcher=basic, joblib, submitit_local or "
+                       "submitit_slurm). " if where in ALLOWED_TARGETS else "")
+            raise UserError(f"{where}={value!r}{job}: configs never name Python classes or functions to call; cnnlab "
+                            f"builds everything from plain settings. {instead}{REFUSED}")
+        if logging_setting and key == "()":
+            raise UserError(f"{where}={value!r}{job}: a logging factory `()` makes Python's logging call it. Choose "
+                            f"Hydra's logging by name instead (hydra/job_logging=default, disabled, none or stdout). "
+                            f"{REFUSED}")
+        if logging_setting and key == "class" and value not in LOGGING_CLASSES:
+            raise UserError(f"{where}={value!r}{job}: logging may use only the standard classes "
+                            f"{', '.join(LOGGING_CLASSES)}. {REFUSED}")
+        if logging_setting and isinstance(value, str) and value.startswith("ext://") and value not in LOGGING_STREAMS:
+            raise UserError(f"{where}={value!r}{job}: logging may name only the streams "
+                            f"{' and '.join(LOGGING_STREAMS)}. {REFUSED}")
+
+
+def _sweep_samples(parser, cfg: DictConfig) -> list[list[str]]:
+    """Task overrides of a few jobs of the sweep that, between them, set every swept value (each one
+    with the other sweeps at their first value), in the order Hydra's BasicSweeper applies them:
+    hydra.sweeper.params first, then the command line, a key given twice taking its last value.
+    A sweep that lists a value twice, or leaves a swept key out of the job names, is refused: two of
+    its jobs would share one folder."""
+    try:
+        params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True) if cfg.hydra.sweeper.get("params") else {}
+        swept: dict[str, list[str]] = {}
+        keys: dict[str, str] = {}
+        for override in parser.parse_overrides([*(f"{k}={v}" for k, v in params.items()), *cfg.hydra.overrides.task]):
+            key = override.get_key_element()
+            keys[key] = override.key_or_group
+            if override.is_sweep_override():
+                swept[key] = list(override.sweep_string_iterator())
+            else:
+                swept[key] = [override.get_value_element_as_str()]
+        excluded = list(cfg.hydra.job.config.override_dirname.exclude_keys)
+    except Exception:  # a sweep Hydra cannot run: it says so itself
+        return []
+    for key, values in swept.items():
+        twice = sorted({value for value in values if values.count(value) > 1})
+        if twice:
+            raise UserError(f"{key}={','.join(values)} lists {', '.join(twice)} more than once: those jobs would run "
+                            f"the same settings into the same folder. List each value once.")
+        if len(values) > 1 and keys[key] in excluded:
+            raise UserError(f"hydra.job.config.override_dirname.exclude_keys leaves the swept {keys[key]} out of "
+                            f"the job names, so jobs would share folders. Keep it in the names.")
+    lines = [[f"{key}={value}" for value in values] for key, values in swept.items()]
+    firsts = [values[0] for values in lines]
+    samples = [firsts]
+    for i, values in enumerate(lines):
+        samples += [[*firsts[:i], value, *firsts[i + 1:]] for value in values[1:]]
+    return samples
+
+
+# A sweep job's folder is named by its swept overrides; at most this many bytes (file systems allow 255).
+JOB_DIR_BYTES = 150
+
+
 def _job_dir(override_dirname: str, job_num: Any) -> str:
-    return override_dirname or f"job{job_num}"
+    """A sweep job's folder name: its swept overrides (`activation=elu,trainer.seed=1`) as one safe
+    path component. A name that had to change (a `/` of a path value, a leading `.`, control
+    characters, too long) ends with a hash of the whole name, so that two jobs never share a folder."""
+    name = str(override_dirname or f"job{job_num}")
+    safe = re.sub(r"[/\\\x00-\x1f\x7f]", "_", name)
+    safe = "_" + safe[1:] if safe.startswith(".") else safe
+    if safe == name and len(name.encode()) <= JOB_DIR_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    cut = safe.encode()[:JOB_DIR_BYTES - len(digest) - 1].decode(errors="ignore")
+    return f"{cut}-{digest}"
 
 
 OmegaConf.register_new_resolver("cnnlab_job_dir", _job_dir, replace=True)
@@ -77,7 +273,8 @@ def name_jobs_by_swept_overrides(args: list[str]) -> list[str]:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception:  # Hydra reports malformed overrides itself, with its own message
         return args
-    shared = [o.get_key_element() for o in parsed if not o.is_sweep_override() and not o.is_hydra_override()]
+    # Hydra compares key_or_group (`preset` of `+preset=x`) with the excluded keys.
+    shared = [o.key_or_group for o in parsed if not o.is_sweep_override() and not o.is_hydra_override()]
     if not shared:
         return args
     quoted = ",".join("'" + key.replace("'", "\\'") + "'" for key in shared)
@@ -104,6 +301,12 @@ def check_writable(setting: str, directory: Path) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{setting}={str(directory)!r} cannot be created: {existing} is not writable. "
                         f"Choose another folder with {setting}=PATH.")
+    try:  # what access() cannot tell: /proc, a read-only mount, a full disk
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as error:
+        raise UserError(f"{setting}={str(directory)!r} cannot be written: {one_line(error, 200)}. "
+                        f"Choose another folder with {setting}=PATH.") from None
 
 
 def fix_sweep_dir(args: list[str]) -> tuple[list[str], Path]:
@@ -120,25 +323,29 @@ def place_single_run(args: list[str], overrides: list[str]) -> list[str]:
     """`resume=DIR` runs in DIR itself, and Hydra must not rewrite DIR/.hydra (the record of the
     run's config). A new run must not land in a folder that already holds one, nor where it cannot
     be written."""
-    from cnnlab.rundir import last_checkpoint
+    from cnnlab.rundir import last_checkpoint, locked_by
 
     values = dict(arg.partition("=")[::2] for arg in overrides if "=" in arg)
-    if values.get("resume") not in (None, "", "null"):
-        run_dir = Path(values["resume"]).expanduser()
+    resume = values.get("resume") not in (None, "", "null")
+    run_dir = Path(values["resume"] if resume else values.get("hydra.run.dir") or _default_dir("run")).expanduser()
+    holder = locked_by(run_dir)
+    if holder is not None:  # checked before Hydra writes its .hydra/ files into the folder
+        raise UserError(f"{run_dir} belongs to a run that is still going (pid {holder}); a second one must not "
+                        f"write into it. Wait for it to end, or choose another folder.")
+    if resume:
         if not last_checkpoint(run_dir).is_file() or not (run_dir / ".hydra").is_dir():
             raise UserError(
                 f"resume={values['resume']!r} is not a run directory with a checkpoint (looked for "
                 f"{last_checkpoint(run_dir)} and {run_dir / '.hydra'}). Pass the folder of a "
                 f"run, e.g. resume=outputs/2026-11-22/10-31-07-123456.")
+        check_writable("resume", run_dir)
         return [*args, f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
-    given = values.get("hydra.run.dir")
-    run_dir = Path(given) if given else Path(_default_dir("run"))
     if last_checkpoint(run_dir).is_file():
         raise UserError(
             f"hydra.run.dir={str(run_dir)!r} already holds a run; its results are kept. Continue it with "
             f"resume={run_dir}, or choose another directory.")
     check_writable("hydra.run.dir", run_dir)
-    return args if given else [*args, f"hydra.run.dir={run_dir}"]
+    return args if "hydra.run.dir" in values else [*args, f"hydra.run.dir={run_dir}"]
 
 
 def threads_per_job(n_jobs: int, cores: int) -> int:
@@ -147,26 +354,29 @@ def threads_per_job(n_jobs: int, cores: int) -> int:
     return max(1, cores // parallel)
 
 
-def _print_error(message: str, job: str = "") -> None:
+def _print_error(message: str, job: str = "", outcome: str = "failed") -> None:
     from rich.console import Console
 
-    prefix = f"cnnlab: job {job} failed: " if job else "cnnlab: error: "
+    prefix = f"cnnlab: job {job} {outcome}: " if job else "cnnlab: error: "
     Console(stderr=True).print(prefix + message, style="red", markup=False, highlight=False, soft_wrap=True)
 
 
-# Settings a resumed run may change: where and how fast it runs, and for how long (without a
-# schedule planned for the original length). Anything else would make it a different run.
-RESUMABLE = ("trainer.epochs", "trainer.device", "trainer.threads", "trainer.log_every", "trainer.checkpoint_every")
-
-
 def resumed_config(run_dir: Path, task_overrides: list[str]) -> DictConfig:
-    """The composed config of the run in run_dir, with the command line's allowed overrides."""
+    """The composed config of the run in run_dir, with the command line's allowed overrides. Nothing
+    is written here: the run's record of its config changes only once the resume has started."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from cnnlab.config import RESUMABLE
+    from cnnlab.rundir import read_metrics_or_none
 
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise UserError(f"resume={str(run_dir)!r} is not a cnnlab run directory: {saved} is missing.")
-    cfg = OmegaConf.load(saved)
+    try:
+        cfg = OmegaConf.load(saved)
+        epochs, schedule = cfg.trainer.epochs, cfg.scheduler.name
+    except Exception as error:  # malformed YAML, or not a cnnlab config at all
+        raise UserError(f"resume: cannot read the run's config {saved}: {one_line(error, 200)}.") from None
     for override in OverridesParser.create().parse_overrides(list(task_overrides)):
         key = override.key_or_group
         if key == "resume":
@@ -175,14 +385,16 @@ def resumed_config(run_dir: Path, task_overrides: list[str]) -> DictConfig:
             raise UserError(
                 f"resume: {key} cannot change when a run is resumed (it would make it a different run). "
                 f"Settings a resumed run may change: {', '.join(RESUMABLE)}.")
-        if key == "trainer.epochs" and cfg.scheduler.name != "none":
+        if key == "trainer.epochs" and schedule != "none":
             raise UserError(
-                f"resume: trainer.epochs cannot change for a run with scheduler={cfg.scheduler.name}: its "
-                f"schedule was planned for {cfg.trainer.epochs} epochs.")
+                f"resume: trainer.epochs cannot change for a run with scheduler={schedule}: its "
+                f"schedule was planned for {epochs} epochs.")
         OmegaConf.update(cfg, key, override.value())
     cfg.resume = None
-    if cfg != OmegaConf.load(saved):  # keep the record of the run's config true (a longer run, say)
-        OmegaConf.save(cfg, saved)
+    done = (read_metrics_or_none(run_dir) or {}).get("epochs")
+    if isinstance(done, int) and isinstance(cfg.trainer.epochs, int) and cfg.trainer.epochs < done:
+        raise UserError(f"resume: trainer.epochs={cfg.trainer.epochs} is fewer than the {done} epochs this run "
+                        f"has already done; a run can be made longer, not shorter.")
     return cfg
 
 
@@ -192,14 +404,18 @@ def prepare_job(cfg: DictConfig, run_dir: Path, task_overrides: list[str]) -> tu
     from cnnlab.rundir import last_checkpoint, read_metrics_or_none
 
     if cfg.get("resume"):
-        return resumed_config(Path(cfg.resume), task_overrides), True, None
-    if last_checkpoint(run_dir).is_file():
-        status = (read_metrics_or_none(run_dir) or {}).get("status")
-        if status in ("completed", "diverged"):
-            print(f"cnnlab: {run_dir} already ended ({status}); its results are kept.")
-            return cfg, False, status
+        cfg = resumed_config(Path(cfg.resume), task_overrides)
+        metrics = read_metrics_or_none(run_dir) or {}
+        if metrics.get("status") == "completed" and metrics.get("epochs") == cfg.trainer.epochs:
+            print(f"cnnlab: {run_dir} has completed its {cfg.trainer.epochs} epochs: nothing to do. "
+                  f"Train it for longer with trainer.epochs=N.")
+            return cfg, False, "completed"
         return cfg, True, None
-    return cfg, False, None
+    status = (read_metrics_or_none(run_dir) or {}).get("status")
+    if status in ("completed", "diverged"):  # with or without a checkpoint: its results stand
+        print(f"cnnlab: {run_dir} already ended ({status}); its results are kept.")
+        return cfg, False, status
+    return cfg, last_checkpoint(run_dir).is_file(), None
 
 
 def run_job(cfg: DictConfig) -> str:
@@ -210,7 +426,7 @@ def run_job(cfg: DictConfig) -> str:
     from hydra.core.hydra_config import HydraConfig
 
     from cnnlab.config import validate
-    from cnnlab.rundir import CHECKPOINT_DIR, write_metrics
+    from cnnlab.rundir import CHECKPOINT_DIR, last_checkpoint, write_metrics
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -238,11 +454,19 @@ def run_job(cfg: DictConfig) -> str:
         _print_error(str(error), job)
         return "failed"
     except Diverged as error:
-        _print_error(f"{error}. The last good checkpoint is kept in {run_dir / CHECKPOINT_DIR}; try a lower "
-                     f"optimizer.lr, trainer.grad_clip, or trainer.on_nonfinite=skip.", job)
+        kept = (f"The last good checkpoint is kept in {run_dir / CHECKPOINT_DIR}" if last_checkpoint(run_dir).is_file()
+                else "It diverged before its first checkpoint")
+        _print_error(f"{error}. {kept}; try a lower optimizer.lr, trainer.grad_clip, or "
+                     f"trainer.on_nonfinite=skip.", job)
         return "diverged"
     except Interrupted as error:
-        _print_error(f"{error}, with a checkpoint; continue with: cnnlab train resume={run_dir}", job)
+        if multirun:
+            again = "with a checkpoint" if last_checkpoint(run_dir).is_file() else "before its first checkpoint"
+            _print_error(f"{error}, {again}; run the same sweep command again to finish it.", job, "stopped")
+        elif last_checkpoint(run_dir).is_file():
+            _print_error(f"{error}, with a checkpoint; continue with: cnnlab train resume={run_dir}")
+        else:
+            _print_error(f"{error}, before its first checkpoint: there is nothing to resume; run it again.")
         if multirun:
             raise KeyboardInterrupt from None  # stopping one job stops the sweep
         return "interrupted"
@@ -286,12 +510,22 @@ def _exit_code(statuses: list[str]) -> int:
 
 
 def summarise_sweep(sweep_dir: Path) -> int:
-    """The table of every job, summary.csv and summary.json in the sweep directory; the exit code."""
+    """The table of every job (`missing`: never started), summary.csv and summary.json in the sweep
+    directory; the exit code."""
     from rich.console import Console
 
-    from cnnlab.compare import find_runs, print_summary, write_summary
+    from cnnlab.compare import Run, find_runs, name_runs, print_summary, write_summary
 
-    runs = find_runs([str(sweep_dir)])
+    try:
+        runs = find_runs([str(sweep_dir)])
+    except UserError:  # stopped before any job had its folder
+        runs = []
+    jobs = sweep_jobs(sweep_dir)
+    started = {run.path for run in runs}
+    runs += [Run(folder, overrides, None) for folder, overrides in jobs if folder not in started]
+    order = {folder: num for num, (folder, _) in enumerate(jobs)}
+    runs.sort(key=lambda run: order.get(run.path, len(order)))  # as the command line listed them
+    name_runs(runs)
     print_summary(Console(), runs, title=f"sweep {sweep_dir}: {len(runs)} jobs")
     write_summary(sweep_dir, runs)
     not_completed = [f"{run.name} ({run.status})" for run in runs if run.status != "completed"]
@@ -300,12 +534,189 @@ def summarise_sweep(sweep_dir: Path) -> int:
     return _exit_code([run.status for run in runs])
 
 
+def sweep_jobs(sweep_dir: Path) -> list[tuple[Path, dict[str, str]]]:
+    """Every job of the sweep in sweep_dir, started or not: its folder and its overrides, as Hydra's
+    basic sweeper expands multirun.yaml and names the folders. Empty when that cannot be read."""
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.utils import setup_globals
+
+    try:
+        cfg = OmegaConf.load(sweep_dir / "multirun.yaml")
+        setup_globals()  # the ${now:...} resolver, should a folder name use it
+        parser = OverridesParser.create()
+        params = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.params or {}).items()]
+        batches = BasicSweeper.split_arguments(parser.parse_overrides([*params, *cfg.hydra.overrides.task]), None)
+        naming = cfg.hydra.job.config.override_dirname
+        jobs = []
+        for num, overrides in enumerate(batches[0]):
+            cfg.hydra.job.num = num
+            cfg.hydra.job.override_dirname = get_overrides_dirname(
+                parser.parse_overrides(overrides), list(naming.exclude_keys), naming.item_sep, naming.kv_sep)
+            folder = (sweep_dir / str(cfg.hydra.sweep.subdir)).resolve()
+            jobs.append((folder, {key.lstrip("+~"): value for key, _, value in (o.partition("=") for o in overrides)}))
+        return jobs
+    except Exception:  # not a sweep of Hydra's basic sweeper: its job folders are all there is to show
+        return []
+
+
+# Stopping a sweep. Jobs in this process (the basic launcher) stop as a single run does. joblib's
+# workers do not see a signal sent to the sweep, and one that died of a signal would break joblib's
+# pool (joblib then kills the others mid-step). So they start deaf to SIGINT and SIGTERM; asked to
+# stop, the parent writes STOP_FILE into the sweep folder (a job that starts after it returns at
+# once) and sends SIGTERM to each worker in a job, which the trainer turns into a stop after the
+# current step, with a checkpoint. Linux only: the workers are found in /proc.
+STOP_FILE = ".cnnlab-stop"
+STOP_GRACE_SECONDS = 60  # then joblib kills the workers that have not stopped (so does a second signal)
+
+
+def _loky_workers(in_a_job: bool = False) -> list[int]:
+    """This process's joblib workers; with in_a_job, only those that handle SIGTERM (see stoppable):
+    one that is still starting would die of it."""
+    import signal
+
+    if not Path("/proc").is_dir():  # not Linux: a signal stops the sweep as Ctrl-C always did
+        return []
+    workers = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if ":\t" in line)
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:  # it ended meanwhile
+            continue
+        if int(status.get("PPid", -1)) != os.getpid() or b"popen_loky" not in command:
+            continue
+        if in_a_job and not int(status.get("SigCgt", "0"), 16) >> (signal.SIGTERM - 1) & 1:
+            continue
+        workers.append(int(pid))
+    return workers
+
+
+def _deaf_to_stop_signals() -> None:
+    """Each joblib worker runs this as it starts: a terminal's Ctrl-C reaches every process, idle
+    workers too."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stoppable(task, stop_file: Path):
+    """Hydra's task function, made to stop with the sweep wherever the launcher runs it."""
+    import signal
+
+    parent = os.getpid()
+
+    def job(cfg: DictConfig) -> str:
+        from hydra.core.hydra_config import HydraConfig
+
+        if os.getpid() == parent:  # the basic launcher: SIGTERM, like SIGINT, stops the job as it stops a single run
+            previous = {s: signal.signal(s, signal.default_int_handler) for s in (signal.SIGINT, signal.SIGTERM)
+                        if signal.getsignal(s) != signal.SIG_IGN}
+            try:
+                return task(cfg)  # a stopped job raises KeyboardInterrupt, which ends the sweep
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+        if not str(HydraConfig.get().launcher.get("_target_")).endswith("JoblibLauncher"):
+            return task(cfg)  # submitit's jobs keep submitit's own signal handling
+        # A joblib worker: told to stop by the parent alone, once, with SIGTERM, which the trainer
+        # turns into a stop with a checkpoint (and which raises KeyboardInterrupt before it starts).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            if stop_file.exists():
+                return "not started"  # its folder has no metrics.json: the summary says `missing`
+            return task(cfg)
+        except KeyboardInterrupt:  # raised by run_job to end the sweep: here the parent ends it
+            return "interrupted"
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # idle, it must outlive a late SIGTERM
+
+    return job
+
+
+class SweepStop:
+    """While a sweep runs: SIGINT or SIGTERM stops every job, each with a checkpoint, and starts no
+    other (see STOP_FILE); a second signal stops at once."""
+
+    def __init__(self, sweep_dir: Path):
+        self.stop_file = sweep_dir.absolute() / STOP_FILE  # jobs may change directory (hydra.job.chdir)
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> SweepStop:
+        import functools
+        import signal
+
+        self.stop_file.unlink(missing_ok=True)  # left by a stopped sweep that was then killed
+        try:
+            from joblib import register_parallel_backend
+            from joblib.parallel import LokyBackend
+        except ImportError:  # no joblib launcher
+            pass
+        else:
+            register_parallel_backend("loky", functools.partial(LokyBackend, initializer=_deaf_to_stop_signals))
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):  # not if ignored
+                self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum: int, frame) -> None:
+        import signal
+
+        if self.signum is not None:  # a second signal, or the grace period is over
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.stop_file.parent.mkdir(parents=True, exist_ok=True)
+        self.stop_file.touch()
+        if not _loky_workers():  # jobs in this process, or none started yet: as Ctrl-C always did
+            raise KeyboardInterrupt
+        for pid in _loky_workers(in_a_job=True):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        os.write(2, f"cnnlab: {signal.Signals(signum).name}: stopping the sweep; running jobs finish their step and "
+                    f"write a checkpoint (a second signal stops at once)\n".encode())
+        self._previous.setdefault(signal.SIGALRM, signal.signal(signal.SIGALRM, self._request))
+        signal.alarm(STOP_GRACE_SECONDS)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        signal.alarm(0)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self.stop_file.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """A single run: SIGTERM while Hydra starts (before the trainer's StopRequest takes over) ends the
+    command like Ctrl-C, with a message and exit 130, not silently with 143."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train_command(args: list[str]) -> int:
     import hydra
 
     sweep_dir = None
     parsed = _hydra_arguments(args)
     try:
+        check_config_before_hydra(args)
         if parsed.multirun:
             args = name_jobs_by_swept_overrides(args)
             args, sweep_dir = fix_sweep_dir(args)
@@ -317,11 +728,18 @@ def train_command(args: list[str]) -> int:
     saved_argv = sys.argv
     sys.argv = ["cnnlab train", *args]  # Hydra reads its arguments from sys.argv
     statuses: list[str] = []  # of the jobs run in this process: a single run's exit code
+    task = recording_statuses(statuses)
+    stop = SweepStop(sweep_dir) if sweep_dir is not None else None  # a single run stops by itself (StopRequest)
     try:
-        hydra.main(version_base=None, config_path=str(config_dir()), config_name="train")(recording_statuses(statuses))()
+        with stop or sigterm_as_interrupt():
+            hydra.main(version_base=None, config_path=str(config_dir()), config_name="train")(
+                stoppable(task, stop.stop_file) if stop else task)()
     except KeyboardInterrupt:
         if sweep_dir is not None and sweep_dir.is_dir():
             summarise_sweep(sweep_dir)
+        elif sweep_dir is None:
+            _print_error("stopped at once by a signal (while the run was starting, or a second Ctrl-C); the "
+                         "last checkpoint, if there is one, is kept.")
         return EXIT_INTERRUPTED
     except SystemExit as exit:
         if exit.code not in (0, None) and not statuses and not (sweep_dir and sweep_dir.is_dir()):
@@ -331,7 +749,8 @@ def train_command(args: list[str]) -> int:
     finally:
         sys.argv = saved_argv
     if sweep_dir is not None and sweep_dir.is_dir():
-        return summarise_sweep(sweep_dir)
+        code = summarise_sweep(sweep_dir)
+        return EXIT_INTERRUPTED if stop.signum is not None and code != EXIT_OK else code
     return _exit_code(statuses)
 
 
@@ -349,14 +768,15 @@ def compare_command(args: list[str]) -> int:
 
     from cnnlab.compare import find_runs, make_figures, print_summary, write_summary
 
-    try:
-        runs = find_runs(options.paths)
-    except UserError as error:
-        _print_error(str(error))
-        return EXIT_USAGE
     single = Path(options.paths[0])
     default_out = single if len(options.paths) == 1 and single.is_dir() and not (single / ".hydra").is_dir() else Path("comparison")
     out = Path(options.out) if options.out else default_out
+    try:
+        runs = find_runs(options.paths)  # a run whose files cannot be read is skipped, with a warning
+        check_writable("--out", out)
+    except UserError as error:
+        _print_error(str(error))
+        return EXIT_USAGE
     console = Console()
     print_summary(console, runs, title=f"{len(runs)} runs")
     written = [*write_summary(out, runs), *make_figures(runs, out)]

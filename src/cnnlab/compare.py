@@ -14,16 +14,16 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cnnlab.errors import UserError
+from cnnlab.errors import UserError, one_line
 from cnnlab.progress import format_number
-from cnnlab.rundir import METRICS_FILE, read_metrics_or_none
+from cnnlab.rundir import METRICS_FILE
 
 SEED_KEY = "trainer.seed"
 FAILED_STATUSES = ("failed", "diverged", "interrupted", "missing", "running")
@@ -55,19 +55,46 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def _read_overrides(path: Path) -> dict[str, str]:
+    """key -> value of the run's command-line overrides; UserError if the file cannot be read."""
     file = path / ".hydra" / "overrides.yaml"
     if not file.is_file():
         return {}
+    try:
+        lines = yaml.safe_load(file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise UserError(f"{file} cannot be read: {one_line(error, 200)}") from None
+    if lines is not None and not isinstance(lines, list):
+        raise UserError(f"{file} holds a {type(lines).__name__}, not the list of overrides Hydra writes")
     overrides = {}
-    for line in yaml.safe_load(file.read_text()) or []:
+    for line in lines or []:
         key, _, value = str(line).partition("=")
         overrides[key.lstrip("+~")] = value
     return overrides
 
 
-def find_runs(paths: list[str]) -> list[Run]:
+def _read_metrics(path: Path) -> dict[str, Any] | None:
+    """The run's metrics.json; None while there is none (a job that has not started); UserError if
+    it is not the JSON object a run writes (it is written atomically, so it is never cut short)."""
+    file = path / METRICS_FILE
+    if not file.is_file():
+        return None
+    try:
+        metrics = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{file} cannot be read: {one_line(error, 200)}") from None
+    if not isinstance(metrics, dict):
+        raise UserError(f"{file} holds a JSON {type(metrics).__name__}, not the object of results a run writes")
+    return metrics
+
+
+def _warn(message: str) -> None:
+    Console(stderr=True).print(f"cnnlab: warning: {message}", style="yellow", markup=False, highlight=False,
+                               soft_wrap=True)
+
+
+def find_runs(paths: list[str], warn: Callable[[str], None] = _warn) -> list[Run]:
     """Run directories named by `paths`: run directories, sweep directories (their job folders),
-    or glob patterns of either."""
+    or glob patterns of either. A run whose files cannot be read is left out, with a warning."""
     found: list[Path] = []
     for pattern in paths:
         matches = sorted(glob.glob(str(Path(pattern).expanduser()))) or [pattern]
@@ -82,7 +109,16 @@ def find_runs(paths: list[str]) -> list[Run]:
     if not unique:
         raise UserError(f"No run directories in {', '.join(paths)} (a run directory has .hydra/ or metrics.json).")
     # No metrics yet: not started, still starting, or the job died before writing them.
-    runs = [Run(path, _read_overrides(path), read_metrics_or_none(path)) for path in unique]
+    runs, unreadable = [], []
+    for path in unique:
+        try:
+            runs.append(Run(path, _read_overrides(path), _read_metrics(path)))
+        except UserError as error:
+            unreadable.append(str(error))
+    if not runs:
+        raise UserError(f"No readable run in {', '.join(paths)}: {'; '.join(unreadable)}.")
+    for problem in unreadable:
+        warn(f"skipped a run: {problem}.")
     name_runs(runs)
     return runs
 

@@ -7,7 +7,9 @@ valid. This module must not import torch: config errors answer fast.
 
 from __future__ import annotations
 
+import math
 import re
+import typing
 from pathlib import Path
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
@@ -19,6 +21,11 @@ from cnnlab.errors import UserError
 
 # The names of models.INITIALISERS, here so that validating a config needs no torch.
 INIT_SCHEMES = ("default", "kaiming", "xavier", "lecun", "orthogonal")
+# The image sizes of the torchvision datasets (fake and imagefolder set theirs with dataset.image_size),
+# here so that a ConvNet too deep for its images is refused before any work starts.
+IMAGE_SIZES = {"mnist": 28, "fashion_mnist": 28, "cifar10": 32}
+# torch.manual_seed and torch.Generator.manual_seed take seeds in [0, 2**64 - 1].
+MAX_SEED = 2**64 - 1
 
 
 # --- dataset -------------------------------------------------------------------------------------
@@ -259,6 +266,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     sections["trainer"] = _typed_section("trainer", cfg.trainer, TrainerConfig)
     sections["probes"] = _typed_section("probes", cfg.probes, ProbesConfig)
     run = RunConfig(**sections)
+    check_finite(run)
     check_values(run)
     return run
 
@@ -280,7 +288,35 @@ def _typed_section(section: str, node: DictConfig, schema: type) -> Any:
     if missing:
         keys = ", ".join(f"{section}.{key}" for key in missing)
         raise UserError(f"Setting(s) {keys} have no value; set them on the command line, e.g. {section}.{missing[0]}=...")
-    return OmegaConf.to_object(typed)
+    typed_section = OmegaConf.to_object(typed)
+    _check_flat_lists(section, typed_section)
+    return typed_section
+
+
+def _check_flat_lists(section: str, typed_section: Any) -> None:
+    """OmegaConf lets a list or dict into a typed list (`model.hidden=[[1,2]]`); refuse it here."""
+    hints = typing.get_type_hints(type(typed_section))
+    for f in fields(typed_section):
+        if typing.get_origin(hints[f.name]) is not list:
+            continue
+        value = getattr(typed_section, f.name)
+        item_type = typing.get_args(hints[f.name])[0].__name__
+        for i, item in enumerate(value):
+            if isinstance(item, (list, dict)):
+                raise UserError(f"Invalid value for {section}.{f.name}={value!r}: it must be a flat list of {item_type} "
+                                f"values, but item {i} is a {type(item).__name__}, {item!r}.")
+
+
+def check_finite(run: RunConfig) -> None:
+    """No setting may be NaN or infinite (`optimizer.lr=inf` would pass every range check)."""
+    for section in SECTIONS:
+        typed_section = getattr(run, section)
+        for f in fields(typed_section):
+            value = getattr(typed_section, f.name)
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise UserError(f"Invalid setting {section}.{f.name}={value!r}: every number in the config "
+                                    f"must be finite (not nan, inf or -inf).")
 
 
 def _require(ok: bool, key: str, value: Any, what: str) -> None:
@@ -297,10 +333,13 @@ def check_values(run: RunConfig) -> None:
     _check_scheduler(run.scheduler, run.optimizer)
     _check_trainer(run.trainer)
     _check_probes(run.probes)
+    _check_model_fits_images(run.model, run.dataset)
 
 
 def _check_dataset(d: DatasetConfig) -> None:
     _require(0 < d.val_fraction < 1, "dataset.val_fraction", d.val_fraction, "must be between 0 and 1 (exclusive)")
+    _require(0 <= d.split_seed <= MAX_SEED, "dataset.split_seed", d.split_seed,
+             "must be in [0, 2**64 - 1] = [0, 18446744073709551615], the seeds torch accepts")
     if isinstance(d, ImageFolderConfig):
         _require(Path(d.path).expanduser().is_dir(), "dataset.path", d.path,
                  "no such folder; it must hold one folder per class, or train/ and val/ or test/ folders of them")
@@ -367,6 +406,8 @@ def _check_scheduler(s: SchedulerConfig, o: OptimizerConfig) -> None:
 
 def _check_trainer(t: TrainerConfig) -> None:
     _require(t.epochs >= 1, "trainer.epochs", t.epochs, "must be at least 1")
+    _require(0 <= t.seed <= MAX_SEED, "trainer.seed", t.seed,
+             "must be in [0, 2**64 - 1] = [0, 18446744073709551615], the seeds torch accepts")
     _require(t.batch_size >= 1, "trainer.batch_size", t.batch_size, "must be at least 1")
     _require(t.eval_batch_size >= 1, "trainer.eval_batch_size", t.eval_batch_size, "must be at least 1")
     _require(t.log_every >= 1, "trainer.log_every", t.log_every, "must be at least 1 (optimizer steps)")
@@ -385,3 +426,32 @@ def _check_probes(p: ProbesConfig) -> None:
     _require(p.batch_size >= 2, "probes.batch_size", p.batch_size, "must be at least 2 (statistics over a batch)")
     _require(p.bins >= 2, "probes.bins", p.bins, "must be at least 2")
     _require(p.mode in ("train", "eval"), "probes.mode", p.mode, "valid choices are train, eval")
+
+
+# Settings a resumed run may change: where and how fast it runs, and for how long (without a
+# schedule planned for the original length). Any other would make it a different run.
+RESUMABLE = ("trainer.epochs", "trainer.device", "trainer.threads", "trainer.log_every", "trainer.checkpoint_every")
+
+
+def image_size(d: DatasetConfig) -> int:
+    """The side of the dataset's (square) images, as the model sees them."""
+    return d.image_size if isinstance(d, (ImageFolderConfig, FakeDatasetConfig)) else IMAGE_SIZES[d.name]
+
+
+def _check_model_fits_images(m: ModelConfig, d: DatasetConfig) -> None:
+    """Each conv block halves the image (models.build_convnet): n blocks need images of at least 2**n."""
+    if not isinstance(m, ConvNetConfig):
+        return
+    size, blocks = image_size(d), len(m.channels)
+    if size >> blocks > 0:
+        return
+    most = size.bit_length() - 1  # floor(log2(size))
+    if not isinstance(d, (ImageFolderConfig, FakeDatasetConfig)):
+        images, fix = f"the {size}x{size} images of dataset {d.name}", f"Use at most {most} blocks for this dataset."
+    elif most == 0:
+        images, fix = f"{size}x{size} images (dataset.image_size={size})", f"Set dataset.image_size to at least {2**blocks}."
+    else:
+        images = f"{size}x{size} images (dataset.image_size={size})"
+        fix = f"Use at most {most} blocks, or dataset.image_size={2**blocks} or more."
+    raise UserError(f"Invalid setting model.channels={list(m.channels)}: each conv block halves the image, and "
+                    f"{blocks} of them leave nothing of {images}. {fix}")

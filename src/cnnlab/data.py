@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 CROP_PADDING = 4
 FAKE_DATA_SEED = 0  # fake images are the same for every run; trainer.seed only changes the order
 MAX_LISTED_FILES = 10
+MAX_SCANNED_ENTRIES = 20_000_000  # files and folders an image folder's scan may visit: a wrong path ends, not hangs
+FLOAT_BYTES_PER_PIXEL = 12  # load_fake's float32 temporaries per pixel of a split, at their peak (measured)
 
 
 @dataclass
@@ -231,15 +233,21 @@ class StreamBatches:
         self.files, self.device, self.normalise = files, device, normalise
         self.batch_size, self.shuffle, self.augment = batch_size, training, training and cfg.augment
         self.drop_last = training and len(files) >= batch_size
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)  # the order of the files
         self.augment_generator = torch.Generator(device=device).manual_seed(seed)
+        # Each pass over a DataLoader draws its workers' base seed, from torch's global generator
+        # unless given one. Dropout draws from the global generator too, and a checkpoint restores it:
+        # a draw there would make a resumed run's dropout masks differ. So the loader draws from a
+        # generator of its own, reseeded before every pass: workers' seeds depend on `seed` alone.
+        self.loader_generator = torch.Generator()
         self._epoch_start: Tensor | None = None
         self._resume_at = 0
         self.indices = _EpochIndices()
         self.loader = torch.utils.data.DataLoader(
             ImageFiles(files), batch_size=batch_size, sampler=self.indices, drop_last=self.drop_last,
             num_workers=cfg.num_workers, collate_fn=_collate_readable, pin_memory=device.type == "cuda",
-            persistent_workers=cfg.num_workers > 0,
+            persistent_workers=cfg.num_workers > 0, generator=self.loader_generator,
         )
 
     def __len__(self) -> int:
@@ -251,6 +259,7 @@ class StreamBatches:
         count = len(self.files)
         order = _epoch_order(self, count, torch.device("cpu"), start) if self.shuffle else torch.arange(count)
         self.indices.indices = order[start * self.batch_size:].tolist()
+        self.loader_generator.manual_seed(self.seed)
         for images, labels in self.loader:
             if len(labels) == 0:
                 continue
@@ -336,23 +345,105 @@ def load_torchvision(cfg: TorchvisionDatasetConfig) -> Splits:
     def image_set(dataset) -> ImageSet:
         data = torch.as_tensor(dataset.data)  # MNIST: tensor [N, H, W]; CIFAR-10: array [N, H, W, C]
         images = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
-        return ImageSet(images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.int64))
+        labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
+        _check_labels(images, labels, len(train.classes), _labels_file(dataset), cfg)
+        return ImageSet(images.contiguous(), labels)
 
     return Splits(train=image_set(train), val=None, test=image_set(test), classes=list(train.classes))
 
 
-def _find_images(folder: Path, setting: str) -> tuple[list[tuple[str, int]], list[str]]:
-    from torchvision.datasets import ImageFolder
-    from torchvision.datasets.folder import IMG_EXTENSIONS
+def _labels_file(dataset) -> str:
+    """Where torchvision read a split's labels from, for messages."""
+    from torchvision import datasets
 
-    try:
-        found = ImageFolder(str(folder))
-    except FileNotFoundError as error:
+    if isinstance(dataset, datasets.CIFAR10):  # labels sit in the pickled batches beside the images
+        names = [name for name, _ in (dataset.train_list if dataset.train else dataset.test_list)]
+        folder = os.path.join(dataset.root, dataset.base_folder)
+        return f"{'one of ' if len(names) > 1 else ''}{', '.join(names)} in {folder}"
+    return os.path.join(dataset.raw_folder, f"{'train' if dataset.train else 't10k'}-labels-idx1-ubyte")
+
+
+def _check_labels(images: Tensor, labels: Tensor, classes: int, source: str, cfg: TorchvisionDatasetConfig) -> None:
+    """torchvision takes label values as the files give them: a value beyond the classes would end
+    the run later, in cross_entropy (on a GPU, with a device-side assert), so a damaged file is caught here."""
+    fix = f"Replace the damaged file, or point dataset.root={cfg.root!r} at intact {cfg.name} files."
+    if len(labels) != len(images):
+        raise UserError(f"{source}: {len(images)} images but {len(labels)} labels; each image needs one label. {fix}")
+    wrong = labels[(labels < 0) | (labels >= classes)]
+    if len(wrong):
+        raise UserError(f"{source} holds label value {wrong[0].item()} ({len(wrong)} label(s) out of range); "
+                        f"{cfg.name} has {classes} classes, so labels must be 0 to {classes - 1}. {fix}")
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _class_folders(folder: str, dataset_root: str, setting: str) -> list[str]:
+    """The class folders of a split, named as torchvision's find_classes names them (a linked folder
+    counts). A link is refused where it leads out of the dataset folder, around it (a loop), or onto
+    another class folder (whose images would get two labels)."""
+    entries = sorted((entry for entry in os.scandir(folder) if entry.is_dir()), key=lambda entry: entry.name)
+    real = {entry.name: os.path.realpath(entry.path) for entry in entries}
+    for entry in (entry for entry in entries if entry.is_symlink()):  # plain sub-folders sit side by side inside
+        target = real[entry.name]
+        overlaps = [name for name, path in real.items()
+                    if name != entry.name and (_inside(path, target) or _inside(target, path))]
+        if not _inside(target, dataset_root):
+            problem = f"which is outside the dataset folder {dataset_root}"
+        elif _inside(os.path.realpath(folder), target):
+            problem = "which holds the dataset folder itself (a loop)"
+        elif overlaps:
+            problem = f"which overlaps class folder {overlaps[0]} (images in both would get two labels)"
+        else:
+            continue
         raise UserError(
-            f"{setting}: no images found in {folder}: {one_line(error)} Expected one sub-folder per class "
-            f"holding image files ({', '.join(IMG_EXTENSIONS)})."
-        ) from None
-    return found.samples, found.classes
+            f"{setting}: class folder {entry.path} is a link to {target}, {problem}. Links to folders are "
+            f"followed only within the dataset folder, each folder once; copy those images in, or link the "
+            f"image files themselves.")
+    return list(real)
+
+
+def _find_images(folder: Path, dataset_root: Path, setting: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, class index) of every image below folder's class folders, in torchvision ImageFolder's
+    order, and the classes. Unlike ImageFolder (os.walk with followlinks=True) the scan follows no
+    linked folder inside a class folder: `cat/loop -> ..` would label the dog images cat, and a link
+    to / would scan the machine. Linked image files are read like any other. The scan is capped."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    folder, dataset_root = str(folder), os.path.realpath(dataset_root)
+    expected = f"Expected one sub-folder per class holding image files ({', '.join(IMG_EXTENSIONS)})."
+    if not _inside(os.path.realpath(folder), dataset_root):
+        raise UserError(f"{setting}: {folder} is a link to {os.path.realpath(folder)}, outside the dataset folder "
+                        f"{dataset_root}. {expected}")
+    classes = _class_folders(folder, dataset_root, setting)
+    if not classes:
+        raise UserError(f"{setting}: no images found in {folder}: it has no class folders. {expected}")
+    samples, not_followed, scanned = [], [], len(classes)
+    for index, name in enumerate(classes):
+        visited = []
+        for parent, folders, files in os.walk(os.path.join(folder, name)):  # followlinks=False
+            scanned += len(folders) + len(files)
+            if scanned > MAX_SCANNED_ENTRIES:
+                raise UserError(
+                    f"{setting}: more than {MAX_SCANNED_ENTRIES:,} files and folders in {folder}, and still "
+                    f"scanning. Point it at the dataset's own folder: one sub-folder per class, or train/, "
+                    f"val/ and test/ folders of them.")
+            not_followed += [path for path in (os.path.join(parent, f) for f in folders) if os.path.islink(path)]
+            visited.append((parent, files))
+        samples += [(path, index) for parent, files in sorted(visited)
+                    for path in (os.path.join(parent, file) for file in sorted(files))
+                    if has_file_allowed_extension(path, IMG_EXTENSIONS)]
+    empty = sorted(set(classes) - {classes[label] for _, label in samples})
+    if not_followed:
+        listed = ", ".join(not_followed[:MAX_LISTED_FILES])
+        more = f" (and {len(not_followed) - MAX_LISTED_FILES} more)" if len(not_followed) > MAX_LISTED_FILES else ""
+        log.warning("%s: did not follow %d linked folder(s) inside class folders (links to image files are "
+                    "read, links to folders are not): %s%s", setting, len(not_followed), listed, more)
+    if empty:
+        raise UserError(f"{setting}: no images found in {folder}: no image files in the class folder(s) "
+                        f"{', '.join(empty)}. {expected}")
+    return samples, classes
 
 
 def _decode_all(files: FileSet, setting: str = "dataset.path") -> ImageSet:
@@ -386,7 +477,7 @@ def load_imagefolder(cfg: ImageFolderConfig) -> Splits:
     layout = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
     if "train" not in layout:
         layout = {"train": root}
-    train_samples, classes = _find_images(layout["train"], "dataset.path")
+    train_samples, classes = _find_images(layout["train"], root, f"dataset.path={cfg.path!r}")
     if len(classes) < 2:
         raise UserError(
             f"dataset.path={cfg.path!r}: found {len(classes)} class folder ({', '.join(classes)}) in "
@@ -395,7 +486,7 @@ def load_imagefolder(cfg: ImageFolderConfig) -> Splits:
     splits: dict[str, FileSet] = {"train": FileSet(train_samples, cfg.image_size, cfg.channels)}
     for name in ("val", "test"):
         if name in layout:
-            samples, split_classes = _find_images(layout[name], f"dataset.path ({name}/)")
+            samples, split_classes = _find_images(layout[name], root, f"dataset.path={cfg.path!r} ({name}/)")
             unknown = sorted(set(split_classes) - set(classes))
             if unknown:
                 raise UserError(
@@ -415,7 +506,35 @@ def load_imagefolder(cfg: ImageFolderConfig) -> Splits:
     return Splits(train=splits["train"], val=splits.get("val"), test=splits.get("test"), classes=classes)
 
 
+def available_memory() -> int:
+    """Bytes of memory the machine can give now: MemAvailable on Linux, else all of its memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _memory(count: int) -> str:
+    return f"{count / 2**30:,.1f} GB" if count >= 2**30 else f"{count / 2**20:,.1f} MB"
+
+
 def load_fake(cfg: FakeDatasetConfig) -> Splits:
+    # Refuse sizes that cannot fit before allocating anything: torch would fail with a traceback, or
+    # the kernel would kill the process.
+    pixels = cfg.channels * cfg.image_size**2
+    images = (cfg.train_size + cfg.test_size) * pixels  # bytes of uint8 images, kept
+    needed = images + FLOAT_BYTES_PER_PIXEL * (max(cfg.train_size, cfg.test_size) + cfg.num_classes) * pixels
+    available = available_memory()
+    if needed > available:
+        raise UserError(
+            f"dataset.train_size={cfg.train_size}, dataset.test_size={cfg.test_size}, dataset.image_size="
+            f"{cfg.image_size}, dataset.channels={cfg.channels}: generating these images needs about "
+            f"{_memory(needed)} of memory ({_memory(images)} as uint8 images, drawn in float32), but "
+            f"{_memory(available)} is available. Lower dataset.train_size, dataset.test_size or dataset.image_size.")
     generator = torch.Generator().manual_seed(FAKE_DATA_SEED)
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
     patterns = torch.rand(cfg.num_classes, *shape, generator=generator)

@@ -1,32 +1,69 @@
-"""The files of a run directory, written so that a crash never leaves a half-written one."""
+"""The files of a run directory, written so that a crash never leaves a half-written one, and
+the lock that keeps a second process from writing into a run that is still going."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from cnnlab.errors import UserError
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
+LOCK_FILE = ".cnnlab.lock"
 
 
 def replace_atomically(path: Path, write) -> None:
-    """Write through `write(file)` into a temporary file beside `path`, then rename it over `path`."""
+    """Write through `write(file)` into a temporary file beside `path`, then rename it over `path`.
+    If writing fails (a full disk, say), the temporary file is removed and `path` is as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities as null: JSON has no such numbers, and a diverged run has them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
-    text = json.dumps(metrics, indent=2) + "\n"
+    text = json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n"
     replace_atomically(Path(run_dir) / METRICS_FILE, lambda file: file.write(text.encode()))
+
+
+def record_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """Keep a resumed run's record of its config (.hydra/config.yaml) true when the resume changed
+    a setting (a longer run, say); called once the resume has been accepted."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    if not config or not path.is_file():
+        return
+    if OmegaConf.to_container(OmegaConf.load(path), resolve=True) != config:
+        text = OmegaConf.to_yaml(OmegaConf.create(config))
+        replace_atomically(path, lambda file: file.write(text.encode()))
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:
@@ -49,3 +86,61 @@ def last_checkpoint(run_dir: Path) -> Path:
 def best_checkpoint(run_dir: Path) -> Path:
     """Where a run keeps the weights of its best validation epoch."""
     return Path(run_dir) / CHECKPOINT_DIR / BEST_CHECKPOINT
+
+
+# --- one writer per run directory ----------------------------------------------------------------
+def locked_by(run_dir: Path) -> str | None:
+    """The process id of the live run holding run_dir's lock (as it wrote it), or None when no
+    process holds it. A run that died released it with its process."""
+    path = Path(run_dir) / LOCK_FILE
+    if not path.is_file():
+        return None
+    with open(path) as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return file.read().strip() or "?"
+        fcntl.flock(file, fcntl.LOCK_UN)
+    return None
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold run_dir's lock while the run writes into it. The operating system releases it when the
+    process ends, however it ends, so a crashed run never blocks its resume."""
+    path = Path(run_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = open(path, "a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "?"
+        file.close()
+        raise UserError(f"{run_dir} is in use by another cnnlab process (pid {holder}) that is still writing "
+                        f"into it. Wait for it to end, or choose another folder.") from None
+    try:
+        file.truncate(0)
+        file.write(str(os.getpid()))
+        file.flush()
+        yield
+    finally:
+        fcntl.flock(file, fcntl.LOCK_UN)
+        file.close()
+
+
+def clear_unfinished(run_dir: Path) -> list[str]:
+    """Remove what a run that never reached its first checkpoint left in run_dir (its events,
+    metrics, a best.pt, a traceback), so that a new run there starts clean; returns what went."""
+    run_dir = Path(run_dir)
+    if last_checkpoint(run_dir).is_file():
+        raise ValueError(f"{run_dir} holds a checkpoint")  # never: callers resume such a folder
+    removed = []
+    for path in [*run_dir.glob("events.out.tfevents.*"), run_dir / METRICS_FILE, run_dir / "traceback.txt"]:
+        if path.is_file():
+            path.unlink()
+            removed.append(path.name)
+    if (run_dir / CHECKPOINT_DIR).is_dir():
+        shutil.rmtree(run_dir / CHECKPOINT_DIR)
+        removed.append(CHECKPOINT_DIR)
+    return removed

@@ -8,6 +8,8 @@ restoring checkpoints is checkpoint.py's, when to probe is probes.py's, TensorBo
 from __future__ import annotations
 
 import contextlib
+import errno
+import math
 import os
 import signal
 import threading
@@ -31,7 +33,7 @@ from cnnlab.models import build_model
 from cnnlab.optim import build_optimizer, build_scheduler
 from cnnlab.probes import Probes, gradient_norm
 from cnnlab.progress import TrainingProgress, summary_table
-from cnnlab.rundir import write_metrics
+from cnnlab.rundir import clear_unfinished, record_config, run_lock, write_metrics
 from cnnlab.tblog import write_hparams_end, write_hparams_start, write_layout, write_probe
 
 
@@ -125,8 +127,8 @@ def evaluate(model: nn.Module, batches: Batches, precision: Precision = FLOAT32)
 
 
 class Diverged(Exception):
-    def __init__(self, step: int):
-        super().__init__(f"the loss or the gradients became non-finite (NaN or inf) at step {step}")
+    def __init__(self, step: int, what: str = "the loss or the gradients"):
+        super().__init__(f"{what} became non-finite (NaN or inf) at step {step}")
         self.step = step
 
 
@@ -157,6 +159,13 @@ class NonfiniteWatch:
             first = int(self.first)
             if first >= 0:
                 raise Diverged(first)
+
+    @staticmethod
+    def check_weights(parameters: list[nn.Parameter], step: int) -> None:
+        """Before a checkpoint or an evaluation: the last update can make the weights non-finite
+        with a finite loss (a huge learning rate), and no later step would notice."""
+        if not bool(torch.stack([torch.isfinite(p).all() for p in parameters]).all()):
+            raise Diverged(step, "the weights")
 
 
 class StopRequest:
@@ -266,6 +275,10 @@ class TrainState:
     batch: int = 0  # batches of this epoch done
     started: float = field(default_factory=time.perf_counter)  # the run's clock, for metrics' seconds
 
+    @property
+    def epochs_done(self) -> int:
+        return self.epoch - (self.batch < len(self.data.train))
+
 
 def new_metrics() -> dict[str, Any]:
     return {
@@ -288,7 +301,7 @@ def setup(run: RunConfig, run_dir: Path, config: dict[str, Any], resume: bool = 
     if t.threads is not None:
         torch.set_num_threads(t.threads)
     data = load_data(run.dataset, t.batch_size, t.eval_batch_size, device, t.seed)
-    model = build_model(run.model, run.activation, data.input_shape, data.num_classes).to(device)
+    model = fitting_in_memory(lambda: build_model(run.model, run.activation, data.input_shape, data.num_classes).to(device))
     if t.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
         model = model.to(memory_format=torch.channels_last)
         data.train.normalise.channels_last = True  # one Normalise serves every split
@@ -397,6 +410,7 @@ def train_epoch(state: TrainState, progress: TrainingProgress, stop: StopRequest
         due = bool(t.checkpoint_every) and state.step % t.checkpoint_every == 0 and mid_epoch
         state.watch.check(now=logged or probe or due or stopping)
         if due or stopping:
+            state.watch.check_weights(state.parameters, state.step)
             save_last(state)
         if stopping:
             raise Interrupted(stop.signum, state.step)
@@ -407,7 +421,10 @@ def train_epoch(state: TrainState, progress: TrainingProgress, stop: StopRequest
 def end_epoch(state: TrainState, progress: TrainingProgress) -> None:
     """Validate, keep the best weights, checkpoint, and record the epoch in metrics.json."""
     state.watch.check(now=True)  # never evaluate or checkpoint a diverged model
+    state.watch.check_weights(state.parameters, state.step)
     val_loss, val_acc = evaluate(state.step_model, state.data.val, state.precision)
+    if not math.isfinite(val_loss):  # finite but huge weights can overflow the logits
+        raise Diverged(state.step, "the validation loss")
     writer, log, metrics = state.log.writer, state.log, state.metrics
     writer.add_scalar("val/loss", val_loss, state.step)
     writer.add_scalar("val/acc", val_acc, state.step)
@@ -441,15 +458,30 @@ def test(state: TrainState) -> None:
     state.metrics.update(test_loss=test_loss, test_acc=test_acc)
 
 
-def ending(error: BaseException) -> dict[str, Any]:
-    """What metrics.json says about a run that `error` ended."""
+def ending(error: BaseException, state: TrainState | None) -> dict[str, Any]:
+    """What metrics.json says about a run that `error` ended: its status, and how far it got."""
     if isinstance(error, Diverged):
         status = {"status": "diverged", "diverged_step": error.step}
     elif isinstance(error, (Interrupted, KeyboardInterrupt, SystemExit)):  # SystemExit: a launcher's own handler
         status = {"status": "interrupted"}
     else:
         status = {"status": "failed"}
-    return {**status, "error": one_line(error)}
+    progress = {"epochs": state.epochs_done, "steps": state.step} if state is not None else {}
+    return {**status, **progress, "error": one_line(error)}
+
+
+def fitting_in_memory(build):
+    """build(), with running out of memory told as what it is: a setting too large for this machine."""
+    try:
+        return build()
+    except (RuntimeError, MemoryError) as error:
+        if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and "alloc" not in str(error).lower():
+            raise
+        raise UserError(f"The model does not fit in memory ({one_line(error, 200)}). Make it smaller: "
+                        f"model.hidden, or model.channels and model.fc_hidden.") from None
+
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def describe(state: TrainState, resumed: bool) -> str:
@@ -461,20 +493,34 @@ def describe(state: TrainState, resumed: bool) -> str:
 
 def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Console | None = None,
           resume: bool = False) -> dict[str, Any]:
-    """Train, validate every epoch, test once at the end; everything lands in run_dir. With resume,
-    continue from run_dir's last checkpoint exactly where it was written."""
+    """Train, validate every epoch, test once at the end; everything lands in run_dir, which this
+    process holds for itself meanwhile. With resume, continue from run_dir's last checkpoint exactly
+    where it was written. SIGINT/SIGTERM at any point stop the run cleanly (see StopRequest)."""
     console = console or Console()
+    run_dir = Path(run_dir)
+    with run_lock(run_dir), StopRequest() as stop:
+        if not resume:
+            clear_unfinished(run_dir)  # what a run killed before its first checkpoint left here
+        return run_to_the_end(run, run_dir, config, console, resume, stop)
+
+
+def run_to_the_end(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Console, resume: bool,
+                   stop: StopRequest) -> dict[str, Any]:
     started = time.perf_counter()
-    run_dir, metrics, state = Path(run_dir), new_metrics(), None
+    metrics, state = new_metrics(), None
     if not resume:
         write_metrics(run_dir, metrics)
     try:
         state = setup(run, run_dir, config, resume, metrics)
-        state.started = started  # setup's time (data loading) counts too
+        state.started = started - metrics["seconds"]  # a resumed run adds to the time it had spent
+        if stop.signum is not None:  # asked to stop while it was starting
+            raise Interrupted(stop.signum, state.step)
+        if resume:
+            record_config(run_dir, config)
         write_metrics(run_dir, metrics)
         console.print(describe(state, resume), highlight=False, markup=False, soft_wrap=True)
         epochs = run.trainer.epochs
-        with TrainingProgress(epochs, console) as progress, StopRequest() as stop:
+        with TrainingProgress(epochs, console) as progress:
             while state.epoch <= epochs:
                 progress.start_epoch(state.epoch, len(state.data.train), completed=state.batch)
                 train_epoch(state, progress, stop)
@@ -482,17 +528,23 @@ def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Consol
                 if stop.signum is not None and state.epoch < epochs:  # asked to stop during the last step
                     raise Interrupted(stop.signum, state.step)
                 state.epoch, state.batch = state.epoch + 1, 0
-        test(state)
+        test(state)  # a stop request now waits for this last, short evaluation: the run is complete
         metrics["status"] = "completed"
     except BaseException as error:
-        metrics.update(ending(error))
+        metrics.update(ending(error, state))
+        if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+            raise UserError(f"Cannot write into {run_dir}: {one_line(error, 200)}. The last checkpoint written "
+                            f"before it is kept; free some space (or make the folder writable), then resume.") from None
         raise
     finally:
-        metrics["seconds"] = round(time.perf_counter() - started, 3)
-        if state is not None or not resume:  # a refused resume leaves the run's files as they were
-            write_metrics(run_dir, metrics)
+        metrics["seconds"] = round(time.perf_counter() - (state.started if state is not None else started), 3)
+        # A refused resume leaves the run's files as they were; on a full disk, this may fail too.
+        if state is not None or not resume:
+            with contextlib.suppress(OSError):
+                write_metrics(run_dir, metrics)
         if state is not None and state.log.writer is not None:
-            write_hparams_end(state.log.writer, metrics["status"])
-            state.log.writer.close()
+            with contextlib.suppress(OSError):
+                write_hparams_end(state.log.writer, metrics["status"])
+                state.log.writer.close()
     console.print(summary_table(metrics, str(run_dir)))
     return metrics

@@ -1,0 +1,85 @@
+import errno
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from cnnlab.errors import UserError
+from cnnlab.rundir import (
+    clear_unfinished,
+    last_checkpoint,
+    locked_by,
+    read_metrics,
+    replace_atomically,
+    run_lock,
+    write_metrics,
+)
+
+
+def test_a_held_run_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
+    assert locked_by(tmp_path) is None
+    with run_lock(tmp_path):
+        assert locked_by(tmp_path) is not None
+        with pytest.raises(UserError, match="in use by another cnnlab process"):
+            with run_lock(tmp_path):
+                pass
+    assert locked_by(tmp_path) is None
+    with run_lock(tmp_path):  # released: the next run may take it
+        pass
+
+
+def test_the_operating_system_releases_the_lock_of_a_killed_run(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from cnnlab.rundir import run_lock\n"
+                               f"with run_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert locked_by(tmp_path) == str(holder.pid)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert locked_by(tmp_path) is None
+
+
+def test_metrics_json_is_strict_json_with_null_for_nan_and_infinity(tmp_path):
+    write_metrics(tmp_path, {"val_loss": float("nan"), "dead_fraction": {"all": float("inf")}, "epochs": 1})
+    text = (tmp_path / "metrics.json").read_text()
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in metrics.json")) == {
+        "val_loss": None, "dead_fraction": {"all": None}, "epochs": 1}
+    assert read_metrics(tmp_path)["val_loss"] is None
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"the last good one")
+
+    def fill_the_disk(file):
+        file.write(b"half of it")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        replace_atomically(path, fill_the_disk)
+    assert path.read_bytes() == b"the last good one"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_what_a_run_left_before_its_first_checkpoint_is_cleared(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("trainer: {}\n")
+    (tmp_path / "events.out.tfevents.1.host").write_bytes(b"stale")
+    write_metrics(tmp_path, {"status": "running"})
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.pt").write_bytes(b"best of a run that never finished")
+    assert sorted(clear_unfinished(tmp_path)) == ["checkpoints", "events.out.tfevents.1.host", "metrics.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra"]  # Hydra's record of this run's config stays
+
+
+def test_a_folder_with_a_checkpoint_is_never_cleared(tmp_path):
+    last_checkpoint(tmp_path).parent.mkdir()
+    last_checkpoint(tmp_path).write_bytes(b"resume me")
+    with pytest.raises(ValueError):
+        clear_unfinished(tmp_path)
+    assert last_checkpoint(tmp_path).read_bytes() == b"resume me"
