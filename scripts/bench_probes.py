@@ -84,8 +84,8 @@ def bench_model(model_name: str, steps: int, rounds: int, device_name: str, work
         copy_ = copy.deepcopy(model)
         parameters = list(copy_.parameters())
         variants[name] = {"model": copy_, "parameters": parameters, "optimizer": build_optimizer(run.optimizer, parameters)}
-    probe_images = data.train.sample(run.probes.batch_size, seed=0)
-    probes = Probes(variants["on"]["model"], probe_images, run.probes, last_step=-1)
+    probe_batch = data.train.sample(run.probes.batch_size, seed=0)
+    probes = Probes(variants["on"]["model"], probe_batch, run.probes, last_step=-1)
     quiet = TrainingProgress(epochs=1, console=Console(file=io.StringIO()))
     generator = torch.Generator(device=device).manual_seed(0)
     logs = {name: TrainingLog(device, SummaryWriter(str(workdir / f"{model_name}-{name}"))) for name in ("off", "on")}
@@ -126,17 +126,26 @@ def bench_model(model_name: str, steps: int, rounds: int, device_name: str, work
     def spread(values: list[float]) -> dict:
         return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
+    # The cost of one probe on its own: at the defaults, then without each instrument (its cost is
+    # the difference), and with sharpness on, which is off by default.
+    instruments = {
+        "defaults": {},
+        "without histograms": {"histograms": False},
+        "without per-example gradients": {"per_example": 0},
+        "without density columns": {"density": False},
+        "with sharpness": {"sharpness_every": 1},
+    }
     probe_ms = {}
-    for histograms in (True, False):  # the cost of one probe on its own, with and without histograms
-        alone = Probes(variants["on"]["model"], probe_images, dataclasses.replace(run.probes, histograms=histograms),
-                       last_step=-1)
-        with SummaryWriter(str(workdir / f"{model_name}-probe-{histograms}")) as writer:
+    for label, change in instruments.items():
+        alone = Probes(variants["on"]["model"], probe_batch, dataclasses.replace(run.probes, **change),
+                       last_step=-1, stability_limit=lambda: 1.0)
+        with SummaryWriter(str(workdir / f"{model_name}-probe-{len(probe_ms)}")) as writer:
             durations = []
-            for i in range(6):
+            for i in range(6 if label != "with sharpness" else 3):
                 start = time.perf_counter()
-                write_probe(writer, i, alone.measure())  # ends with the transfer: the work is done
+                write_probe(writer, i, alone.measure(i))  # ends with the transfer: the work is done
                 durations.append(time.perf_counter() - start)
-        probe_ms["with histograms" if histograms else "without histograms"] = 1000 * statistics.median(durations[1:])
+        probe_ms[label] = 1000 * statistics.median(durations[1:])
 
     ratios = {
         "off/bare": spread([o / b for o, b in zip(times["off"], times["bare"])]),
@@ -145,8 +154,7 @@ def bench_model(model_name: str, steps: int, rounds: int, device_name: str, work
     return {
         "steps_per_epoch": steps,
         "batch_size": run.trainer.batch_size,
-        "probes": {"every": run.probes.every, "batch_size": run.probes.batch_size, "bins": run.probes.bins,
-                   "histograms": run.probes.histograms},
+        "probes": dataclasses.asdict(run.probes),
         "ms_per_step": {name: 1000 * statistics.median(values) / steps for name, values in times.items()},
         "ms_per_probe": probe_ms,
         "ratios": ratios,
@@ -189,7 +197,7 @@ def main() -> None:
 
     table = Table(title=f"probe and loop overhead, {results['machine']['device']}, {args.rounds} rounds")
     for column in ("model", "steps", "bare ms/step", "off ms/step", "on ms/step", "off/bare median [min, max]",
-                   "on/off median [min, max]", "ms per probe (no histograms)"):
+                   "on/off median [min, max]", "ms per probe"):
         table.add_column(column, justify="right")
     for model_name, result in results["models"].items():
         ms, ratios = result["ms_per_step"], result["ratios"]
@@ -200,8 +208,16 @@ def main() -> None:
             cells.append(f"{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}] {verdict}")
         probe = result["ms_per_probe"]
         table.add_row(model_name, str(result["steps_per_epoch"]), f"{ms['bare']:.2f}", f"{ms['off']:.2f}", f"{ms['on']:.2f}",
-                      *cells, f"{probe['with histograms']:.1f} ({probe['without histograms']:.1f})")
+                      *cells, f"{probe['defaults']:.1f}")
     Console(width=160).print(table)
+    costs = Table(title="one probe on its own, ms: at the defaults, without each instrument, with sharpness")
+    costs.add_column("model")
+    labels = list(next(iter(results["models"].values()))["ms_per_probe"])
+    for label in labels:
+        costs.add_column(label, justify="right")
+    for model_name, result in results["models"].items():
+        costs.add_row(model_name, *(f"{result['ms_per_probe'][label]:.1f}" for label in labels))
+    Console(width=160).print(costs)
     print(f"wrote {args.out}")
 
 

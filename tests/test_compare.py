@@ -4,12 +4,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from cnnlab.compare import FIGURES, Run, find_runs, name_runs, seed_groups, spread
+from cnnlab.compare import FIGURES, Run, by_group, find_runs, make_figures, name_runs, read_scalars, seed_groups, spread
 from cnnlab.errors import UserError
 from tests.helpers import TINY, not_blank
+
+# What a run without sharpness estimates (probes.sharpness_every=0, the default) gets.
+DRAWN_WITHOUT_SHARPNESS = [figure for figure in FIGURES if figure != "sharpness.png"]
 
 
 def cnnlab(*args, cwd):
@@ -68,8 +72,9 @@ def test_a_sweep_summary_is_written_with_one_row_per_job(sweep):
 def test_compare_writes_every_figure_the_summary_and_tensorboard_images(sweep, tmp_path):
     result = cnnlab("compare", str(sweep), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for figure in FIGURES:
+    for figure in DRAWN_WITHOUT_SHARPNESS:
         assert not_blank(tmp_path / "out" / figure), figure
+    assert not (tmp_path / "out" / "sharpness.png").exists() and "sharpness.png" not in result.stdout
     assert (tmp_path / "out" / "summary.csv").is_file()
     assert result.stdout.count("│ completed ") == 4  # the table: one row per job
 
@@ -77,7 +82,7 @@ def test_compare_writes_every_figure_the_summary_and_tensorboard_images(sweep, t
 
     events = EventAccumulator(str(tmp_path / "out" / "figures"))
     events.Reload()
-    assert sorted(events.Tags()["images"]) == sorted(f"compare/{f.removesuffix('.png')}" for f in FIGURES)
+    assert sorted(events.Tags()["images"]) == sorted(f"compare/{f.removesuffix('.png')}" for f in DRAWN_WITHOUT_SHARPNESS)
 
 
 def test_compare_works_on_a_partial_sweep(sweep, tmp_path):
@@ -91,7 +96,7 @@ def test_compare_works_on_a_partial_sweep(sweep, tmp_path):
     result = cnnlab("compare", str(partial), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "missing" in result.stdout and "running" in result.stdout
-    assert all(not_blank(partial / figure) for figure in FIGURES)
+    assert all(not_blank(partial / figure) for figure in DRAWN_WITHOUT_SHARPNESS)
     summary = json.loads((partial / "summary.json").read_text())
     assert len(summary["not_completed"]) == 2
 
@@ -150,3 +155,74 @@ def test_compare_refuses_runs_it_cannot_read_and_an_out_that_is_a_file(tmp_path,
     code, err = compare("sweep", "--out", "taken")
     assert code == 2 and "--out='taken'" in err and "is a file, not a folder" in err
     assert (tmp_path / "taken").read_text() == "a file" and not (tmp_path / "sweep" / "summary.csv").exists()
+
+
+def write_events(path: Path, lr: str, scalars: dict[str, list[float]]) -> Path:
+    """A run directory with TensorBoard scalars (tag -> values at steps 0, 10, 20, ...), as a run writes them."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    write_run(path, overrides=f"- optimizer.lr={lr}\n")
+    with SummaryWriter(str(path)) as writer:
+        for tag, values in scalars.items():
+            for i, value in enumerate(values):
+                writer.add_scalar(tag, value, global_step=10 * i)
+    return path
+
+
+def depth_scalars(rank_start: float, rank_end: float) -> dict[str, list[float]]:
+    layers = ("act01_fc", "act02_fc", "act03_fc")
+    return {**{f"act_mean/{a}": [0.5, 0.4] for a in layers}, **{f"act_std/{a}": [1.0, 0.9] for a in layers},
+            **{f"effective_rank/{a}": [rank_start / (i + 1), rank_end] for i, a in enumerate(layers)}}
+
+
+def test_activation_depth_gains_an_effective_rank_panel_when_runs_log_it(tmp_path):
+    runs = find_runs([str(write_events(tmp_path / "sweep" / "a", "0.1", depth_scalars(30.0, 20.0)).parent)])
+    scalars = {run.path: read_scalars(run, ("act_mean/", "act_std/", "effective_rank/")) for run in runs}
+    figure = FIGURES["activation_depth.png"](by_group(runs), scalars, {"all": "C0"})
+    plt.close(figure)
+    titles = [axis.get_title() for axis in figure.axes]
+    assert titles == ["activation mean by depth", "activation std by depth",
+                      "effective rank of the activations by depth"]
+    start, end = figure.axes[2].get_lines()  # the first probe dashed, the last solid, layer by layer
+    assert (start.get_linestyle(), end.get_linestyle()) == ("--", "-")
+    assert list(start.get_xdata()) == [1, 2, 3] and list(start.get_ydata()) == pytest.approx([30, 15, 10])
+    assert list(end.get_ydata()) == pytest.approx([20, 20, 20])
+
+    scalars = {path: {tag: s for tag, s in series.items() if "rank" not in tag} for path, series in scalars.items()}
+    older = FIGURES["activation_depth.png"](by_group(runs), scalars, {"all": "C0"})  # runs from before the rank probe
+    plt.close(older)
+    assert len(older.axes) == 2
+
+
+def test_sharpness_figure_is_drawn_only_when_some_run_estimated_sharpness(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_events(sweep / "lr=0.01", "0.01", {"val/acc": [0.5], "sharpness/top_eigenvalue": [5.0, 50.0, 190.0],
+                                             "sharpness/stability_limit": [200.0, 200.0, 200.0]})
+    write_events(sweep / "lr=0.04", "0.04", {"val/acc": [0.5], "sharpness/top_eigenvalue": [5.0, 45.0, 52.0]})
+    written = make_figures(find_runs([str(sweep)]), tmp_path / "with")
+    assert [path.name for path in written] == list(FIGURES) and not_blank(tmp_path / "with" / "sharpness.png")
+
+    write_events(tmp_path / "plain" / "a", "0.1", {"val/acc": [0.5, 0.6]})
+    written = make_figures(find_runs([str(tmp_path / "plain")]), tmp_path / "without")
+    assert [path.name for path in written] == DRAWN_WITHOUT_SHARPNESS
+    assert not (tmp_path / "without" / "sharpness.png").exists()
+
+
+def test_sharpness_figure_draws_the_eigenvalue_solid_and_the_stability_limit_dashed_in_one_colour(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_events(sweep / "sgd", "0.01", {"sharpness/top_eigenvalue": [5.0, 50.0, 190.0],
+                                         "sharpness/stability_limit": [200.0, 200.0, 200.0]})
+    write_events(sweep / "adam", "0.001", {"sharpness/top_eigenvalue": [3.0, 4.0, 5.0]})  # no limit: not SGD
+    runs = find_runs([str(sweep)])
+    scalars = {run.path: read_scalars(run, ("sharpness/",)) for run in runs}
+    colours = {name: f"C{i}" for i, name in enumerate(by_group(runs))}
+    figure = FIGURES["sharpness.png"](by_group(runs), scalars, colours)
+    plt.close(figure)
+    (axis,) = figure.axes
+    lines = {line.get_label(): line for line in axis.get_lines()}
+    assert sorted(lines) == ["optimizer.lr=0.001", "optimizer.lr=0.01", "optimizer.lr=0.01: 2 / lr"]
+    eigenvalue, limit = lines["optimizer.lr=0.01"], lines["optimizer.lr=0.01: 2 / lr"]
+    assert (eigenvalue.get_linestyle(), limit.get_linestyle()) == ("-", "--")
+    assert eigenvalue.get_color() == limit.get_color()
+    assert list(eigenvalue.get_xdata()) == [0, 10, 20] and list(limit.get_ydata()) == [200, 200, 200]
+    assert axis.get_yscale() == "log"

@@ -10,7 +10,7 @@ from cnnlab.models import build_model
 from cnnlab.probes import (
     Probes,
     activation_layers,
-    dead_units,
+    effective_rank,
     histogram,
     saturation_fraction,
     update_ratio,
@@ -19,26 +19,16 @@ from cnnlab.probes import (
 from cnnlab.rundir import read_metrics
 from tests.helpers import TINY_CONVNET, compose_config
 
-PROBES = ProbesConfig(enabled=True, every=1, batch_size=8, histograms=True, bins=10, mode="train")
+PROBES = ProbesConfig(enabled=True, every=1, batch_size=8, histograms=True, bins=10, mode="train", per_example=4,
+                      sharpness_every=0, sharpness_iterations=5, density=True)
+
+
+def batch(images, classes=3):
+    """A probe batch: the images and some labels."""
+    return images, torch.arange(len(images)) % classes
 
 
 # --- statistics on hand-made tensors --------------------------------------------------------------
-def test_dead_units_of_a_linear_layer_are_those_never_positive_over_the_batch():
-    pre = torch.randn(32, 6).abs() + 0.1
-    pre[:, 1] = -pre[:, 1]  # never positive
-    pre[:, 4] = 0.0  # zero is not positive either: ReLU's gradient is zero there
-    pre[:, 5] = -1.0
-    pre[7, 5] = 0.5  # positive for one example: alive
-    assert dead_units(pre).tolist() == [False, True, False, False, True, False]
-
-
-def test_a_conv_channel_is_dead_only_if_no_example_and_no_position_is_positive():
-    pre = -torch.rand(4, 3, 5, 5) - 0.1  # all negative
-    pre[2, 0, 3, 1] = 0.01  # channel 0: positive at a single position of a single example
-    pre[:, 2] = 1.0  # channel 2: always positive
-    assert dead_units(pre).tolist() == [False, True, False]
-
-
 def test_saturation_counts_outputs_within_the_margin_of_either_asymptote():
     sigmoid_out = torch.tensor([0.0, 0.005, 0.5, 0.995, 1.0, 0.02, 0.98, 0.3])
     assert saturation_fraction(sigmoid_out, 0.0, 1.0).item() == pytest.approx(4 / 8)
@@ -98,12 +88,12 @@ def hooks_left(model):
 
 def test_probing_leaves_no_hook_behind_even_when_the_forward_fails():
     model = small_model()
-    probes = Probes(model, torch.randn(8, 1, 8, 8), PROBES, last_step=10)
-    probes.measure()
+    probes = Probes(model, batch(torch.randn(8, 1, 8, 8)), PROBES, last_step=10)
+    probes.measure(0)
     assert hooks_left(model) == 0
-    broken = Probes(model, torch.randn(8, 2, 8, 8), PROBES, last_step=10)  # wrong channel count: the forward raises
+    broken = Probes(model, batch(torch.randn(8, 2, 8, 8)), PROBES, last_step=10)  # wrong channel count: the forward raises
     with pytest.raises(RuntimeError):
-        broken.measure()
+        broken.measure(0)
     assert hooks_left(model) == 0
 
 
@@ -113,12 +103,12 @@ def test_probing_restores_the_mode_and_batchnorm_statistics_and_draws_no_trainin
     model = small_model("model.batchnorm=true", "model.dropout=0.5", "activation=rrelu")
     model.train(was_training)
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
-    probes = Probes(model, torch.randn(8, 1, 8, 8) * 3 + 1, ProbesConfig(**{**PROBES.__dict__, "mode": mode}),
+    probes = Probes(model, batch(torch.randn(8, 1, 8, 8) * 3 + 1), ProbesConfig(**{**PROBES.__dict__, "mode": mode}),
                     last_step=10)
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    probes.measure()
+    probes.measure(0)
     assert torch.equal(torch.rand(3), expected_next)
     assert model.training == was_training
     assert all(torch.equal(model.state_dict()[k], v) for k, v in buffers.items())
@@ -127,7 +117,7 @@ def test_probing_restores_the_mode_and_batchnorm_statistics_and_draws_no_trainin
 
 def test_a_probe_measures_every_family_for_every_layer():
     model = small_model("activation=prelu", "activation.per_channel=true")
-    probes = Probes(model, torch.randn(8, 1, 8, 8), PROBES, last_step=10)
+    probes = Probes(model, batch(torch.randn(8, 1, 8, 8)), PROBES, last_step=10)
     loss = model(torch.randn(4, 1, 8, 8)).sum()
     loss.backward()
     probes.before_update()
@@ -135,7 +125,7 @@ def test_a_probe_measures_every_family_for_every_layer():
         for p in model.parameters():
             p -= 0.01 * p.grad
     probes.after_update()
-    measurements = probes.measure()
+    measurements = probes.measure(0)
     tags = {m.tag for m in measurements}
     for name in ("act01_conv", "act02_conv", "act03_fc"):
         for family in ("activations", "preactivations", "act_mean", "act_std", "dead_fraction", "prelu_slope",
@@ -155,11 +145,58 @@ def test_dead_fraction_all_weights_layers_by_their_units():
     with torch.no_grad():
         model[0].bias[:5], model[0].bias[5:] = -100.0, 100.0  # 5 of 10 units dead, the rest alive
         model[2].bias[:3], model[2].bias[3:] = -1e4, 1e4  # 3 of 30 units dead
-    probes = Probes(model, torch.randn(16, 4), PROBES, last_step=10)
-    dead = {m.tag: m.value.item() for m in probes.measure() if m.tag.startswith("dead_fraction/")}
+    probes = Probes(model, batch(torch.randn(16, 4), classes=2), PROBES, last_step=10)
+    dead = {m.tag: m.value.item() for m in probes.measure(0) if m.tag.startswith("dead_fraction/")}
     assert dead["dead_fraction/act01_fc"] == pytest.approx(0.5)
     assert dead["dead_fraction/act02_fc"] == pytest.approx(0.1)
     assert dead["dead_fraction/all"] == pytest.approx(8 / 40)
+
+
+def test_effective_rank_is_the_exponential_of_the_entropy_of_the_normalised_singular_values():
+    # A centred [examples, units] matrix with singular values 3, 1, 0 (and its conv-shaped twin).
+    u = torch.linalg.qr(torch.randn(40, 3, dtype=torch.float64))[0]
+    u = u - u.mean(dim=0)  # centring keeps the singular values only if the columns already are
+    u = torch.linalg.qr(u)[0]
+    v = torch.linalg.qr(torch.randn(5, 3, dtype=torch.float64))[0]
+    x = u @ torch.diag(torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64)) @ v.T + 7.0  # + a mean, removed
+    p = torch.tensor([0.75, 0.25])
+    assert effective_rank(x).item() == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-6)
+    assert effective_rank(torch.eye(6) * 2).item() == pytest.approx(5.0, rel=1e-6)  # centred: rank 5, equal values
+    assert effective_rank(torch.ones(10, 4)).item() == 0.0  # nothing varies: no rank at all
+    conv = x.reshape(8, 5, 5).permute(0, 2, 1).unsqueeze(-1)  # [N, C, H, W]: rows of x are (example, position)
+    assert effective_rank(conv).item() == pytest.approx(effective_rank(x).item(), rel=1e-9)
+
+
+def test_revived_units_are_those_dead_at_the_previous_probe_and_alive_now():
+    model = nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 2))
+    with torch.no_grad():
+        model[0].bias[:6], model[0].bias[6:] = -100.0, 100.0  # 6 of 10 dead
+    probes = Probes(model, batch(torch.randn(16, 4), classes=2), PROBES, last_step=10)
+    first = {m.tag: m.value.item() for m in probes.measure(0) if m.kind == "scalar"}
+    assert "revived_fraction/act01_fc" not in first  # nothing to compare with yet
+    with torch.no_grad():
+        model[0].bias[:2] = 100.0  # two of the dead come back
+        model[0].bias[9] = -100.0  # and one alive unit dies: not a revival
+    second = {m.tag: m.value.item() for m in probes.measure(1) if m.kind == "scalar"}
+    assert second["revived_fraction/act01_fc"] == pytest.approx(2 / 10)
+    assert second["dead_fraction/act01_fc"] == pytest.approx(5 / 10)
+
+
+def test_a_sharpness_step_measures_the_top_eigenvalue_and_still_changes_nothing():
+    model = small_model("model.batchnorm=true", "model.dropout=0.5")
+    cfg = ProbesConfig(**{**PROBES.__dict__, "every": 10, "sharpness_every": 3})
+    probes = Probes(model, batch(torch.randn(8, 1, 8, 8)), cfg, last_step=100, stability_limit=lambda: 20.0)
+    assert [step for step in range(10) if probes.due(step)] == [0, 3, 6, 9]
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(5)
+    expected_next = torch.rand(2)
+    torch.manual_seed(5)
+    found = {m.tag: m.value for m in probes.measure(3)}
+    assert torch.equal(torch.rand(2), expected_next)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in buffers.items())
+    assert all(p.grad is None for p in model.parameters())
+    assert found["sharpness/top_eigenvalue"].item() > 0 and found["sharpness/stability_limit"].item() == 20.0
+    assert "sharpness/top_eigenvalue" not in {m.tag for m in probes.measure(4)}
 
 
 # --- in the trainer ---------------------------------------------------------------------------------
@@ -178,23 +215,35 @@ def test_probes_never_change_training(tiny_run):
 def test_a_run_writes_every_probe_family_for_every_layer_from_step_0(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run = tiny_run("model.channels=[4,4]", "activation=tanh", "probes.every=4", model=TINY_CONVNET)
+    run = tiny_run("model.channels=[4,4]", "activation=tanh", "probes.every=4", "trainer.epochs=2",
+                   "probes.per_example=8", "probes.sharpness_every=8", "probes.sharpness_iterations=3",
+                   "optimizer=sgd", "optimizer.lr=0.05", "optimizer.momentum=0.5", model=TINY_CONVNET)
     metrics = run.metrics
-    events = EventAccumulator(str(run.dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    events = EventAccumulator(str(run.dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0,
+                                                           "images": 0})
     events.Reload()
     tags = events.Tags()
-    last = metrics["steps"]
-    assert last == 8
+    probed = [0, 4, 8, 12, 16]
+    assert metrics["steps"] == 16
     for name in ("act01_conv", "act02_conv", "act03_fc"):
         for family in ("activations", "preactivations"):
-            assert [e.step for e in events.Histograms(f"{family}/{name}")] == [0, 4, 8]
-        for family in ("act_mean", "act_std", "dead_fraction", "saturation"):
-            assert [e.step for e in events.Scalars(f"{family}/{name}")] == [0, 4, 8]
+            assert [e.step for e in events.Histograms(f"{family}/{name}")] == probed
+        for family in ("act_mean", "act_std", "dead_fraction", "saturation", "effective_rank"):
+            assert [e.step for e in events.Scalars(f"{family}/{name}")] == probed
+        assert [e.step for e in events.Scalars(f"revived_fraction/{name}")] == probed[1:]  # needs a previous probe
+        images = events.Images(f"activation_density/{name}")
+        assert [e.step for e in images] == [8, 16]  # at each epoch end, the whole run so far
+        assert images[-1].width == len(probed) and images[-1].height == 64  # a column per probe
+        assert (run.dir / "density" / f"{name}.png").is_file()
     for name in ("layer01_conv", "layer02_conv", "layer03_fc", "layer04_classifier"):
-        assert [e.step for e in events.Histograms(f"weights/{name}")] == [0, 4, 8]
+        assert [e.step for e in events.Histograms(f"weights/{name}")] == probed
+        assert [e.step for e in events.Scalars(f"gradient_snr/{name}")] == probed
         for family in ("grad_norm", "update_ratio"):  # these need an update: from the first probed step
-            assert [e.step for e in events.Scalars(f"{family}/{name}")] == [4, 8]
-    assert [e.step for e in events.Scalars("dead_fraction/all")] == [0, 4, 8]
+            assert [e.step for e in events.Scalars(f"{family}/{name}")] == probed[1:]
+    assert [e.step for e in events.Scalars("dead_fraction/all")] == probed
+    assert [e.step for e in events.Scalars("gradient_noise_scale")] == probed
+    assert [e.step for e in events.Scalars("sharpness/top_eigenvalue")] == [0, 8, 16]
+    assert [e.value for e in events.Scalars("sharpness/stability_limit")] == pytest.approx([2 * 1.5 / 0.05] * 3)
     histogram = events.Histograms("activations/act01_conv")[0].histogram_value
     assert histogram.num == 16 * 4 * 8 * 8 and -1 <= histogram.min <= histogram.max <= 1
     assert "custom_scalars__config__" in tags["tensors"]

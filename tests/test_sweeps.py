@@ -177,6 +177,9 @@ EXPERIMENTS = {
     "deep_saturation": {"activation"},
     "selu_vs_batchnorm": {"preset"},
     "init_schemes": {"model.init"},
+    "dying_relu": {"activation", "optimizer.lr"},
+    "rank_collapse": {"model.batchnorm"},
+    "edge_of_stability": {"optimizer.lr"},
 }
 
 

@@ -37,7 +37,8 @@ def test_a_run_records_its_hyperparameters_in_its_own_event_files(tiny_run):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     run = tiny_run("activation=tanh", "trainer.seed=1")
-    assert not [p for p in run.dir.iterdir() if p.is_dir() and p.name != "checkpoints"]  # no add_hparams sub-run
+    # no add_hparams sub-run: the only folders are the checkpoints and the density PNGs
+    assert sorted(p.name for p in run.dir.iterdir() if p.is_dir()) == ["checkpoints", "density"]
     events = EventAccumulator(str(run.dir))
     events.Reload()
     content = {tag: plugin_data_pb2.HParamsPluginData.FromString(data)

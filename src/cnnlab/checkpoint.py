@@ -74,6 +74,7 @@ def save_last(state: TrainState) -> None:
             "data": state.data.train.state_dict(),
         },
         "log": state.log.state_dict(),
+        "probes": state.probes.state_dict() if state.probes is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "metrics": dict(state.metrics, epochs=state.epoch - (not epoch_done), steps=state.step,
                         seconds=round(time.perf_counter() - state.started, 3)),
@@ -149,6 +150,8 @@ def restore(state: TrainState, saved: dict[str, Any]) -> None:
         state.epoch, state.step, state.batch = saved["epoch"], saved["step"], saved["batch"]
         batches.load_state_dict(saved["rng"]["data"], resume_at=state.batch if state.batch < len(batches) else 0)
         state.log.load_state_dict(saved["log"])
+        if state.probes is not None and saved.get("probes"):
+            state.probes.load_state_dict(saved["probes"])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         raise UserError(f"{last_checkpoint(state.run_dir)} does not fit this run and cannot be resumed: "
                         f"{one_line(error, 300)}") from None

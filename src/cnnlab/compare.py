@@ -335,43 +335,79 @@ def _dead_fraction(groups: dict[str, list[Run]], scalars: dict[Path, Series], co
     return figure
 
 
+def _depth_lines(axis, prefix: str, name: str, members: list[Run], scalars: dict[Path, Series], colour) -> None:
+    """One statistic against depth for one group: at the first probe (step 0, dashed) and the last (solid)."""
+    tags = sorted((tag for tag in scalars[members[0].path] if tag.startswith(prefix)), key=_layer_index)
+    if not tags:
+        return
+    depth = [_layer_index(tag) for tag in tags]
+    for moment, style in ((0, "--"), (-1, "-")):
+        values = [statistics.fmean(scalars[run.path][tag][1][moment] for run in members if tag in scalars[run.path])
+                  for tag in tags]
+        axis.plot(depth, values, style, marker="o", color=colour, label=f"{name} ({'start' if moment == 0 else 'end'})")
+
+
 def _activation_depth(groups: dict[str, list[Run]], scalars: dict[Path, Series], colours: dict[str, Any]):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, members in groups.items():
-        for axis, prefix in zip(axes, ("act_mean/", "act_std/")):
-            tags = sorted((tag for tag in scalars[members[0].path] if tag.startswith(prefix)), key=_layer_index)
-            if not tags:
-                continue
-            depth = [_layer_index(tag) for tag in tags]
-            for moment, style in ((0, "--"), (-1, "-")):  # first probe (step 0) and last probe
-                values = [statistics.fmean(scalars[run.path][tag][1][moment] for run in members
-                                           if tag in scalars[run.path]) for tag in tags]
-                label = f"{name} ({'start' if moment == 0 else 'end'})"
-                axis.plot(depth, values, style, marker="o", color=colours[name], label=label)
-    for axis, title in zip(axes, ("activation mean by depth", "activation std by depth")):
+    panels = {"act_mean/": "activation mean by depth", "act_std/": "activation std by depth"}
+    if any(tag.startswith("effective_rank/") for series in scalars.values() for tag in series):
+        panels["effective_rank/"] = "effective rank of the activations by depth"
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    for axis, (prefix, title) in zip(axes, panels.items()):
+        for name, members in groups.items():
+            _depth_lines(axis, prefix, name, members, scalars, colours[name])
         axis.set(title=title, xlabel="activation layer (input side first)")
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
-    axes[1].legend(fontsize="x-small")
+    if axes[-1].get_lines():
+        axes[-1].legend(fontsize="x-small")
+    return figure
+
+
+def _sharpness(groups: dict[str, list[Run]], scalars: dict[Path, Series], colours: dict[str, Any]):
+    """Top Hessian eigenvalue against step, and 2 / lr dashed where logged (SGD); None without sharpness."""
+    import matplotlib.pyplot as plt
+
+    if not any("sharpness/top_eigenvalue" in series for series in scalars.values()):
+        return None
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    drawn = []
+    for name, members in groups.items():
+        for tag, style, label in (("sharpness/top_eigenvalue", "-", _label(name, members)),
+                                  ("sharpness/stability_limit", "--", f"{name}: 2 / lr")):
+            series = [scalars[run.path][tag] for run in members if tag in scalars[run.path]]
+            if series:
+                steps, mean, _, _ = _mean_band(series)
+                axis.plot(steps, mean, style, marker="." if style == "-" else None, color=colours[name], label=label)
+                drawn.extend(mean)
+    axis.set(title="sharpness: top eigenvalue of the loss Hessian (mean over seeds)", xlabel="step",
+             ylabel="top eigenvalue")
+    if min(drawn) > 0:  # a negative estimate (possible early on) rules the log scale out
+        axis.set_yscale("log")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="x-small")
     return figure
 
 
 # One row per figure file: adding a figure is adding a row. Each draws from the groups of runs, their
-# scalar series (by run path) and one colour per group.
+# scalar series (by run path) and one colour per group; one that returns None (sharpness.png, when no
+# run measured sharpness) is not written.
 FIGURES = {
     "val_curves.png": _val_curves,
     "test_accuracy.png": _test_accuracy,
     "dead_fraction.png": _dead_fraction,
     "activation_depth.png": _activation_depth,
+    "sharpness.png": _sharpness,
 }
-SCALAR_PREFIXES = ("val/", "dead_fraction/act", "act_mean/", "act_std/")  # the series the figures read
+# The series the figures read.
+SCALAR_PREFIXES = ("val/", "dead_fraction/act", "act_mean/", "act_std/", "effective_rank/", "sharpness/")
 
 
 def make_figures(runs: list[Run], out: Path) -> list[Path]:
-    """The comparison figures as PNG files in `out`, also written to TensorBoard (out/figures)."""
+    """The comparison figures as PNG files in `out`, also written to TensorBoard (out/figures); the
+    files written, in FIGURES order (a figure with nothing to draw is left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -385,6 +421,8 @@ def make_figures(runs: list[Run], out: Path) -> list[Path]:
     with SummaryWriter(str(out / "figures")) as writer:
         for filename, draw in FIGURES.items():
             figure = draw(groups, scalars, colours)
+            if figure is None:
+                continue
             figure.tight_layout()
             figure.savefig(out / filename, dpi=100)
             writer.add_figure(f"compare/{filename.removesuffix('.png')}", figure, global_step=0, close=True)

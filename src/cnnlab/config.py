@@ -194,6 +194,10 @@ class ProbesConfig:
     histograms: bool = MISSING  # write histograms (the costliest part of a probe)
     bins: int = MISSING  # buckets per histogram
     mode: str = MISSING  # "train" or "eval": the mode the network is probed in
+    per_example: int = MISSING  # probe images (at most the batch) for gradient SNR and noise scale; 0 = off
+    sharpness_every: int = MISSING  # optimizer steps between top-Hessian-eigenvalue estimates; 0 = off
+    sharpness_iterations: int = MISSING  # power iterations (Hessian-vector products) per estimate
+    density: bool = MISSING  # activation density images (output value against probe step)
 
 
 @dataclass
@@ -426,6 +430,10 @@ def _check_probes(p: ProbesConfig) -> None:
     _require(p.batch_size >= 2, "probes.batch_size", p.batch_size, "must be at least 2 (statistics over a batch)")
     _require(p.bins >= 2, "probes.bins", p.bins, "must be at least 2")
     _require(p.mode in ("train", "eval"), "probes.mode", p.mode, "valid choices are train, eval")
+    _require(p.per_example == 0 or p.per_example >= 2, "probes.per_example", p.per_example,
+             "must be 0 (off) or at least 2 (a variance needs two examples)")
+    _require(p.sharpness_every >= 0, "probes.sharpness_every", p.sharpness_every, "must be >= 0 (0 = off)")
+    _require(p.sharpness_iterations >= 1, "probes.sharpness_iterations", p.sharpness_iterations, "must be at least 1")
 
 
 # Settings a resumed run may change: where and how fast it runs, and for how long (without a

@@ -168,11 +168,12 @@ class TensorBatches:
             self._epoch_start = state["epoch_start"]
         self._resume_at = resume_at
 
-    def sample(self, count: int, seed: int) -> Tensor:
-        """`count` normalised, unaugmented images, the same for a given seed; drawn with a generator
-        of their own, so that drawing them leaves the training order untouched."""
+    def sample(self, count: int, seed: int) -> tuple[Tensor, Tensor]:
+        """`count` normalised, unaugmented images and their labels, the same for a given seed; drawn
+        with a generator of their own, so that drawing them leaves the training order untouched."""
         index = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(seed))[:count]
-        return self.normalise(self.data.images[index.to(self.data.images.device)])
+        index = index.to(self.data.images.device)
+        return self.normalise(self.data.images[index]), self.data.labels[index]
 
 
 def decode_image(path: str, image_size: int, channels: int) -> Tensor:
@@ -279,10 +280,11 @@ class StreamBatches:
         self.augment_generator.set_state(state["augment"])
         self._resume_at = resume_at
 
-    def sample(self, count: int, seed: int) -> Tensor:
+    def sample(self, count: int, seed: int) -> tuple[Tensor, Tensor]:
         """Like TensorBatches.sample, decoded from the files."""
         index = torch.randperm(len(self.files), generator=torch.Generator().manual_seed(seed))[:count]
-        return self.normalise(_decode_all(self.files.subset(index)).images.to(self.device))
+        decoded = _decode_all(self.files.subset(index))
+        return self.normalise(decoded.images.to(self.device)), decoded.labels.to(self.device)
 
 
 Batches = Union[TensorBatches, StreamBatches]

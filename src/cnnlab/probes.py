@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from cnnlab.config import ProbesConfig
-from cnnlab.models import ACTIVATION_MODULES, BOUNDS_BY_MODULE
+from cnnlab.density import density_column
+from cnnlab.gradients import gradient_noise_scale, gradient_snr, per_example_gradients, top_hessian_eigenvalue
+from cnnlab.models import ACTIVATION_MODULES, ACTIVATIONS_BY_MODULE, BOUNDS_BY_MODULE, dead_units
 
 # An output within this distance of an asymptote counts as saturated: there the derivative of
 # sigmoid is below 0.0099 (4% of its peak) and that of tanh below 0.02 (2% of its peak).
@@ -30,9 +32,18 @@ def unit_dims(x: Tensor) -> tuple[int, ...]:
     return (0, *range(2, x.dim()))
 
 
-def dead_units(pre_activation: Tensor) -> Tensor:
-    """Per unit: True where the pre-activation is never positive, for any example and position."""
-    return pre_activation.amax(dim=unit_dims(pre_activation)) <= 0
+def effective_rank(output: Tensor) -> Tensor:
+    """exp of the Shannon entropy of the normalised singular values of the centred [examples, units]
+    matrix (Roy & Vetterli 2007); for conv outputs, positions count as examples, channels as units.
+    0 for a layer whose outputs do not vary at all."""
+    x = output.detach().movedim(1, -1).reshape(-1, output.shape[1]).double()
+    x = x - x.mean(dim=0)
+    gram = x.T @ x if x.shape[1] <= x.shape[0] else x @ x.T  # same nonzero singular values, smaller side
+    singular = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+    total = singular.sum()
+    p = singular / total.clamp_min(torch.finfo(torch.float64).tiny)
+    entropy = -(p * torch.log(p.clamp_min(torch.finfo(torch.float64).tiny))).sum()
+    return torch.where(total > 0, entropy.exp(), torch.zeros_like(entropy))
 
 
 def saturation_fraction(output: Tensor, low: float, high: float, margin: float = SATURATION_MARGIN) -> Tensor:
@@ -137,7 +148,7 @@ def side_effect_free(model: nn.Module, mode: str, device: torch.device) -> Itera
     was_training = model.training
     buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with torch.random.fork_rng(devices=devices):
         model.train(mode == "train")
         try:
             yield
@@ -148,19 +159,32 @@ def side_effect_free(model: nn.Module, mode: str, device: torch.device) -> Itera
 
 
 class Probes:
-    """Everything probed about one model: activations on a fixed batch, gradients, weights, updates."""
+    """Everything probed about one model: activations on a fixed batch (dead, revived, saturated
+    units, effective rank, density columns), per-example gradient noise, sharpness, gradients,
+    weights and updates. `measure` returns device tensors; the caller makes one transfer."""
 
-    def __init__(self, model: nn.Module, probe_images: Tensor, cfg: ProbesConfig, last_step: int):
-        self.model, self.images, self.cfg, self.last_step = model, probe_images, cfg, last_step
+    def __init__(self, model: nn.Module, probe_batch: tuple[Tensor, Tensor], cfg: ProbesConfig, last_step: int,
+                 stability_limit: Callable[[], float] | None = None):
+        self.model, self.cfg, self.last_step = model, cfg, last_step
+        self.images, self.labels = probe_batch
+        self.stability_limit = stability_limit  # SGD's 2(1 + momentum)/lr at the current lr
         self.activations = activation_layers(model)
         self.weights = weight_layers(model)
+        names = {id(parameter): name for name, parameter in model.named_parameters()}
+        self._parameter_names = {layer.name: [names[id(p)] for p in layer.module.parameters()] for layer in self.weights}
         self._pending: list[Measurement] = []
         self._weights_before: list[Tensor] = []
+        self._dead_before: dict[str, Tensor] = {}  # per layer, at the previous probe: for revival
+        self.density_steps: list[int] = []
+        self.density: dict[str, list[Tensor]] = {layer.name: [] for layer in self.activations}
 
     def due(self, step: int) -> bool:
-        """Probe before any update (step 0), every probes.every steps, and after the last step, so
-        that a run always starts and ends with one."""
-        return step % self.cfg.every == 0 or step == self.last_step
+        """Probe before any update (step 0), every probes.every steps, at every sharpness step, and
+        after the last step, so that a run always starts and ends with one."""
+        return step % self.cfg.every == 0 or step == self.last_step or self.sharpness_due(step)
+
+    def sharpness_due(self, step: int) -> bool:
+        return self.cfg.sharpness_every > 0 and step % self.cfg.sharpness_every == 0
 
     def before_update(self) -> None:
         """Between backward and the optimizer step: gradient norms (before any clipping), and a copy
@@ -176,44 +200,106 @@ class Probes:
             self._pending.append(Measurement("scalar", f"update_ratio/{layer.name}", ratio))
         self._weights_before = []
 
-    def measure(self) -> list[Measurement]:
-        """Activation statistics on the probe batch, weight statistics, and whatever before/after
-        update recorded since the last call. Device tensors only: nothing waits for the device."""
+    def measure(self, step: int) -> list[Measurement]:
+        """Everything due at `step`, and whatever before/after update recorded since the last call.
+        Device tensors only: nothing waits for the device."""
         found, self._pending = self._pending, []
+        with side_effect_free(self.model, self.cfg.mode, self.images.device):
+            with torch.no_grad():
+                found += self._activation_statistics(step)
+            if self.sharpness_due(step):
+                found += self._sharpness()
+        if self.cfg.per_example:
+            found += self._gradient_noise()
+        found += self._weight_statistics()
+        return found
+
+    def _activation_statistics(self, step: int) -> list[Measurement]:
+        found: list[Measurement] = []
         names = {id(layer.module): layer.name for layer in self.activations}
-        bins, histograms = self.cfg.bins, self.cfg.histograms
         dead_counts: list[Tensor] = []  # per layer; "all" weights the layers by their units
         units: list[int] = []
+        if self.cfg.density:
+            self.density_steps.append(step)
 
         def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             name, pre = names[id(module)], inputs[0]
-            found.append(Measurement("scalar", f"act_mean/{name}", output.mean()))
-            found.append(Measurement("scalar", f"act_std/{name}", output.std()))
-            dead = dead_units(pre)
+            dead = dead_units(pre, module)
             dead_counts.append(dead.sum())
             units.append(dead.numel())
-            found.append(Measurement("scalar", f"dead_fraction/{name}", dead.float().mean()))
-            bounds = BOUNDS_BY_MODULE.get(type(module))
-            if bounds is not None:
-                found.append(Measurement("scalar", f"saturation/{name}", saturation_fraction(output, *bounds)))
-            if histograms:
-                found.append(Measurement("histogram", f"activations/{name}", histogram(output, bins)))
-                found.append(Measurement("histogram", f"preactivations/{name}", histogram(pre, bins)))
+            found.extend(self._layer_statistics(name, module, pre, output, dead))
+            self._dead_before[name] = dead
+            if self.cfg.density:
+                low, high = ACTIVATIONS_BY_MODULE[type(module)].density_range
+                self.density[name].append(density_column(output, low, high, self.cfg.bins))
 
-        device = self.images.device
-        with side_effect_free(self.model, self.cfg.mode, device), \
-                forward_hooks([layer.module for layer in self.activations], record):
+        with forward_hooks([layer.module for layer in self.activations], record):
             self.model(self.images)
-        if units:
+        if dead_counts:
             found.append(Measurement("scalar", "dead_fraction/all", torch.stack(dead_counts).sum() / sum(units)))
+        return found
 
+    def _layer_statistics(self, name: str, module: nn.Module, pre: Tensor, output: Tensor,
+                          dead: Tensor) -> list[Measurement]:
+        found = [Measurement("scalar", f"act_mean/{name}", output.mean()),
+                 Measurement("scalar", f"act_std/{name}", output.std()),
+                 Measurement("scalar", f"dead_fraction/{name}", dead.float().mean()),
+                 Measurement("scalar", f"effective_rank/{name}", effective_rank(output))]
+        before = self._dead_before.get(name)
+        if before is not None:
+            found.append(Measurement("scalar", f"revived_fraction/{name}", (before & ~dead).float().mean()))
+        bounds = BOUNDS_BY_MODULE.get(type(module))
+        if bounds is not None:
+            found.append(Measurement("scalar", f"saturation/{name}", saturation_fraction(output, *bounds)))
+        if self.cfg.histograms:
+            found.append(Measurement("histogram", f"activations/{name}", histogram(output, self.cfg.bins)))
+            found.append(Measurement("histogram", f"preactivations/{name}", histogram(pre, self.cfg.bins)))
+        return found
+
+    def _gradient_noise(self) -> list[Measurement]:
+        count = self.cfg.per_example
+        grads = per_example_gradients(self.model, self.images[:count], self.labels[:count])
+        found = []
+        for layer in self.weights:
+            flat = torch.cat([grads[name].flatten(1) for name in self._parameter_names[layer.name]], dim=1)
+            found.append(Measurement("scalar", f"gradient_snr/{layer.name}", gradient_snr(flat)))
+        found.append(Measurement("scalar", "gradient_noise_scale", gradient_noise_scale(grads)))
+        return found
+
+    def _sharpness(self) -> list[Measurement]:
+        generator = torch.Generator(device=self.images.device).manual_seed(0)  # the same start vector every time
+        top = top_hessian_eigenvalue(self.model, self.images, self.labels, self.cfg.sharpness_iterations, generator)
+        found = [Measurement("scalar", "sharpness/top_eigenvalue", top)]
+        if self.stability_limit is not None:
+            limit = torch.tensor(self.stability_limit(), dtype=torch.float64, device=self.images.device)
+            found.append(Measurement("scalar", "sharpness/stability_limit", limit))
+        return found
+
+    def _weight_statistics(self) -> list[Measurement]:
+        found, bins = [], self.cfg.bins
         for layer in self.activations:
             if isinstance(layer.module, nn.PReLU):
                 slopes = layer.module.weight.detach()
                 found.append(Measurement("scalar", f"prelu_slope/{layer.name}", slopes.mean()))
-                if histograms and slopes.numel() > 1:
+                if self.cfg.histograms and slopes.numel() > 1:
                     found.append(Measurement("histogram", f"prelu_slopes/{layer.name}", histogram(slopes, bins)))
-        if histograms:
+        if self.cfg.histograms:
             for layer in self.weights:
                 found.append(Measurement("histogram", f"weights/{layer.name}", histogram(layer.module.weight, bins)))
         return found
+
+    def density_columns(self) -> dict[str, Tensor]:
+        """Per activation layer: its density columns so far, [probes, bins], on the host."""
+        stacked = {name: torch.stack(columns) for name, columns in self.density.items() if columns}
+        return {name: columns.cpu() for name, columns in stacked.items()}
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to go on exactly: dead units at the last probe, density columns."""
+        return {"dead": dict(self._dead_before), "density_steps": list(self.density_steps),
+                "density": {name: list(columns) for name, columns in self.density.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.images.device
+        self._dead_before = {name: dead.to(device) for name, dead in state["dead"].items()}
+        self.density_steps = list(state["density_steps"])
+        self.density = {name: [column.to(device) for column in columns] for name, columns in state["density"].items()}

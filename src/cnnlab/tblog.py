@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import typing
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from cnnlab.config import SCHEMAS, RunConfig
-from cnnlab.probes import Measurement
+from cnnlab.probes import Measurement, Probes
 
 # The metrics the HPARAMS tab shows for each run: the last value of these scalar tags.
 HPARAM_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "train/loss", "dead_fraction/all")
@@ -29,6 +30,11 @@ LAYOUT = {
         "gradient norm": ["Multiline", [r"grad_norm/.*"]],
         "update ratio (log10)": ["Multiline", [r"update_ratio/.*"]],
         "PReLU slope": ["Multiline", [r"prelu_slope/.*"]],
+        "revived fraction": ["Multiline", [r"revived_fraction/.*"]],
+        "effective rank": ["Multiline", [r"effective_rank/.*"]],
+        "gradient SNR": ["Multiline", [r"gradient_snr/.*"]],
+        "gradient noise scale": ["Multiline", [r"gradient_noise_scale"]],
+        "sharpness and stability limit": ["Multiline", [r"sharpness/.*"]],
     },
 }
 
@@ -53,6 +59,22 @@ def write_probe(writer: SummaryWriter, step: int, measurements: list[Measurement
         else:
             _write_histogram(writer, m.tag, chunk, step)
     return scalars
+
+
+def write_density(writer: SummaryWriter, run_dir: Path, step: int, probes: Probes) -> None:
+    """Each activation layer's density image so far: into TensorBoard (`activation_density/<act>`)
+    and as run_dir/density/<act>.png, replaced each time so that the file always shows the whole run."""
+    from cnnlab.density import density_image, write_density_png
+    from cnnlab.models import ACTIVATIONS_BY_MODULE
+
+    folder = Path(run_dir) / "density"
+    folder.mkdir(exist_ok=True)
+    modules = {layer.name: layer.module for layer in probes.activations}
+    for name, columns in probes.density_columns().items():
+        low, high = ACTIVATIONS_BY_MODULE[type(modules[name])].density_range
+        writer.add_image(f"activation_density/{name}", density_image(columns), step, dataformats="HWC")
+        write_density_png(folder / f"{name}.png", columns, probes.density_steps, low, high,
+                          title=f"{name}: output value against probe step")
 
 
 def _write_histogram(writer: SummaryWriter, tag: str, values: list[float], step: int) -> None:

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +29,13 @@ from cnnlab.checkpoint import load_resumable, restore, save_best, save_last
 from cnnlab.config import RunConfig
 from cnnlab.data import Batches, Data, load_data
 from cnnlab.errors import UserError, one_line
+from cnnlab.gradients import stability_limit
 from cnnlab.models import build_model
 from cnnlab.optim import build_optimizer, build_scheduler
 from cnnlab.probes import Probes, gradient_norm
 from cnnlab.progress import TrainingProgress, summary_table
 from cnnlab.rundir import clear_unfinished, record_config, run_lock, write_metrics
-from cnnlab.tblog import write_hparams_end, write_hparams_start, write_layout, write_probe
+from cnnlab.tblog import write_density, write_hparams_end, write_hparams_start, write_layout, write_probe
 
 
 def resolve_device(name: str) -> torch.device:
@@ -244,7 +245,7 @@ class TrainingLog:
         return loss, acc, speed
 
     def probe(self, step: int, probes: Probes) -> None:
-        scalars = write_probe(self.writer, step, probes.measure())
+        scalars = write_probe(self.writer, step, probes.measure(step))
         self.dead_fraction = {tag.split("/", 1)[1]: value for tag, value in scalars.items()
                               if tag.startswith("dead_fraction/")}
 
@@ -313,8 +314,9 @@ def setup(run: RunConfig, run_dir: Path, config: dict[str, Any], resume: bool = 
     probes = None
     if run.probes.enabled:
         # The split seed, not the trainer seed: runs that differ by seed probe the same images.
-        probe_images = data.train.sample(run.probes.batch_size, seed=run.dataset.split_seed)
-        probes = Probes(model, probe_images, run.probes, last_step=t.epochs * len(data.train))
+        probe_batch = data.train.sample(run.probes.batch_size, seed=run.dataset.split_seed)
+        probes = Probes(model, probe_batch, run.probes, last_step=t.epochs * len(data.train),
+                        stability_limit=sgd_stability_limit(optimizer))
     state = TrainState(
         run=run, config=config, run_dir=Path(run_dir), device=device, model=model, step_model=step_model,
         parameters=parameters, optimizer=optimizer,
@@ -334,6 +336,15 @@ def setup(run: RunConfig, run_dir: Path, config: dict[str, Any], resume: bool = 
         if probes is not None and probes.due(0):
             state.log.probe(0, probes)  # before any update
     return state
+
+
+def sgd_stability_limit(optimizer: torch.optim.Optimizer) -> Callable[[], float] | None:
+    """For SGD, the sharpness above which gradient descent cannot be stable at the current learning
+    rate, 2(1 + momentum)/lr (Cohen et al. 2021); other optimizers have no such simple limit."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return None
+    group = optimizer.param_groups[0]
+    return lambda: stability_limit(group["lr"], group["momentum"])
 
 
 def train_step(state: TrainState, images: Tensor, labels: Tensor, probe: bool = False) -> tuple[Tensor | None, Tensor]:
@@ -442,6 +453,8 @@ def end_epoch(state: TrainState, progress: TrainingProgress) -> None:
         save_best(state, val_acc)
     save_last(state)
     write_metrics(state.run_dir, metrics)
+    if state.probes is not None and state.probes.cfg.density:
+        write_density(state.log.writer, state.run_dir, state.step, state.probes)
     progress.end_epoch(state.epoch, state.step, {
         "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
         "val_loss": val_loss, "val_acc": val_acc, "img/s": round(metrics["images_per_second"]),
