@@ -128,11 +128,13 @@ def bench_model(model_name: str, steps: int, rounds: int, device_name: str, work
 
     # The cost of one probe on its own: at the defaults, then without each instrument (its cost is
     # the difference), and with sharpness on, which is off by default.
+    # Gradient noise runs every probes.noise_every steps (1000), not at every probe: "with gradient
+    # noise" is the cost of a probe at which it runs.
     instruments = {
         "defaults": {},
         "without histograms": {"histograms": False},
-        "without per-example gradients": {"per_example": 0},
         "without density columns": {"density": False},
+        "with gradient noise": {"noise_every": 1},
         "with sharpness": {"sharpness_every": 1},
     }
     probe_ms = {}
@@ -141,11 +143,11 @@ def bench_model(model_name: str, steps: int, rounds: int, device_name: str, work
                        last_step=-1, stability_limit=lambda: 1.0)
         with SummaryWriter(str(workdir / f"{model_name}-probe-{len(probe_ms)}")) as writer:
             durations = []
-            for i in range(6 if label != "with sharpness" else 3):
+            for i in range(1, 7 if label != "with sharpness" else 4):  # step 0 would add gradient noise
                 start = time.perf_counter()
                 write_probe(writer, i, alone.measure(i))  # ends with the transfer: the work is done
                 durations.append(time.perf_counter() - start)
-        probe_ms[label] = 1000 * statistics.median(durations[1:])
+        probe_ms[label] = 1000 * statistics.median(durations[1:])  # the first pays one-off costs
 
     ratios = {
         "off/bare": spread([o / b for o, b in zip(times["off"], times["bare"])]),

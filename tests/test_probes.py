@@ -20,7 +20,7 @@ from cnnlab.rundir import read_metrics
 from tests.helpers import TINY_CONVNET, compose_config
 
 PROBES = ProbesConfig(enabled=True, every=1, batch_size=8, histograms=True, bins=10, mode="train", per_example=4,
-                      sharpness_every=0, sharpness_iterations=5, density=True)
+                      noise_every=1, sharpness_every=0, sharpness_iterations=5, density=True)
 
 
 def batch(images, classes=3):
@@ -172,19 +172,19 @@ def test_revived_units_are_those_dead_at_the_previous_probe_and_alive_now():
     with torch.no_grad():
         model[0].bias[:6], model[0].bias[6:] = -100.0, 100.0  # 6 of 10 dead
     probes = Probes(model, batch(torch.randn(16, 4), classes=2), PROBES, last_step=10)
-    first = {m.tag: m.value.item() for m in probes.measure(0) if m.kind == "scalar"}
+    first = {m.tag: m.value.item() for m in probes.measure(0) if m.kind == "scalar" and m.finish is None}
     assert "revived_fraction/act01_fc" not in first  # nothing to compare with yet
     with torch.no_grad():
         model[0].bias[:2] = 100.0  # two of the dead come back
         model[0].bias[9] = -100.0  # and one alive unit dies: not a revival
-    second = {m.tag: m.value.item() for m in probes.measure(1) if m.kind == "scalar"}
+    second = {m.tag: m.value.item() for m in probes.measure(1) if m.kind == "scalar" and m.finish is None}
     assert second["revived_fraction/act01_fc"] == pytest.approx(2 / 10)
     assert second["dead_fraction/act01_fc"] == pytest.approx(5 / 10)
 
 
 def test_a_sharpness_step_measures_the_top_eigenvalue_and_still_changes_nothing():
     model = small_model("model.batchnorm=true", "model.dropout=0.5")
-    cfg = ProbesConfig(**{**PROBES.__dict__, "every": 10, "sharpness_every": 3})
+    cfg = ProbesConfig(**{**PROBES.__dict__, "every": 10, "noise_every": 0, "sharpness_every": 3})
     probes = Probes(model, batch(torch.randn(8, 1, 8, 8)), cfg, last_step=100, stability_limit=lambda: 20.0)
     assert [step for step in range(10) if probes.due(step)] == [0, 3, 6, 9]
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
@@ -216,7 +216,7 @@ def test_a_run_writes_every_probe_family_for_every_layer_from_step_0(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tiny_run("model.channels=[4,4]", "activation=tanh", "probes.every=4", "trainer.epochs=2",
-                   "probes.per_example=8", "probes.sharpness_every=8", "probes.sharpness_iterations=3",
+                   "probes.per_example=8", "probes.noise_every=8", "probes.sharpness_every=8", "probes.sharpness_iterations=3",
                    "optimizer=sgd", "optimizer.lr=0.05", "optimizer.momentum=0.5", model=TINY_CONVNET)
     metrics = run.metrics
     events = EventAccumulator(str(run.dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0,
@@ -237,11 +237,11 @@ def test_a_run_writes_every_probe_family_for_every_layer_from_step_0(tiny_run):
         assert (run.dir / "density" / f"{name}.png").is_file()
     for name in ("layer01_conv", "layer02_conv", "layer03_fc", "layer04_classifier"):
         assert [e.step for e in events.Histograms(f"weights/{name}")] == probed
-        assert [e.step for e in events.Scalars(f"gradient_snr/{name}")] == probed
+        assert [e.step for e in events.Scalars(f"gradient_snr/{name}")] == [0, 8, 16]
         for family in ("grad_norm", "update_ratio"):  # these need an update: from the first probed step
             assert [e.step for e in events.Scalars(f"{family}/{name}")] == probed[1:]
     assert [e.step for e in events.Scalars("dead_fraction/all")] == probed
-    assert [e.step for e in events.Scalars("gradient_noise_scale")] == probed
+    assert [e.step for e in events.Scalars("gradient_noise_scale")] == [0, 8, 16]
     assert [e.step for e in events.Scalars("sharpness/top_eigenvalue")] == [0, 8, 16]
     assert [e.value for e in events.Scalars("sharpness/stability_limit")] == pytest.approx([2 * 1.5 / 0.05] * 3)
     histogram = events.Histograms("activations/act01_conv")[0].histogram_value

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cnnlab.config import RESUMABLE
+from cnnlab.config import resumable
 from cnnlab.errors import UserError, one_line
 from cnnlab.rundir import best_checkpoint, last_checkpoint, replace_atomically
 
@@ -108,11 +108,11 @@ def load_resumable(run_dir: Path, config: dict[str, Any], device: torch.device) 
 
 def differing_settings(written_by: dict[str, Any], config: dict[str, Any], prefix: str = "") -> list[str]:
     """Every setting (dotted key) that shapes a run and differs between two configs; the settings
-    a resume may change (config.RESUMABLE) and `resume` itself do not count."""
+    a resume may change (config.resumable) and `resume` itself do not count."""
     differs = []
     for key in sorted(set(written_by) | set(config), key=str):
         dotted = f"{prefix}{key}"
-        if dotted in RESUMABLE or dotted == "resume":
+        if resumable(dotted) or dotted == "resume":
             continue
         old, new = written_by.get(key), config.get(key)
         if isinstance(old, dict) and isinstance(new, dict):

@@ -1,4 +1,4 @@
-"""The command line, `cnnlab train | compare | activations`: the only module that knows about Hydra.
+"""The command line, `cnnlab train | compare | activations | inspect`: the only module that knows about Hydra.
 
 Nothing here imports torch: `--help`, `--cfg job` and config mistakes answer before it is loaded.
 """
@@ -33,6 +33,7 @@ commands:
   train        train a classifier; everything after `train` is Hydra's (overrides, -m, --cfg job, --help)
   compare      compare runs or sweeps: table, summary.csv/json, PNG figures (`cnnlab compare --help`)
   activations  the available activations, with --plot FILE to draw them and their derivatives
+  inspect      one run: status, each layer at step 0 and at the last probe, findings (--json for JSON)
 
 examples:
   cnnlab train model=convnet activation=leaky_relu
@@ -366,7 +367,7 @@ def resumed_config(run_dir: Path, task_overrides: list[str]) -> DictConfig:
     is written here: the run's record of its config changes only once the resume has started."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from cnnlab.config import RESUMABLE
+    from cnnlab.config import REPORT_ONLY, RESUMABLE, resumable
     from cnnlab.rundir import read_metrics_or_none
 
     saved = run_dir / ".hydra" / "config.yaml"
@@ -377,14 +378,17 @@ def resumed_config(run_dir: Path, task_overrides: list[str]) -> DictConfig:
         epochs, schedule = cfg.trainer.epochs, cfg.scheduler.name
     except Exception as error:  # malformed YAML, or not a cnnlab config at all
         raise UserError(f"resume: cannot read the run's config {saved}: {one_line(error, 200)}.") from None
+    defaults = OmegaConf.load(config_dir() / "train.yaml")
+    for section in ("probes", *REPORT_ONLY):  # settings newer than the run: today's defaults
+        cfg[section] = OmegaConf.merge(defaults[section], cfg.get(section) or {})
     for override in OverridesParser.create().parse_overrides(list(task_overrides)):
         key = override.key_or_group
         if key == "resume":
             continue
-        if key not in RESUMABLE:
+        if not resumable(key):
             raise UserError(
                 f"resume: {key} cannot change when a run is resumed (it would make it a different run). "
-                f"Settings a resumed run may change: {', '.join(RESUMABLE)}.")
+                f"Settings a resumed run may change: {', '.join(RESUMABLE)}, and {', '.join(REPORT_ONLY)}.*.")
         if key == "trainer.epochs" and schedule != "none":
             raise UserError(
                 f"resume: trainer.epochs cannot change for a run with scheduler={schedule}: its "
@@ -810,7 +814,34 @@ def activations_command(args: list[str]) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"train": train_command, "compare": compare_command, "activations": activations_command}
+def inspect_command(args: list[str]) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="cnnlab inspect",
+        description="One run from its files: status, each layer at step 0 and at the last probe, and the findings.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (completed, running, failed or older)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    options = parser.parse_args(args)
+    from rich.console import Console
+
+    from cnnlab.inspection import inspect_run, print_report, to_json
+
+    try:
+        inspection = inspect_run(Path(options.run_dir))
+    except UserError as error:
+        _print_error(str(error))
+        return EXIT_USAGE
+    if options.json:
+        print(json.dumps(to_json(inspection), indent=2, allow_nan=False))
+    else:
+        print_report(Console(), inspection)
+    return EXIT_OK
+
+
+COMMANDS = {"train": train_command, "compare": compare_command, "activations": activations_command,
+            "inspect": inspect_command}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -47,6 +47,10 @@ class Run:
         value = self.metrics.get(key)
         if key == "dead_fraction" and isinstance(value, dict):
             return value.get("all")
+        if key == "warnings":  # the kinds of the run's warning findings, e.g. "dying_units,saturation"
+            findings = value if isinstance(value, list) else self.metrics.get("findings") or []
+            kinds = [f.get("kind") for f in findings if isinstance(f, dict) and f.get("severity") == "warning"]
+            return ",".join(dict.fromkeys(str(kind) for kind in kinds))
         return value
 
 
@@ -178,12 +182,22 @@ def seed_groups(runs: list[Run]) -> dict[str, dict[str, Any]]:
             "completed": len(completed),
             "seeds": [run.overrides.get(SEED_KEY) for run in members],
             **{metric: spread([run.metric(metric) for run in completed]) for metric in GROUP_METRICS},
+            "warnings": warning_counts(members),
         }
     return summary
 
 
+def warning_counts(runs: list[Run]) -> dict[str, int]:
+    """For each kind of warning finding: how many of the runs (seeds) have it."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        for kind in filter(None, (run.metric("warnings") or "").split(",")):
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
 ROW_FIELDS = ("name", "status", "epochs", "steps", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc",
-              "dead_fraction", "seconds", "path")
+              "dead_fraction", "warnings", "seconds", "path")
 
 
 def rows(runs: list[Run]) -> list[dict[str, Any]]:
@@ -214,24 +228,27 @@ def write_summary(directory: Path, runs: list[Run]) -> tuple[Path, Path]:
 def print_summary(console: Console, runs: list[Run], title: str) -> None:
     table = Table(title=title, title_justify="left")
     table.add_column("run", overflow="fold")
-    for column in ("status", "val acc", "test acc", "dead fraction", "seconds"):
-        table.add_column(column, justify="left" if column == "status" else "right", no_wrap=True)
+    for column in ("status", "val acc", "test acc", "dead fraction", "seconds", "warnings"):
+        table.add_column(column, justify="left" if column in ("status", "warnings") else "right",
+                         no_wrap=column != "warnings", overflow="fold")
     styles = {"completed": "green", "invalid": "yellow"}
     for run in runs:
         table.add_row(escape(run.name), f"[{styles.get(run.status, 'red')}]{run.status}[/]",
                       format_number(run.metric("val_acc")), format_number(run.metric("test_acc")),
-                      format_number(run.metric("dead_fraction")), format_number(run.metric("seconds"), 1))
+                      format_number(run.metric("dead_fraction")), format_number(run.metric("seconds"), 1),
+                      escape(run.metric("warnings") or "-"))
     console.print(table)
     groups = seed_groups(runs)
     if any(group["runs"] > 1 for group in groups.values()) and any(SEED_KEY in run.overrides for run in runs):
         table = Table(title="grouped over trainer.seed: mean ± standard deviation of the completed runs",
                       title_justify="left")
         table.add_column("configuration", overflow="fold")
-        for column in ("completed", "val acc", "test acc", "dead fraction"):
-            table.add_column(column, justify="right", no_wrap=True)
+        for column in ("completed", "val acc", "test acc", "dead fraction", "warnings (seeds)"):
+            table.add_column(column, justify="right", no_wrap=column != "warnings (seeds)", overflow="fold")
         for name, group in groups.items():
+            warnings = ", ".join(f"{kind} ({count}/{group['runs']})" for kind, count in group["warnings"].items())
             table.add_row(escape(name), f"{group['completed']}/{group['runs']}", group["val_acc"].text(),
-                          group["test_acc"].text(), group["dead_fraction"].text())
+                          group["test_acc"].text(), group["dead_fraction"].text(), escape(warnings or "-"))
         console.print(table)
 
 

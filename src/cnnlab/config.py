@@ -195,9 +195,29 @@ class ProbesConfig:
     bins: int = MISSING  # buckets per histogram
     mode: str = MISSING  # "train" or "eval": the mode the network is probed in
     per_example: int = MISSING  # probe images (at most the batch) for gradient SNR and noise scale; 0 = off
+    noise_every: int = MISSING  # optimizer steps between gradient-noise measurements; 0 = off
     sharpness_every: int = MISSING  # optimizer steps between top-Hessian-eigenvalue estimates; 0 = off
     sharpness_iterations: int = MISSING  # power iterations (Hessian-vector products) per estimate
     density: bool = MISSING  # activation density images (output value against probe step)
+
+
+@dataclass
+class FindingsConfig:
+    """Thresholds of findings.diagnose: the rules that read a run's probe series (README: Findings)."""
+    enabled: bool = MISSING
+    dead_at_init: float = MISSING  # share of a layer's units dead at step 0 (Lu et al. 2019)
+    dying_info: float = MISSING  # rise of a layer's dead fraction from its first probe to its last (Lu et al. 2019)
+    dying_warning: float = MISSING  # the rise that makes dying units a warning
+    saturation: float = MISSING  # share of a sigmoid/tanh layer's outputs saturated (Glorot & Bengio 2010)
+    saturation_probes: int = MISSING  # last probes whose median saturation is compared
+    vanishing_ratio: float = MISSING  # first weight layer's grad norm / last hidden layer's (Glorot & Bengio 2010)
+    exploding_factor: float = MISSING  # global grad norm / running median of the earlier ones (Pascanu et al. 2013)
+    most: float = MISSING  # share of points above which a condition holds on "most" of them
+    activation_scale: float = MISSING  # step-0 act_std ratio, deepest / first, outside [1/x, x] (He et al. 2015)
+    update_ratio_high: float = MISSING  # log10 update/weight ratio above this: lr too high (Karpathy, CS231n)
+    update_ratio_low: float = MISSING  # log10 update/weight ratio below this: lr too low (Karpathy, CS231n)
+    not_learning: float = MISSING  # loss within this relative distance of ln(classes) after an epoch (Karpathy 2019)
+    edge_of_stability: float = MISSING  # sharpness / (2(1 + momentum) / lr) that reports the edge (Cohen et al. 2021)
 
 
 @dataclass
@@ -209,6 +229,7 @@ class RunConfig:
     scheduler: SchedulerConfig
     trainer: TrainerConfig
     probes: ProbesConfig
+    findings: FindingsConfig
 
 
 # Which schema checks which option of each config group. The names are the interface: they are
@@ -245,7 +266,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "onecycle": OneCycleSchedulerConfig,
     },
 }
-SECTIONS = (*SCHEMAS, "trainer", "probes")
+SECTIONS = (*SCHEMAS, "trainer", "probes", "findings")
 CLI_KEYS = ("resume",)  # read by the command line, not part of a run's settings
 
 
@@ -269,6 +290,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         sections[group] = _typed_section(group, cfg[group], options[name])
     sections["trainer"] = _typed_section("trainer", cfg.trainer, TrainerConfig)
     sections["probes"] = _typed_section("probes", cfg.probes, ProbesConfig)
+    sections["findings"] = _typed_section("findings", cfg.findings, FindingsConfig)
     run = RunConfig(**sections)
     check_finite(run)
     check_values(run)
@@ -337,6 +359,7 @@ def check_values(run: RunConfig) -> None:
     _check_scheduler(run.scheduler, run.optimizer)
     _check_trainer(run.trainer)
     _check_probes(run.probes)
+    _check_findings(run.findings)
     _check_model_fits_images(run.model, run.dataset)
 
 
@@ -433,12 +456,35 @@ def _check_probes(p: ProbesConfig) -> None:
     _require(p.per_example == 0 or p.per_example >= 2, "probes.per_example", p.per_example,
              "must be 0 (off) or at least 2 (a variance needs two examples)")
     _require(p.sharpness_every >= 0, "probes.sharpness_every", p.sharpness_every, "must be >= 0 (0 = off)")
+    _require(p.noise_every >= 0, "probes.noise_every", p.noise_every, "must be >= 0 (0 = off)")
     _require(p.sharpness_iterations >= 1, "probes.sharpness_iterations", p.sharpness_iterations, "must be at least 1")
+
+
+def _check_findings(f: FindingsConfig) -> None:
+    for key in ("dead_at_init", "dying_info", "saturation"):
+        _require(0 < getattr(f, key) <= 1, f"findings.{key}", getattr(f, key), "must be a share in (0, 1]")
+    _require(f.dying_info <= f.dying_warning <= 1, "findings.dying_warning", f.dying_warning,
+             f"must be in [findings.dying_info={f.dying_info}, 1]")
+    _require(f.saturation_probes >= 1, "findings.saturation_probes", f.saturation_probes, "must be at least 1")
+    _require(0 < f.vanishing_ratio < 1, "findings.vanishing_ratio", f.vanishing_ratio, "must be in (0, 1)")
+    _require(f.exploding_factor > 1, "findings.exploding_factor", f.exploding_factor, "must be > 1")
+    _require(0.5 <= f.most < 1, "findings.most", f.most, "must be in [0.5, 1): a majority of the points")
+    _require(f.activation_scale > 1, "findings.activation_scale", f.activation_scale, "must be > 1")
+    _require(f.update_ratio_low < f.update_ratio_high, "findings.update_ratio_low", f.update_ratio_low,
+             f"must be below findings.update_ratio_high={f.update_ratio_high} (both log10)")
+    _require(0 < f.not_learning < 1, "findings.not_learning", f.not_learning, "must be in (0, 1)")
+    _require(0 < f.edge_of_stability <= 2, "findings.edge_of_stability", f.edge_of_stability, "must be in (0, 2]")
 
 
 # Settings a resumed run may change: where and how fast it runs, and for how long (without a
 # schedule planned for the original length). Any other would make it a different run.
 RESUMABLE = ("trainer.epochs", "trainer.device", "trainer.threads", "trainer.log_every", "trainer.checkpoint_every")
+# Sections that shape only what is reported about a run, never its training: free on resume too.
+REPORT_ONLY = ("findings",)
+
+
+def resumable(key: str) -> bool:
+    return key in RESUMABLE or key.split(".", 1)[0] in REPORT_ONLY
 
 
 def image_size(d: DatasetConfig) -> int:

@@ -32,18 +32,28 @@ def unit_dims(x: Tensor) -> tuple[int, ...]:
     return (0, *range(2, x.dim()))
 
 
-def effective_rank(output: Tensor) -> Tensor:
-    """exp of the Shannon entropy of the normalised singular values of the centred [examples, units]
-    matrix (Roy & Vetterli 2007); for conv outputs, positions count as examples, channels as units.
-    0 for a layer whose outputs do not vary at all."""
+def centred_gram(output: Tensor) -> Tensor:
+    """The Gram matrix of the centred [examples, units] matrix, on its smaller side (the same nonzero
+    singular values, squared); for conv outputs positions count as examples, channels as units."""
     x = output.detach().movedim(1, -1).reshape(-1, output.shape[1]).double()
     x = x - x.mean(dim=0)
-    gram = x.T @ x if x.shape[1] <= x.shape[0] else x @ x.T  # same nonzero singular values, smaller side
+    return x.T @ x if x.shape[1] <= x.shape[0] else x @ x.T
+
+
+def rank_of_gram(gram: Tensor) -> Tensor:
+    """Effective rank from centred_gram: exp of the Shannon entropy of the normalised singular values
+    (Roy & Vetterli 2007); 0 for a layer whose outputs do not vary at all. Probes run it on the host
+    after their one transfer: eigvalsh synchronises a CUDA device to check for errors."""
     singular = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
     total = singular.sum()
     p = singular / total.clamp_min(torch.finfo(torch.float64).tiny)
     entropy = -(p * torch.log(p.clamp_min(torch.finfo(torch.float64).tiny))).sum()
     return torch.where(total > 0, entropy.exp(), torch.zeros_like(entropy))
+
+
+def effective_rank(output: Tensor) -> Tensor:
+    """The effective rank of a layer's output, [examples, units] or [N, C, H, W]: in units."""
+    return rank_of_gram(centred_gram(output))
 
 
 def saturation_fraction(output: Tensor, low: float, high: float, margin: float = SATURATION_MARGIN) -> Tensor:
@@ -128,6 +138,9 @@ class Measurement:
     kind: str  # "scalar" or "histogram" (see `histogram` for its layout)
     tag: str
     value: Tensor
+    # For a scalar whose last step must run on the host (it would synchronise the device): the
+    # function from the transferred value to the number.
+    finish: Callable[[Tensor], Tensor] | None = None
 
 
 @contextmanager
@@ -179,12 +192,18 @@ class Probes:
         self.density: dict[str, list[Tensor]] = {layer.name: [] for layer in self.activations}
 
     def due(self, step: int) -> bool:
-        """Probe before any update (step 0), every probes.every steps, at every sharpness step, and
-        after the last step, so that a run always starts and ends with one."""
-        return step % self.cfg.every == 0 or step == self.last_step or self.sharpness_due(step)
+        """Probe before any update (step 0), every probes.every steps, at every sharpness and
+        gradient-noise step, and after the last step, so that a run always starts and ends with one."""
+        return (step % self.cfg.every == 0 or step == self.last_step or self.sharpness_due(step)
+                or self.noise_due(step))
 
     def sharpness_due(self, step: int) -> bool:
         return self.cfg.sharpness_every > 0 and step % self.cfg.sharpness_every == 0
+
+    def noise_due(self, step: int) -> bool:
+        """Per-example gradients cost several probes' worth: every probes.noise_every steps, and at the end."""
+        every = self.cfg.noise_every
+        return self.cfg.per_example > 0 and every > 0 and (step % every == 0 or step == self.last_step)
 
     def before_update(self) -> None:
         """Between backward and the optimizer step: gradient norms (before any clipping), and a copy
@@ -209,7 +228,7 @@ class Probes:
                 found += self._activation_statistics(step)
             if self.sharpness_due(step):
                 found += self._sharpness()
-        if self.cfg.per_example:
+        if self.noise_due(step):
             found += self._gradient_noise()
         found += self._weight_statistics()
         return found
@@ -244,7 +263,7 @@ class Probes:
         found = [Measurement("scalar", f"act_mean/{name}", output.mean()),
                  Measurement("scalar", f"act_std/{name}", output.std()),
                  Measurement("scalar", f"dead_fraction/{name}", dead.float().mean()),
-                 Measurement("scalar", f"effective_rank/{name}", effective_rank(output))]
+                 Measurement("scalar", f"effective_rank/{name}", centred_gram(output), finish=rank_of_gram)]
         before = self._dead_before.get(name)
         if before is not None:
             found.append(Measurement("scalar", f"revived_fraction/{name}", (before & ~dead).float().mean()))

@@ -7,7 +7,9 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 
 def format_number(value: Any, digits: int = 4) -> str:
@@ -79,3 +81,20 @@ def summary_table(metrics: dict[str, Any], run_dir: str) -> Table:
     for name, value in rows:
         table.add_row(name, escape(value))
     return table
+
+
+def findings_panel(findings: list) -> Panel | Text:
+    """The end-of-run "Findings": what went wrong inside the run, where, and what to try; one
+    quiet line when there is nothing to say."""
+    if not findings:
+        return Text("Findings: nothing unusual in the probes.", style="green")
+    styles = {"warning": "yellow", "info": "cyan"}
+    lines = Text()
+    for i, finding in enumerate(findings):
+        where = ", ".join(part for part in (finding.layer, None if finding.step is None else f"step {finding.step}")
+                          if part)
+        lines.append("\n" if i else "")
+        lines.append(f"{finding.severity} ", style=styles.get(finding.severity, ""))
+        lines.append(f"{finding.kind}" + (f" ({where})" if where else ""), style="bold")
+        lines.append(f": {finding.message}\n  try: {finding.advice}")
+    return Panel(lines, title=f"Findings ({len(findings)})", title_align="left")

@@ -47,18 +47,31 @@ def write_probe(writer: SummaryWriter, step: int, measurements: list[Measurement
     """Write one probe's results with a single transfer to the host; returns its scalars by tag."""
     if not measurements:
         return {}
-    values = torch.cat([m.value.detach().reshape(-1).double() for m in measurements]).tolist()
+    flat = torch.cat([m.value.detach().reshape(-1).double() for m in measurements]).cpu()  # the one transfer
     scalars: dict[str, float] = {}
     offset = 0
     for m in measurements:
         size = m.value.numel()
-        chunk, offset = values[offset:offset + size], offset + size
+        part, offset = flat[offset:offset + size], offset + size
         if m.kind == "scalar":
-            writer.add_scalar(m.tag, chunk[0], step)
-            scalars[m.tag] = chunk[0]
+            value = float(part[0]) if m.finish is None else float(m.finish(part.view(m.value.shape)))
+            writer.add_scalar(m.tag, value, step)
+            scalars[m.tag] = value
         else:
-            _write_histogram(writer, m.tag, chunk, step)
+            _write_histogram(writer, m.tag, part.tolist(), step)
     return scalars
+
+
+def write_findings(writer: SummaryWriter, step: int, findings: list) -> None:
+    """The findings as a markdown table in TensorBoard's text tab (tag `findings`)."""
+    if not findings:
+        writer.add_text("findings", "Nothing unusual in the probes.", step)
+        return
+    cell = lambda value: str(value).replace("|", "\\|")  # noqa: E731 - markdown tables split on |
+    lines = ["| severity | kind | layer | step | what happened | what to try |", "|---|---|---|---|---|---|"]
+    lines += [f"| {f.severity} | {f.kind} | {cell(f.layer or '-')} | {cell('-' if f.step is None else f.step)} | "
+              f"{cell(f.message)} | {cell(f.advice)} |" for f in findings]
+    writer.add_text("findings", "\n".join(lines), step)
 
 
 def write_density(writer: SummaryWriter, run_dir: Path, step: int, probes: Probes) -> None:

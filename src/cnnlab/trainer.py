@@ -29,13 +29,14 @@ from cnnlab.checkpoint import load_resumable, restore, save_best, save_last
 from cnnlab.config import RunConfig
 from cnnlab.data import Batches, Data, load_data
 from cnnlab.errors import UserError, one_line
+from cnnlab.findings import Finding, RunFacts, Series, diagnose
 from cnnlab.gradients import stability_limit
 from cnnlab.models import build_model
 from cnnlab.optim import build_optimizer, build_scheduler
 from cnnlab.probes import Probes, gradient_norm
-from cnnlab.progress import TrainingProgress, summary_table
+from cnnlab.progress import TrainingProgress, findings_panel, summary_table
 from cnnlab.rundir import clear_unfinished, record_config, run_lock, write_metrics
-from cnnlab.tblog import write_density, write_hparams_end, write_hparams_start, write_layout, write_probe
+from cnnlab.tblog import write_density, write_findings, write_hparams_end, write_hparams_start, write_layout, write_probe
 
 
 def resolve_device(name: str) -> torch.device:
@@ -205,6 +206,7 @@ class TrainingLog:
         self.seconds, self.images = 0.0, 0  # training time and images over the whole run
         self.dead_fraction: dict[str, float] = {}  # of the latest probe
         self.skipped = 0  # steps not applied for a non-finite loss (trainer.on_nonfinite=skip)
+        self.series: Series = {}  # every scalar logged so far, for the findings
         self.start_epoch()
 
     def start_epoch(self, keep_totals: bool = False) -> None:
@@ -215,6 +217,7 @@ class TrainingLog:
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": [self.epoch_loss, self.epoch_correct, self.epoch_images], "seconds": self.seconds,
                 "images": self.images, "dead_fraction": dict(self.dead_fraction), "skipped": self.skipped,
+                "series": {tag: list(points) for tag, points in self.series.items()},
                 # the steps since the last log: a resumed run logs exactly what an uninterrupted one would
                 "window": [self.window.loss.clone(), self.window.correct.clone(), self.window.count]}
 
@@ -223,6 +226,7 @@ class TrainingLog:
         self.seconds, self.images = state["seconds"], state["images"]
         self.dead_fraction = dict(state["dead_fraction"])
         self.skipped = state["skipped"]
+        self.series = {tag: [tuple(point) for point in points] for tag, points in state.get("series", {}).items()}
         loss, correct, self.window.count = state["window"]
         self.window.loss.copy_(loss)
         self.window.correct.copy_(correct)
@@ -242,10 +246,13 @@ class TrainingLog:
         for tag, value in (("train/loss", loss), ("train/acc", acc), ("grad_norm/total", norm), ("lr", lr),
                            ("perf/images_per_second", speed)):
             self.writer.add_scalar(tag, value, step)
+            self.series.setdefault(tag, []).append((step, value))
         return loss, acc, speed
 
     def probe(self, step: int, probes: Probes) -> None:
         scalars = write_probe(self.writer, step, probes.measure(step))
+        for tag, value in scalars.items():
+            self.series.setdefault(tag, []).append((step, value))
         self.dead_fraction = {tag.split("/", 1)[1]: value for tag, value in scalars.items()
                               if tag.startswith("dead_fraction/")}
 
@@ -440,6 +447,8 @@ def end_epoch(state: TrainState, progress: TrainingProgress) -> None:
     writer.add_scalar("val/loss", val_loss, state.step)
     writer.add_scalar("val/acc", val_acc, state.step)
     writer.add_scalar("epoch", state.epoch, state.step)
+    if state.run.findings.enabled:
+        find(state)  # rewritten at each epoch end, so that a running sweep can be read
     metrics.update(
         epochs=state.epoch, steps=state.step,
         train_loss=log.epoch_loss / log.epoch_images if log.epoch_images else None,
@@ -459,6 +468,38 @@ def end_epoch(state: TrainState, progress: TrainingProgress) -> None:
         "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
         "val_loss": val_loss, "val_acc": val_acc, "img/s": round(metrics["images_per_second"]),
     })
+
+
+def run_facts(state: TrainState) -> RunFacts:
+    """What the findings need to know about the run besides its series."""
+    run, metrics = state.run, state.metrics
+    return RunFacts(
+        num_classes=state.data.num_classes, steps_per_epoch=len(state.data.train), activation=run.activation.name,
+        init=run.model.init, batchnorm=run.model.batchnorm, optimizer=run.optimizer.name, lr=run.optimizer.lr,
+        momentum=float(getattr(run.optimizer, "momentum", 0.0)), grad_clip=run.trainer.grad_clip,
+        status=metrics["status"], diverged_step=metrics.get("diverged_step"))
+
+
+def find(state: TrainState) -> list[Finding]:
+    """The findings so far, also into metrics.json's `findings`."""
+    found = diagnose(state.log.series, run_facts(state), state.run.findings)
+    state.metrics["findings"] = [finding.to_dict() for finding in found]
+    return found
+
+
+def report_findings(state: TrainState, console: Console):
+    """At the end of a run, however it ended: the findings into metrics.json and TensorBoard (text
+    `findings`); returns the terminal's panel, printed now if the run failed, else after its summary.
+    A fault here must not cost the run its results."""
+    try:
+        found = find(state)
+        write_findings(state.log.writer, state.step, found)
+        panel = findings_panel(found)
+    except Exception as error:  # noqa: BLE001 - the run's own outcome matters more
+        panel = f"cnnlab: the findings could not be computed: {one_line(error, 200)}"
+    if state.metrics["status"] != "completed":
+        console.print(panel)
+    return panel
 
 
 def test(state: TrainState) -> None:
@@ -551,6 +592,8 @@ def run_to_the_end(run: RunConfig, run_dir: Path, config: dict[str, Any], consol
         raise
     finally:
         metrics["seconds"] = round(time.perf_counter() - (state.started if state is not None else started), 3)
+        if state is not None and state.log.writer is not None and run.findings.enabled:
+            panel = report_findings(state, console)
         # A refused resume leaves the run's files as they were; on a full disk, this may fail too.
         if state is not None or not resume:
             with contextlib.suppress(OSError):
@@ -560,4 +603,6 @@ def run_to_the_end(run: RunConfig, run_dir: Path, config: dict[str, Any], consol
                 write_hparams_end(state.log.writer, metrics["status"])
                 state.log.writer.close()
     console.print(summary_table(metrics, str(run_dir)))
+    if state is not None and run.findings.enabled:
+        console.print(panel)
     return metrics

@@ -1,0 +1,242 @@
+import json
+import math
+import re
+from dataclasses import replace
+
+import pytest
+
+from cnnlab.config import validate
+from cnnlab.errors import UserError
+from cnnlab.findings import RULES, Finding, RunFacts, diagnose
+from tests.helpers import compose_config
+
+CFG = validate(compose_config()).findings
+FACTS = RunFacts(num_classes=10, steps_per_epoch=100, activation="relu", init="kaiming", batchnorm=False,
+                 optimizer="sgd", lr=0.1, momentum=0.9, grad_clip=None, status="completed", diverged_step=None)
+
+
+def kinds(series, facts=FACTS, cfg=CFG):
+    return [f.kind for f in diagnose(series, facts, cfg)]
+
+
+def probes(*values, every=100):
+    """A probe series at steps 0, every, 2*every, ..."""
+    return [(i * every, v) for i, v in enumerate(values)]
+
+
+def test_dead_at_init_fires_on_a_mostly_dead_layer_at_step_0_only():
+    series = {"dead_fraction/act01_fc": probes(0.1, 0.1), "dead_fraction/act02_fc": probes(0.6, 0.6),
+              "dead_fraction/all": probes(0.5, 0.5)}
+    [finding] = diagnose(series, FACTS, CFG)
+    assert (finding.kind, finding.layer, finding.step, finding.value) == ("dead_at_init", "act02_fc", 0, 0.6)
+    assert "60%" in finding.message and "activation=leaky_relu" in finding.advice
+    assert kinds({"dead_fraction/act02_fc": [(100, 0.6), (200, 0.6)]}) == []  # no step-0 probe
+
+
+@pytest.mark.parametrize("last, severity", [(0.25, "info"), (0.6, "warning"), (0.15, None)])
+def test_dying_units_grade_the_rise_of_the_dead_fraction(last, severity):
+    found = diagnose({"dead_fraction/act01_fc": probes(0.0, 0.05, last)}, FACTS, CFG)
+    assert [f.severity for f in found] == ([severity] if severity else [])
+    if severity:
+        assert found[0].layer == "act01_fc" and found[0].step == 200 and "optimizer.lr=0.01" in found[0].advice
+
+
+def test_a_dead_fraction_that_falls_or_has_one_probe_is_not_dying():
+    assert kinds({"dead_fraction/act01_fc": probes(0.4, 0.1)}) == []
+    assert kinds({"dead_fraction/act01_fc": probes(0.0)}) == []
+
+
+def test_saturation_fires_on_the_median_of_the_last_probes():
+    tanh = replace(FACTS, activation="tanh", init="default")
+    found = diagnose({"saturation/act02_fc": probes(0.1, 0.3, 0.7, 0.8, 0.2)}, tanh, CFG)
+    assert [(f.kind, f.layer) for f in found] == [("saturation", "act02_fc")]
+    assert "model.init=xavier" in found[0].advice
+    # healthy: saturation that passes (one spike) or stays low
+    assert kinds({"saturation/act02_fc": probes(0.1, 0.9, 0.2, 0.1)}, tanh) == []
+    assert kinds({"saturation/act01_fc": probes(0.05, 0.1)}, tanh) == []
+
+
+def grad_norms(first, top, n=4):
+    return {"grad_norm/total": probes(*[1.0] * n), "grad_norm/layer01_fc": probes(*[first] * n),
+            "grad_norm/layer02_fc": probes(*[0.5] * n), "grad_norm/layer03_fc": probes(*[top] * n),
+            "grad_norm/layer04_classifier": probes(*[5.0] * n)}
+
+
+def test_vanishing_gradients_compare_the_first_layer_with_the_last_hidden_one():
+    found = diagnose(grad_norms(1e-5, 1.0), FACTS, CFG)
+    assert [(f.kind, f.layer) for f in found] == [("vanishing_gradients", "layer01_fc")]
+    assert "layer03_fc" in found[0].message  # the last hidden layer, not the classifier
+    assert kinds(grad_norms(0.1, 1.0)) == []
+    assert kinds({"grad_norm/layer01_fc": probes(1e-6), "grad_norm/layer02_classifier": probes(1.0)}) == []
+
+
+def test_exploding_gradients_fire_on_a_jump_over_the_running_median():
+    series = {"grad_norm/total": probes(1.0, 2.0, 1.5, 1.2, 300.0, 1.0)}
+    [finding] = diagnose(series, FACTS, CFG)
+    assert (finding.kind, finding.step, finding.value) == ("exploding_gradients", 400, 300.0)
+    assert "trainer.grad_clip=" in finding.advice
+    # healthy: a steady rise, and a large value before any history
+    assert kinds({"grad_norm/total": probes(1, 2, 4, 8, 16, 32, 64)}) == []
+    assert kinds({"grad_norm/total": probes(0.01, 5.0)}) == []
+
+
+def test_clipping_on_most_steps_is_reported_and_occasional_clipping_is_not():
+    clipped = replace(FACTS, grad_clip=1.0)
+    [finding] = diagnose({"grad_norm/total": probes(3.0, 2.5, 2.0, 0.5)}, clipped, CFG)
+    assert finding.kind == "exploding_gradients" and "3 of 4" in finding.message
+    assert kinds({"grad_norm/total": probes(3.0, 0.5, 0.6, 0.4)}, clipped) == []
+
+
+@pytest.mark.parametrize("activation, init, advice", [("relu", "default", "model.init=kaiming"),
+                                                      ("selu", "default", "model.init=lecun"),
+                                                      ("sigmoid", "kaiming", "model.init=xavier")])
+def test_activation_scale_names_the_init_that_fits_the_activation(activation, init, advice):
+    facts = replace(FACTS, activation=activation, init=init)
+    series = {"act_std/act01_fc": probes(1.0, 1.0), "act_std/act02_fc": probes(0.3, 0.3),
+              "act_std/act10_fc": probes(0.02, 0.5)}  # sorted by number, not by name
+    [finding] = diagnose(series, facts, CFG)
+    assert (finding.kind, finding.layer) == ("activation_scale", "act10_fc")
+    assert advice in finding.advice and "model.batchnorm=true" in finding.advice
+
+
+def test_activation_scale_is_quiet_for_a_steady_scale_or_without_step_0():
+    assert kinds({"act_std/act01_fc": probes(1.0), "act_std/act02_fc": probes(0.5)}) == []
+    assert kinds({"act_std/act01_fc": [(100, 1.0)], "act_std/act02_fc": [(100, 0.01)]}) == []
+
+
+@pytest.mark.parametrize("values, fires", [
+    ([-3.0, -0.5, -0.4, -0.6], "optimizer.lr=0.01"),  # too high
+    ([-4.0, -5.5, -6.0, -5.8], "optimizer.lr=1"),  # too low
+    ([-0.5, -2.5, -3.0, -3.2], None),  # early spike, then healthy
+    ([-3.0, -0.5], None),  # one point in the second half: too few to judge
+])
+def test_update_ratio_judges_the_median_of_the_second_half(values, fires):
+    found = diagnose({"update_ratio/layer01_fc": [(100 * (i + 1), v) for i, v in enumerate(values)]}, FACTS, CFG)
+    assert [f.advice.split("Try ")[-1].rstrip(".") for f in found] == ([fires] if fires else [])
+
+
+def test_not_learning_fires_when_the_loss_stays_at_chance_after_an_epoch():
+    chance = math.log(10)
+    [finding] = diagnose({"train/loss": [(s, chance + 0.01) for s in range(0, 300, 50)]}, FACTS, CFG)
+    assert finding.kind == "not_learning" and finding.step == 250
+    assert kinds({"train/loss": [(0, chance), (50, chance), (100, 1.5), (150, 1.2)]}) == []
+    assert kinds({"train/loss": [(0, chance), (50, chance)]}) == []  # not yet an epoch
+
+
+def test_diverged_names_the_first_layer_whose_statistics_blew_up():
+    facts = replace(FACTS, status="diverged", diverged_step=230)
+    series = {"act_std/act02_fc": probes(1.0, 1.0, math.nan), "act_std/act03_fc": probes(1.0, math.inf, math.nan),
+              "grad_norm/layer03_fc": probes(1.0, 1.0, math.nan),
+              "update_ratio/layer01_fc": probes(-3.0, -math.inf, -3.0)}  # a frozen step, not a blow-up
+    [finding] = diagnose(series, facts, CFG)
+    assert (finding.kind, finding.layer, finding.step) == ("diverged", "act03_fc", 230)
+    assert "step 100" in finding.message
+    assert diagnose({}, facts, CFG)[0].layer is None
+    assert kinds(series) == []  # status completed
+
+
+def test_edge_of_stability_is_information_for_sgd_only():
+    series = {"sharpness/top_eigenvalue": probes(5.0, 20.0, 37.0),
+              "sharpness/stability_limit": probes(38.0, 38.0, 38.0)}
+    [finding] = diagnose(series, FACTS, CFG)
+    assert (finding.kind, finding.severity, finding.step) == ("edge_of_stability", "info", 200)
+    assert kinds(series, replace(FACTS, optimizer="adam")) == []
+    assert kinds({"sharpness/top_eigenvalue": probes(5.0, 36.0)}) == ["edge_of_stability"]  # 2(1 + 0.9)/0.1 = 38
+    assert kinds({"sharpness/top_eigenvalue": probes(5.0, 20.0)}) == []
+
+
+def healthy_run() -> dict:
+    """Two probes of a run that trains well: nothing to say."""
+    return {"train/loss": [(0, 2.30), (50, 1.2), (100, 0.6), (150, 0.4)], "lr": [(0, 0.1), (150, 0.1)],
+            "grad_norm/total": [(0, 1.0), (50, 1.5), (100, 1.2), (150, 1.1)],
+            "dead_fraction/act01_fc": [(0, 0.0), (150, 0.05)], "dead_fraction/all": [(0, 0.0), (150, 0.04)],
+            "act_std/act01_fc": [(0, 0.8), (150, 1.0)], "act_std/act02_fc": [(0, 0.7), (150, 0.9)],
+            "grad_norm/layer01_fc": [(150, 0.3)], "grad_norm/layer02_fc": [(150, 0.4)],
+            "grad_norm/layer03_classifier": [(150, 0.9)], "update_ratio/layer01_fc": [(150, -3.1)]}
+
+
+def test_a_healthy_short_run_and_an_empty_one_say_nothing():
+    assert diagnose(healthy_run(), FACTS, CFG) == []
+    assert diagnose({}, FACTS, CFG) == []
+    for rule in RULES:
+        assert rule({}, FACTS, CFG) == []
+
+
+def test_diagnose_puts_warnings_first_then_orders_by_step_and_can_be_switched_off():
+    series = {"dead_fraction/act01_fc": probes(0.0, 0.3), "dead_fraction/act02_fc": probes(0.0, 0.1, 0.7),
+              "sharpness/top_eigenvalue": probes(37.0), "grad_norm/total": probes(1, 1, 1, 1, 500)}
+    found = diagnose(series, FACTS, CFG)
+    assert [(f.kind, f.severity, f.step) for f in found] == [
+        ("dying_units", "warning", 200), ("exploding_gradients", "warning", 400),
+        ("edge_of_stability", "info", 0), ("dying_units", "info", 100)]
+    assert diagnose(series, FACTS, replace(CFG, enabled=False)) == []
+
+
+def test_findings_are_json_safe():
+    for value in (math.nan, math.inf, None, 0.5):
+        d = Finding("k", "info", None, 3, value, "m", "a").to_dict()
+        assert json.loads(json.dumps(d, allow_nan=False)) == d
+        assert d["value"] == (value if value == 0.5 else None)
+
+
+def test_findings_settings_compose_and_are_range_checked():
+    assert CFG.enabled and CFG.dead_at_init == 0.5 and CFG.vanishing_ratio == 1e-3
+    assert validate(compose_config("findings.enabled=false")).findings.enabled is False
+
+
+@pytest.mark.parametrize("override", ["findings.dead_at_init=0", "findings.saturation=1.5", "findings.dying_info=-0.1",
+                                      "findings.dying_warning=0.1", "findings.saturation_probes=0",
+                                      "findings.vanishing_ratio=1", "findings.exploding_factor=1", "findings.most=0.4",
+                                      "findings.activation_scale=0.5", "findings.update_ratio_low=0",
+                                      "findings.not_learning=0", "findings.edge_of_stability=0",
+                                      "findings.most=nan", "+findings.bogus=1"])
+def test_impossible_findings_settings_are_user_errors_that_name_them(override):
+    key = override.lstrip("+").split("=")[0]
+    with pytest.raises(UserError, match=re.escape(key)):
+        validate(compose_config(override))
+
+
+def test_a_layer_that_does_not_move_at_all_is_not_blamed_on_the_learning_rate():
+    from cnnlab.findings import update_ratio
+
+    frozen = {"update_ratio/layer02_fc": [(step, -20.0) for step in range(0, 100, 10)]}
+    assert update_ratio(frozen, FACTS, CFG) == []
+
+
+# --- end to end: runs built to misbehave say so, healthy ones say nothing ---------------------------
+MISBEHAVING = {
+    "narrow_deep_relu": (["model.hidden=[2,2,2,2,2,2,2,2,2,2]"], {"dead_at_init", "vanishing_gradients"}),
+    "deep_sigmoid": (["model.hidden=[32,32,32,32,32,32,32,32,32,32]", "activation=sigmoid"],
+                     {"vanishing_gradients", "not_learning"}),
+    "relu_with_lecun_init": (["model.hidden=[64,64,64,64,64,64,64,64,64,64]", "model.init=lecun"],
+                             {"activation_scale"}),
+    "relu_killing_lr": (["model.hidden=[64,64]", "optimizer=sgd", "optimizer.lr=3", "optimizer.momentum=0"],
+                        {"dying_units", "diverged"}),  # ReLUs die on the way to divergence
+    "sigmoid_that_cannot_move": (["model.hidden=[32,32,32,32,32]", "activation=sigmoid", "optimizer=sgd",
+                                  "optimizer.lr=0.001", "optimizer.momentum=0"], {"not_learning", "update_ratio"}),
+    "lr_1e6": (["model.hidden=[32]", "optimizer=sgd", "optimizer.lr=1e6"], {"diverged"}),
+    "default_mlp": ([], set()),
+    "default_convnet": (["model=convnet"], set()),
+}
+RUN = ["dataset=fake", "dataset.train_size=600", "dataset.test_size=50", "dataset.image_size=8",
+       "trainer.batch_size=32", "trainer.device=cpu", "trainer.epochs=2", "probes.batch_size=64", "probes.every=5"]
+
+
+@pytest.mark.parametrize("name", MISBEHAVING)
+def test_runs_built_to_misbehave_produce_the_right_findings_and_healthy_ones_none(name, tmp_path):
+    import io
+
+    from omegaconf import OmegaConf
+    from rich.console import Console
+
+    from cnnlab.rundir import read_metrics
+    from cnnlab.trainer import Diverged, train
+
+    overrides, expected = MISBEHAVING[name]
+    cfg = compose_config(*RUN, *overrides)
+    try:
+        train(validate(cfg), tmp_path, OmegaConf.to_container(cfg), console=Console(file=io.StringIO()))
+    except Diverged:
+        assert "diverged" in expected
+    warnings = {f["kind"] for f in read_metrics(tmp_path)["findings"] if f["severity"] == "warning"}
+    assert expected <= warnings if expected else warnings == set()
