@@ -23,7 +23,7 @@ from rich.table import Table
 
 from cnnlab.errors import UserError, one_line
 from cnnlab.progress import format_number
-from cnnlab.rundir import METRICS_FILE
+from cnnlab.rundir import METRICS_FILE, read_run_metrics
 
 SEED_KEY = "trainer.seed"
 FAILED_STATUSES = ("failed", "diverged", "interrupted", "missing", "running")
@@ -76,21 +76,6 @@ def _read_overrides(path: Path) -> dict[str, str]:
     return overrides
 
 
-def _read_metrics(path: Path) -> dict[str, Any] | None:
-    """The run's metrics.json; None while there is none (a job that has not started); UserError if
-    it is not the JSON object a run writes (it is written atomically, so it is never cut short)."""
-    file = path / METRICS_FILE
-    if not file.is_file():
-        return None
-    try:
-        metrics = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"{file} cannot be read: {one_line(error, 200)}") from None
-    if not isinstance(metrics, dict):
-        raise UserError(f"{file} holds a JSON {type(metrics).__name__}, not the object of results a run writes")
-    return metrics
-
-
 def _warn(message: str) -> None:
     Console(stderr=True).print(f"cnnlab: warning: {message}", style="yellow", markup=False, highlight=False,
                                soft_wrap=True)
@@ -116,7 +101,7 @@ def find_runs(paths: list[str], warn: Callable[[str], None] = _warn) -> list[Run
     runs, unreadable = [], []
     for path in unique:
         try:
-            runs.append(Run(path, _read_overrides(path), _read_metrics(path)))
+            runs.append(Run(path, _read_overrides(path), read_run_metrics(path)))
         except UserError as error:
             unreadable.append(str(error))
     if not runs:

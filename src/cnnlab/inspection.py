@@ -7,7 +7,6 @@ works the same for completed, running, failed and older runs, and without import
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -21,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cnnlab.errors import UserError, one_line
-from cnnlab.rundir import METRICS_FILE, _json_safe, locked_by
+from cnnlab.rundir import METRICS_FILE, _json_safe, locked_by, read_run_metrics
 
 Series = dict[str, list[tuple[int, float]]]  # tag -> (step, value) in step order, as cnnlab.findings takes it
 
@@ -76,19 +75,6 @@ def read_series(path: Path) -> Series:
         raise UserError(f"the event files in {path} cannot be read: {one_line(error, 200)}") from None
 
 
-def read_metrics(path: Path) -> dict[str, Any]:
-    file = path / METRICS_FILE
-    if not file.is_file():
-        return {}
-    try:
-        metrics = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"{file} cannot be read: {one_line(error, 200)}") from None
-    if not isinstance(metrics, dict):
-        raise UserError(f"{file} holds a JSON {type(metrics).__name__}, not the object of results a run writes")
-    return metrics
-
-
 def read_config(path: Path, notes: list[str]) -> dict[str, Any]:
     file = path / ".hydra" / "config.yaml"
     if not file.is_file():
@@ -107,7 +93,7 @@ def read_run(path: Path) -> Inspection:
     path = Path(path).expanduser()
     check_run_dir(path)
     notes: list[str] = []
-    metrics = read_metrics(path)
+    metrics = read_run_metrics(path) or {}
     config = read_config(path, notes)
     series = read_series(path)
     if not series:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from cnnlab.errors import UserError
+from cnnlab.errors import UserError, one_line
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -76,6 +76,21 @@ def read_metrics_or_none(run_dir: Path) -> dict[str, Any] | None:
         return read_metrics(run_dir)
     except (OSError, ValueError):
         return None
+
+
+def read_run_metrics(path: Path) -> dict[str, Any] | None:
+    """The run's metrics.json; None while there is none (a job that has not started); UserError if
+    it is not the JSON object a run writes (it is written atomically, so it is never cut short)."""
+    file = path / METRICS_FILE
+    if not file.is_file():
+        return None
+    try:
+        metrics = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{file} cannot be read: {one_line(error, 200)}") from None
+    if not isinstance(metrics, dict):
+        raise UserError(f"{file} holds a JSON {type(metrics).__name__}, not the object of results a run writes")
+    return metrics
 
 
 def last_checkpoint(run_dir: Path) -> Path:
