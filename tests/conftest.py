@@ -68,3 +68,21 @@ def accept_generated_cifar(monkeypatch):
     from torchvision.datasets import cifar
 
     monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch, tmp_path):
+    """`cnnlab ARGS` in this process, in tmp_path: (exit code, stdout, stderr), never a traceback."""
+    from cnnlab import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as exit:
+            cli.main(list(args))
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err
+        return exit.value.code, out, err
+
+    return run

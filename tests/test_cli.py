@@ -20,22 +20,6 @@ def cnnlab(*args: str, cwd: Path, importtime: bool = False) -> subprocess.Comple
                           timeout=300, env=env)
 
 
-@pytest.fixture
-def run_cli(capsys, monkeypatch, tmp_path):
-    """`cnnlab ARGS` in this process, in tmp_path: (exit code, stdout, stderr), never a traceback."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        with pytest.raises(SystemExit) as exit:
-            cli.main(list(args))
-        out, err = capsys.readouterr()
-        assert "Traceback" not in out + err
-        return exit.value.code, out, err
-
-    return run
-
-
 def imported_torch(result: subprocess.CompletedProcess) -> bool:
     """With -X importtime every imported module is listed on stderr as '... | name'."""
     return any(line.rstrip().endswith("| torch") for line in result.stderr.splitlines())

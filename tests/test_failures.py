@@ -36,21 +36,6 @@ from tests.helpers import (
 )
 
 
-@pytest.fixture
-def run_cli(capsys, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        with pytest.raises(SystemExit) as exit:
-            cli.main(list(args))
-        out, err = capsys.readouterr()
-        assert "Traceback" not in out + err
-        return exit.value.code, out, err
-
-    return run
-
-
 def test_an_error_in_a_run_is_one_line_on_stderr_and_exit_1(run_cli):
     # Missing dataset files stand for every error that a run finds once it has started.
     code, _, err = run_cli("train", "dataset.root=missing", "dataset.download=false", "trainer.device=cpu")

@@ -30,16 +30,17 @@ def density_column(output: Tensor, low: float, high: float, bins: int) -> Tensor
         raise ValueError(f"the range [{low}, {high}] is empty: low must be below high")
     x = output.detach().flatten().float()
     counts = torch.zeros(bins, dtype=torch.float64, device=x.device)
-    with _histc_allowed(x.device):
+    with histc_allowed(x.device):
         for chunk in x.split(HISTC_CHUNK):  # clamping per chunk: no copy of the whole tensor
             counts += torch.histc(chunk.clamp(low, high), bins=bins, min=low, max=high).double()
     return counts
 
 
 @contextmanager
-def _histc_allowed(device: torch.device) -> Iterator[None]:
-    # As in probes.py: CUDA histc is flagged nondeterministic (float atomics), but sums of whole
-    # numbers below 2**24 are exact in any order, so its counts are deterministic.
+def histc_allowed(device: torch.device) -> Iterator[None]:
+    """torch.histc under trainer.deterministic: on CUDA, histc adds 1.0 per element with float
+    atomics and torch flags it as nondeterministic, but sums of whole numbers below 2**24 are exact
+    in any order, so its counts are deterministic."""
     enabled = torch.are_deterministic_algorithms_enabled()
     if not (enabled and device.type == "cuda"):
         yield

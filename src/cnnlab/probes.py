@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from cnnlab.config import ProbesConfig
-from cnnlab.density import density_column
+from cnnlab.density import density_column, histc_allowed
 from cnnlab.gradients import gradient_noise_scale, gradient_snr, per_example_gradients, top_hessian_eigenvalue
 from cnnlab.models import ACTIVATION_MODULES, ACTIVATIONS_BY_MODULE, BOUNDS_BY_MODULE, dead_units
 
@@ -68,28 +68,12 @@ def histogram(x: Tensor, bins: int) -> Tensor:
     low, high = torch.aminmax(x)  # one pass for both
     scaled = torch.sub(x, low).div_((high - low).clamp_min(torch.finfo(torch.float32).tiny))  # in [0, 1]
     counts = torch.zeros(bins, dtype=torch.float64, device=x.device)
-    with _histc_allowed(x.device):
+    with histc_allowed(x.device):
         for chunk in scaled.split(HISTC_CHUNK):
             counts += torch.histc(chunk, bins=bins, min=0.0, max=1.0).double()
     squares = torch.linalg.vector_norm(x).square()  # no temporary the size of x
     moments = torch.stack([low, high, x.sum(), squares]).double()
     return torch.cat([moments, counts])
-
-
-@contextmanager
-def _histc_allowed(device: torch.device) -> Iterator[None]:
-    # On CUDA, histc adds 1.0 per element with float atomics and torch flags it as nondeterministic.
-    # Sums of whole numbers below 2**24 are exact in any order, so its counts are deterministic.
-    enabled = torch.are_deterministic_algorithms_enabled()
-    if not (enabled and device.type == "cuda"):
-        yield
-        return
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(False)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
 def update_ratio(before: Tensor, after: Tensor) -> Tensor:
