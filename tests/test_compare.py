@@ -226,3 +226,28 @@ def test_sharpness_figure_draws_the_eigenvalue_solid_and_the_stability_limit_das
     assert eigenvalue.get_color() == limit.get_color()
     assert list(eigenvalue.get_xdata()) == [0, 10, 20] and list(limit.get_ydata()) == [200, 200, 200]
     assert axis.get_yscale() == "log"
+
+
+def test_each_runs_warning_kinds_reach_the_tables_and_seed_groups_count_them(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from cnnlab.compare import SEED_KEY, print_summary, rows
+
+    def run(seed, kinds):
+        findings = [{"kind": kind, "severity": "warning"} for kind in kinds] + [{"kind": "dying_units", "severity": "info"}]
+        return Run(tmp_path / f"s{seed}", {"activation": "relu", SEED_KEY: str(seed)},
+                   {"status": "completed", "findings": findings})
+
+    runs = [run(0, ["dead_at_init", "vanishing_gradients"]), run(1, ["dead_at_init"]), run(2, [])]
+    name_runs(runs)
+    assert [row["warnings"] for row in rows(runs)] == ["dead_at_init,vanishing_gradients", "dead_at_init", ""]
+    group = next(iter(seed_groups(runs).values()))
+    assert group["warnings"] == {"dead_at_init": 2, "vanishing_gradients": 1}  # info findings do not count
+    console = Console(file=io.StringIO(), width=200)
+    print_summary(console, runs, title="t")
+    assert "dead_at_init (2/3)" in console.file.getvalue() and "warnings" in console.file.getvalue()
+    quiet = Console(file=io.StringIO(), width=200)
+    print_summary(quiet, [run(3, [])], title="t")
+    assert "warnings" not in quiet.file.getvalue()  # no column when no run has any

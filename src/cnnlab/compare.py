@@ -212,16 +212,18 @@ def write_summary(directory: Path, runs: list[Run]) -> tuple[Path, Path]:
 
 def print_summary(console: Console, runs: list[Run], title: str) -> None:
     table = Table(title=title, title_justify="left")
-    table.add_column("run", overflow="fold")
-    for column in ("status", "val acc", "test acc", "dead fraction", "seconds", "warnings"):
+    table.add_column("run", overflow="fold", min_width=min(24, max(len(run.name) for run in runs)))
+    warned = any(run.metric("warnings") for run in runs)  # the column only when there is something in it
+    for column in ("status", "val acc", "test acc", "dead fraction", "seconds", *(["warnings"] if warned else [])):
         table.add_column(column, justify="left" if column in ("status", "warnings") else "right",
                          no_wrap=column != "warnings", overflow="fold")
     styles = {"completed": "green", "invalid": "yellow"}
     for run in runs:
+        warnings = [escape(run.metric("warnings") or "-")] if warned else []
         table.add_row(escape(run.name), f"[{styles.get(run.status, 'red')}]{run.status}[/]",
                       format_number(run.metric("val_acc")), format_number(run.metric("test_acc")),
                       format_number(run.metric("dead_fraction")), format_number(run.metric("seconds"), 1),
-                      escape(run.metric("warnings") or "-"))
+                      *warnings)
     console.print(table)
     groups = seed_groups(runs)
     if any(group["runs"] > 1 for group in groups.values()) and any(SEED_KEY in run.overrides for run in runs):
