@@ -12,6 +12,13 @@ from rich.table import Table
 from rich.text import Text
 
 
+def console(stderr: bool = False) -> Console:
+    """A rich console for cnnlab's output. When the output is not a terminal (a pipe, a file, a
+    cluster log) it is as wide as any line needs, so that tables never wrap a name mid-word."""
+    terminal = Console(stderr=stderr)
+    return terminal if terminal.is_terminal else Console(stderr=stderr, width=max(terminal.width, 1000))
+
+
 def format_number(value: Any, digits: int = 4) -> str:
     """A table cell: '-' for missing, four decimals for floats."""
     if value is None:
