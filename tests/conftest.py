@@ -1,4 +1,5 @@
 import io
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,20 @@ def accept_generated_cifar(monkeypatch):
     from torchvision.datasets import cifar
 
     monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+
+
+@pytest.fixture(autouse=True)
+def logging_as_before():
+    """Hydra points the root logger at this test's captured stdout, which pytest closes afterwards:
+    a later command's log message must not go there."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

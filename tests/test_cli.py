@@ -10,7 +10,7 @@ import pytest
 
 from cnnlab import cli
 from cnnlab.checkpoint import load_checkpoint
-from tests.helpers import TINY, TINY_MLP, TINY_TRAINER, not_blank, read_scalars, write_image_folder, write_mnist
+from tests.helpers import TINY, TINY_MLP, TINY_TRAINER, read_scalars, write_image_folder, write_mnist
 
 
 def cnnlab(*args: str, cwd: Path, importtime: bool = False) -> subprocess.CompletedProcess:
@@ -124,16 +124,6 @@ def test_config_dir_adds_a_users_own_options(tmp_path):
     result = cnnlab("train", "--config-dir", "mine", "model=wide_mlp", "--cfg", "job", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "- 1024" in result.stdout and "init: kaiming" in result.stdout
-
-
-def test_activations_command_lists_every_activation_and_plots_them(tmp_path):
-    from cnnlab.models import ACTIVATIONS
-
-    result = cnnlab("activations", "--plot", "acts.png", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    for name in ACTIVATIONS:
-        assert name in result.stdout
-    assert not_blank(tmp_path / "acts.png")
 
 
 # A shared experiment file (`--config-dir mine experiment=shared`) that would run code through
@@ -258,3 +248,136 @@ def test_job_folder_names_are_single_safe_bounded_and_unique():
 def test_shared_overrides_are_left_out_of_job_names_whatever_their_prefix():
     args = cli.name_jobs_by_swept_overrides(["-m", "activation=relu,elu", "+preset=selu_lecun", "dataset.root=/d"])
     assert args[-1] == "hydra.job.config.override_dirname.exclude_keys=['preset','dataset.root']"
+
+
+# --- overrides Hydra cannot read, settings that do not exist, `~`, and rejected runs that leave nothing --
+def test_a_value_starting_with_tilde_is_expanded_in_every_override_and_item(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = cli.expand_home(["-m", "dataset.path=~/a,~/b", "model.hidden=[1]", "x=[~/c, ~]", "resume=~/run",
+                            "y='~/quoted'", "z=a~/b", "~trainer.grad_clip", "--config-dir", "w=~/dir"])
+    assert args == ["-m", f"dataset.path={tmp_path}/a,{tmp_path}/b", "model.hidden=[1]", f"x=[{tmp_path}/c, {tmp_path}]",
+                    f"resume={tmp_path}/run", "y='~/quoted'", "z=a~/b", "~trainer.grad_clip", "--config-dir", "w=~/dir"]
+
+
+def test_the_readme_quickstart_with_a_home_path_reaches_the_config(run_cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_image_folder(tmp_path / "pictures" / "pets", per_class=2, size=8)
+    code, out, err = run_cli("train", "dataset=imagefolder", "dataset.path=~/pictures/pets", "dataset.image_size=64",
+                             "model=convnet", "--cfg", "job")
+    assert code == 0 and f"path: {tmp_path}/pictures/pets" in out, err
+    code, _, err = run_cli("train", "resume=~/nowhere")
+    assert code == 2 and str(tmp_path / "nowhere") in err and "not a run directory" in err
+
+
+@pytest.mark.parametrize("override", ["dataset.path=~nosuchuser/pets", "dataset.path=my#pets", "a b=1", "trainer.epochs"])
+def test_an_override_hydra_cannot_read_is_named_with_the_quoting_that_works(run_cli, tmp_path, override):
+    code, out, err = run_cli("train", override)
+    assert code == 2 and f"Hydra cannot read the override {override!r}" in err, err
+    assert """'key="value with spaces"'""" in err and "LexerNoViable" not in err and "hydra.cc" not in err
+    assert len(err.strip().splitlines()) == 1 and not out
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model.hiden=[10]"], "Unknown setting model.hiden. Valid settings of model 'mlp': name, batchnorm, dropout, init, "
+                           "hidden."),
+    (["activation.negative_slope=0.2"], "Unknown setting activation.negative_slope. Valid settings of activation "
+                                        "'relu': name. negative_slope is a setting of activation leaky_relu: choose "
+                                        "it with activation=leaky_relu."),
+    (["activation=reluu"], "Unknown activation 'reluu' (no activation/reluu.yaml in the config folders). Valid choices: "
+                           "celu, elu, gelu, leaky_relu, mish, prelu, relu, rrelu, selu, sigmoid, silu, softplus, tanh."),
+    (["activaton=relu"], "Unknown top-level setting activaton. Valid ones: the groups dataset, model, activation,"),
+    (["-m", "model=mlp,convnet", "model.hidden=[8]"], "The sweep's job with model=convnet: Unknown setting "
+                                                     "model.hidden. Valid settings of model 'convnet': name,"),
+], ids=["misspelt", "setting_of_another_option", "unknown_option", "misspelt_group", "in_one_job_of_a_sweep"])
+def test_a_setting_or_option_that_does_not_exist_is_cnnlabs_one_message_and_nothing_is_written(run_cli, tmp_path,
+                                                                                               args, message):
+    code, out, err = run_cli("train", *args, *TINY_TRAINER)
+    assert code == 2 and err.startswith(f"cnnlab: error: {message}"), err
+    assert "+model" not in err and "append" not in err and "search path" not in err and not out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_adding_a_misspelt_setting_with_plus_gets_the_same_message(run_cli):
+    assert run_cli("train", "model.hiden=[10]")[2] == run_cli("train", "+model.hiden=[10]")[2]
+
+
+def test_a_rejected_run_leaves_no_folder_behind(run_cli, tmp_path):
+    code, _, err = run_cli("train", *TINY, "trainer.epochs=0")  # checked before Hydra makes outputs/DATE/TIME
+    assert code == 2 and "trainer.epochs=0" in err
+    code, _, err = run_cli("train", *TINY, "hydra.job.nosuchsetting=1", "hydra.run.dir=deep/run")  # refused by Hydra
+    assert code == 2 and "nosuchsetting" in err
+    code, _, err = run_cli("train", "-m", "dataset=imagefolder", "activation=relu,elu", *TINY_TRAINER,
+                           "hydra.sweep.dir=sweep")
+    assert code == 2 and "dataset.path" in err and "Every job of the sweep would be rejected" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checking_that_an_output_folder_can_be_written_leaves_no_folder(tmp_path):
+    (tmp_path / "kept").mkdir()
+    cli.check_writable("hydra.run.dir", tmp_path / "a" / "b" / "c")
+    cli.check_writable("hydra.run.dir", tmp_path / "kept")
+    assert [path.name for path in tmp_path.iterdir()] == ["kept"] and not list((tmp_path / "kept").iterdir())
+
+
+# --- cnnlab train --help: the YAML comments are the documentation ----------------------------------
+def yaml_settings(path: Path, section: str | None = None) -> list[tuple[str, str, str]]:
+    """(key, value as written, first line of its comment) of each setting of a config file."""
+    from omegaconf import OmegaConf
+
+    keys = OmegaConf.load(path)[section] if section else OmegaConf.load(path)
+    indent = "  " if section else ""
+    text = path.read_text().split(f"\n{section}:")[1].split("\n\n")[0] if section else path.read_text()
+    rows = []
+    for key in keys:
+        (line,) = [line for line in text.splitlines() if line.startswith(f"{indent}{key}:")]
+        value, _, comment = line.partition(":")[2].partition(" #")
+        rows.append((str(key), value.strip(), comment.strip()))
+    return rows
+
+
+def test_train_help_shows_every_setting_of_every_option_with_its_default_and_comment(run_cli, monkeypatch):
+    from cnnlab.config import SCHEMAS
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per setting
+    code, out, _ = run_cli("train", "--help")
+    assert code == 0 and run_cli("train", "-h") == (0, out, "")
+    lines = out.splitlines()
+    checked = 0
+    for group in SCHEMAS:
+        for path in sorted((cli.config_dir() / group).glob("*.yaml")):
+            header = path.read_text().splitlines()[0].lstrip("# ")
+            assert any(line.startswith(f"  {path.stem}: {header}") for line in lines), (path, header)
+            for key, value, comment in yaml_settings(path):
+                if key == "name":
+                    continue
+                assert comment, f"{path}: {key} has no comment"
+                assert any(line.strip().startswith(f"{key}: {value}") and line.endswith(f"# {comment}")
+                           for line in lines), (path, key)
+                checked += 1
+    for section in ("trainer", "probes", "findings"):
+        for key, value, comment in yaml_settings(cli.config_dir() / "train.yaml", section):
+            assert comment, f"train.yaml: {section}.{key} has no comment"
+            assert any(line.startswith(f"  {key}: {value}") and f"# {comment}" in line for line in lines), key
+            checked += 1
+    assert checked > 80
+    mode = next(line for line in lines if line.startswith("  mode: train"))
+    assert mode.endswith("in a training step (without touching the running statistics); eval: running statistics")
+    for text in ("dataset=NAME: the images", "activation=NAME: the nonlinearity after every hidden layer (default relu)",
+                 "experiment=NAME: optional", "  dying_relu: Dying ReLU: plain SGD at high learning rates",
+                 "resume: null", "--hydra-help"):
+        assert text in out, text
+
+
+def test_train_help_lists_the_options_of_a_users_config_dir(run_cli, tmp_path):
+    (tmp_path / "mine" / "model").mkdir(parents=True)
+    (tmp_path / "mine" / "model" / "wide_mlp.yaml").write_text(
+        "# A wide MLP\nname: mlp\nhidden: [1024, 1024]  # two wide layers\n")
+    code, out, _ = run_cli("train", "--config-dir", "mine", "--help")
+    assert code == 0 and "model: convnet, mlp, wide_mlp (default mlp)" in out
+    assert "  wide_mlp: A wide MLP" in out and "name: mlp" in out and "# two wide layers" in out
+
+
+def test_hydras_own_help_still_answers(run_cli):
+    code, out, _ = run_cli("train", "--hydra-help")
+    assert code == 0 and "Hydra (" in out

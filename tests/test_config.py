@@ -119,6 +119,14 @@ def test_unknown_key_error_lists_the_valid_settings():
     assert "epochs" in str(error.value) and "batch_size" in str(error.value)
 
 
+def test_an_unknown_setting_names_the_valid_settings_and_the_options_that_have_it():
+    with pytest.raises(UserError) as error:
+        validate(compose_config("+optimizer.momentum=0.5"))
+    assert str(error.value) == ("Unknown setting optimizer.momentum. Valid settings of optimizer 'adam': name, lr, "
+                                "weight_decay, betas. momentum is a setting of optimizer sgd, rmsprop: choose one with "
+                                "optimizer=sgd.")
+
+
 def test_unknown_option_error_lists_the_choices():
     with pytest.raises(UserError) as error:
         validate(compose_config("activation.name=swish"))

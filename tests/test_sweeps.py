@@ -57,16 +57,6 @@ def test_a_crash_in_one_job_leaves_a_traceback_file_and_the_sweep_goes_on(tmp_pa
     assert "Expected more than 1 value per channel" in metrics["error"]
 
 
-def test_joblib_runs_jobs_in_parallel_processes_with_one_thread_each(tmp_path):
-    result = cnnlab("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "activation=relu,elu", *TINY,
-                    "hydra.sweep.dir=sweep", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert statuses(tmp_path / "sweep") == {"activation=relu": "completed", "activation=elu": "completed"}
-    for job in ("activation=relu", "activation=elu"):
-        assert json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())["threads"] == max(1, threads_per_job(2, _cores()))
-    assert "Joblib" in result.stdout + result.stderr
-
-
 # Jobs long enough (6,700 steps, a few seconds) for two parallel jobs to be training at once, however
 # far apart their workers start, with a checkpoint soon after each starts training.
 LONGER = ["dataset.train_size=20000", "trainer.epochs=12", "trainer.checkpoint_every=50"]
@@ -163,14 +153,6 @@ def test_threads_per_job_shares_the_cores():
     assert threads_per_job(4, 2) == 1
 
 
-def test_submitit_local_runs_the_cluster_code_path_on_this_machine(tmp_path):
-    result = cnnlab("train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-                    "activation=relu,gelu", *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert statuses(tmp_path / "sweep") == {"activation=relu": "completed", "activation=gelu": "completed"}
-    assert (tmp_path / "sweep" / ".submitit").is_dir()
-
-
 EXPERIMENTS = {
     "relu_variants": {"activation"},
     "batchnorm_sigmoid_relu": {"activation", "model.batchnorm"},
@@ -210,3 +192,23 @@ def test_an_experiment_sweep_runs_its_presets(tmp_path):
     assert composed["preset=selu_lecun"]["model"]["init"] == "lecun"
     assert composed["preset=relu_kaiming_batchnorm"]["model"]["batchnorm"] is True
     assert composed["preset=relu_kaiming"]["model"]["hidden"] == [16, 16, 16]  # the command line wins
+
+
+def test_each_job_names_itself_on_its_epoch_lines_and_ends_with_one_line_not_a_table(run_cli, monkeypatch, tmp_path):
+    from cnnlab.findings import Finding
+
+    found = Finding("dying_relu", "warning", "act01_fc", 8, 0.5, "half of act01_fc's units never fire", "lower the lr")
+    monkeypatch.setattr("cnnlab.trainer.diagnose", lambda series, facts, cfg: [found])
+    code, out, err = run_cli("train", "-m", "activation=relu,elu", *TINY, "trainer.epochs=2", "hydra.sweep.dir=sweep")
+    assert code == 0, err
+    lines = out.splitlines()
+    for num, name in enumerate(["activation=relu", "activation=elu"]):
+        job = f"job #{num} ({name})"
+        epochs = [line for line in lines if line.startswith(f"{job} epoch ")]
+        assert [line.split("  ")[0] for line in epochs] == [f"{job} epoch 1/2", f"{job} epoch 2/2"]
+        assert all("img/s (epoch) " in line for line in epochs)
+        metrics = json.loads((tmp_path / "sweep" / name / "metrics.json").read_text())
+        [end] = [line for line in lines if line.startswith(f"{job}: ")]
+        assert end == (f"{job}: completed  val_acc {metrics['val_acc']:.4f}  test_acc {metrics['test_acc']:.4f}  "
+                       f"seconds {metrics['seconds']:.1f}  warnings dying_relu  {tmp_path / 'sweep' / name}")
+    assert "cnnlab run:" not in out and "Findings" not in out  # no table or panel per job

@@ -1,12 +1,65 @@
-"""What a run writes for TensorBoard, read back by TensorBoard's own reader."""
+"""What a run writes for TensorBoard, read back by TensorBoard's own reader; the HPARAMS tab as
+TensorBoard's hparams plugin computes it for the dashboard."""
+
+import io
+import os
+import signal
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import api_pb2
 from torch.utils.tensorboard import SummaryWriter
 
+from cnnlab import trainer
+from cnnlab.config import validate
 from cnnlab.probes import Measurement, histogram
-from cnnlab.tblog import write_probe
+from cnnlab.tblog import DEFINING_HPARAMS, HPARAMS_FILE, NOT_HPARAMS, flat_hparams, write_hparams_start, write_probe
+from tests.helpers import TINY, TINY_MLP, TINY_TRAINER, compose_config
+
+SUCCESS, FAILURE, UNKNOWN = api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE, api_pb2.STATUS_UNKNOWN
+
+
+def hparams_tab(logdir):
+    """(the columns, {run: its session}) of the HPARAMS tab for the runs under logdir, computed by
+    TensorBoard's hparams plugin from its event multiplexer, as for the dashboard's /experiment and
+    /session_groups requests."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.base_plugin import TBContext
+    from tensorboard.plugins.hparams import backend_context, get_experiment, list_session_groups
+
+    multiplexer = EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = MultiplexerDataProvider(multiplexer, str(logdir))
+    plugin = backend_context.Context(TBContext(logdir=str(logdir), multiplexer=multiplexer, data_provider=provider))
+    request = context.RequestContext()
+    experiment = get_experiment.Handler(request, plugin, "", api_pb2.GetExperimentRequest(hparams_limit=1000)).run()
+    everything = api_pb2.ListSessionGroupsRequest(allowed_statuses=api_pb2.Status.values(), slice_size=100)
+    groups = list_session_groups.Handler(request, plugin, "", everything).run().session_groups
+    assert all(len(group.sessions) == 1 for group in groups)  # one row per run
+    return experiment, {group.sessions[0].name: (group.sessions[0], group.hparams) for group in groups}
+
+
+def status(logdir, run="run"):
+    return hparams_tab(logdir)[1][run][0].status
+
+
+def read_records(path):
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    return [Event.FromString(record) for record in RawEventFileLoader(str(path)).Load()]
+
+
+def resume(run_dir, *overrides):
+    cfg = compose_config(*TINY, *overrides)
+    return trainer.train(validate(cfg), run_dir, OmegaConf.to_container(cfg), Console(file=io.StringIO()),
+                         resume=True)
 
 
 def test_a_probe_is_written_as_scalars_and_histograms_under_its_tags(tmp_path):
@@ -33,22 +86,93 @@ def test_a_probe_is_written_as_scalars_and_histograms_under_its_tags(tmp_path):
     assert constant.min == constant.max == 2.0 and constant.num == 5
 
 
-def test_a_run_records_its_hyperparameters_in_its_own_event_files(tiny_run):
-    from tensorboard.plugins.hparams import plugin_data_pb2
+def test_the_hparams_record_has_typed_values_the_defining_settings_first_and_no_paths_or_switches(tmp_path):
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
 
+    run = validate(compose_config("dataset=mnist", *TINY_MLP, *TINY_TRAINER, "model.batchnorm=true"))
+    write_hparams_start(tmp_path, run)
+    version, *records = read_records(tmp_path / HPARAMS_FILE)
+    assert version.file_version == "brain.Event:2"
+    content = {value.tag: plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+               for record in records for value in record.summary.value}
+    assert list(content) == [metadata.EXPERIMENT_TAG, metadata.SESSION_START_INFO_TAG]  # no end yet
+    infos = content[metadata.EXPERIMENT_TAG].experiment.hparam_infos
+    names = [info.name for info in infos]
+    assert names[:8] == list(DEFINING_HPARAMS) and names[8:] == sorted(names[8:])
+    assert [info.name for info in infos if info.differs] == list(DEFINING_HPARAMS)  # what TensorBoard sorts on
+    assert {"dataset.root", "dataset.download", "trainer.threads", "trainer.device"} <= set(flat_hparams(run))
+    assert not set(NOT_HPARAMS) & set(names)
+    start = content[metadata.SESSION_START_INFO_TAG].session_start_info.hparams
+    assert set(start) == set(names)  # a map: no order
+    batchnorm = next(info for info in infos if info.name == "model.batchnorm")
+    assert batchnorm.type == api_pb2.DATA_TYPE_BOOL
+    assert [v.WhichOneof("kind") for v in batchnorm.domain_discrete.values] == ["bool_value", "bool_value"]
+    assert [v.bool_value for v in batchnorm.domain_discrete.values] == [False, True]
+    assert start["model.batchnorm"].WhichOneof("kind") == "bool_value" and start["model.batchnorm"].bool_value
+    assert start["dataset.augment"].WhichOneof("kind") == "bool_value"
+    assert start["optimizer.lr"].number_value == pytest.approx(0.001) and start["dataset"].string_value == "mnist"
+    activation = next(info for info in infos if info.name == "activation")
+    assert activation.type == api_pb2.DATA_TYPE_STRING
+    assert "selu" in [v.string_value for v in activation.domain_discrete.values]  # a filter with every option
+
+
+def test_a_completed_run_is_one_successful_row_with_its_settings_and_metrics(tiny_run):
     run = tiny_run("activation=tanh", "trainer.seed=1")
     # no add_hparams sub-run: the only folders are the checkpoints and the density PNGs
     assert sorted(p.name for p in run.dir.iterdir() if p.is_dir()) == ["checkpoints", "density"]
-    events = EventAccumulator(str(run.dir))
-    events.Reload()
-    content = {tag: plugin_data_pb2.HParamsPluginData.FromString(data)
-               for tag, data in events.PluginTagToContent("hparams").items()}
-    start = content["_hparams_/session_start_info"].session_start_info.hparams
-    assert start["activation"].string_value == "tanh" and start["trainer.seed"].number_value == 1
-    assert start["model.batchnorm"].bool_value is False and start["optimizer.lr"].number_value == pytest.approx(0.001)
-    experiment = content["_hparams_/experiment"].experiment
-    assert {m.name.tag for m in experiment.metric_infos} >= {"val/acc", "test/acc", "dead_fraction/all"}
-    activation_info = next(h for h in experiment.hparam_infos if h.name == "activation")
-    assert "selu" in [v.string_value for v in activation_info.domain_discrete.values]  # a categorical filter
-    assert content["_hparams_/session_end_info"].session_end_info.status == 1  # STATUS_SUCCESS
-    assert "val/acc" in events.Tags()["scalars"]  # the metric columns read these scalars
+    experiment, sessions = hparams_tab(run.dir.parent)
+    session, hparams = sessions["run"]
+    assert session.status == SUCCESS and session.end_time_secs > 0
+    assert [info.name for info in experiment.hparam_infos][:8] == list(DEFINING_HPARAMS)  # the dashboard's order
+    assert hparams["activation"].string_value == "tanh" and hparams["trainer.seed"].number_value == 1
+    assert hparams["model.batchnorm"].WhichOneof("kind") == "bool_value" and not hparams["model.batchnorm"].bool_value
+    assert "trainer.device" not in hparams
+    metrics = {value.name.tag: value.value for value in session.metric_values}
+    assert metrics["val/acc"] == pytest.approx(run.metrics["val_acc"])
+    assert metrics["test/acc"] == pytest.approx(run.metrics["test_acc"])
+
+
+def test_a_diverged_run_is_a_failure(tiny_run, tmp_path):
+    with pytest.raises(trainer.Diverged):
+        tiny_run("optimizer=sgd", "optimizer.lr=1e10", "trainer.batch_size=100")
+    assert status(tmp_path) == FAILURE
+
+
+def test_an_interrupted_run_is_unknown_until_its_resume_completes_it(tiny_run, monkeypatch, tmp_path):
+    step = trainer.train_step
+
+    def stopped_at_step_3(state, *args):
+        if state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(state, *args)
+
+    monkeypatch.setattr(trainer, "train_step", stopped_at_step_3)
+    with pytest.raises(trainer.Interrupted):
+        tiny_run("trainer.epochs=2")
+    assert status(tmp_path) == UNKNOWN  # not over: it may resume
+    monkeypatch.setattr(trainer, "train_step", step)
+    assert resume(tmp_path / "run", "trainer.epochs=2")["status"] == "completed"
+    assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 3  # the record and one per process
+    assert status(tmp_path) == SUCCESS
+
+
+def test_a_completed_run_resumed_for_more_epochs_shows_how_its_last_process_ended(run_cli, monkeypatch, tmp_path):
+    assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0
+    assert run_cli("train", "resume=run")[0] == 0  # nothing to do: the record stays as it is
+    assert status(tmp_path) == SUCCESS
+
+    test = trainer.test
+
+    def broken_test(state):
+        raise RuntimeError("the test set went missing")
+
+    monkeypatch.setattr(trainer, "test", broken_test)
+    with pytest.raises(RuntimeError):
+        resume(tmp_path / "run", "trainer.epochs=2")  # the success of epoch 1 no longer stands
+    assert status(tmp_path) == FAILURE
+
+    monkeypatch.setattr(trainer, "test", test)
+    assert run_cli("train", "resume=run", "trainer.epochs=3")[0] == 0
+    _, sessions = hparams_tab(tmp_path)
+    session, hparams = sessions["run"]
+    assert session.status == SUCCESS and hparams["trainer.epochs"].number_value == 3  # the settings it ended with

@@ -7,8 +7,8 @@ from cnnlab.checkpoint import load_checkpoint
 from cnnlab.config import validate
 from cnnlab.errors import UserError
 from cnnlab.rundir import read_metrics
-from cnnlab.trainer import Diverged, resolve_device, train_step
-from tests.helpers import TINY_CONVNET, TINY_DATA, TINY_TRAINER, compose_config, read_scalars, write_image_folder
+from cnnlab.trainer import Diverged, TrainingLog, resolve_device, train_epoch, train_step
+from tests.helpers import TINY, TINY_CONVNET, TINY_DATA, TINY_TRAINER, compose_config, read_scalars, write_image_folder
 
 
 def test_a_run_writes_metrics_checkpoint_and_tensorboard_scalars(tiny_run):
@@ -37,6 +37,9 @@ def test_a_run_writes_metrics_checkpoint_and_tensorboard_scalars(tiny_run):
     assert set(checkpoint["rng"]) == {"torch", "cuda", "data"} and "generator" in checkpoint["rng"]["data"]
     assert checkpoint["config"]["model"]["name"] == "mlp"
     assert "epoch 2/2" in output and "completed" in output
+    # Each epoch line: that epoch's throughput; the summary: the run's average, each labelled so.
+    assert [line.count("img/s (epoch) ") for line in output.splitlines() if line.startswith("epoch ")] == [1, 1]
+    assert "images/s (run average)" in output
 
 
 def test_initial_loss_is_that_of_a_uniform_guess_and_training_lowers_it(tiny_run):
@@ -179,3 +182,83 @@ def test_weights_that_became_non_finite_stop_the_run_even_when_the_loss_was_fini
         state.parameters[0][0, 0] = float("inf")
     with pytest.raises(Diverged, match="the weights became non-finite .* at step 4"):
         state.watch.check_weights(state.parameters, step=4)
+
+
+class RecordingProgress:
+    """What train_epoch shows: every update(), for a bar that is (live) or is not drawn."""
+
+    def __init__(self, live: bool):
+        self.live, self.updates = live, []
+
+    def advance(self) -> None:
+        pass
+
+    def update(self, loss: float, acc: float, images_per_second: float) -> None:
+        self.updates.append((loss, acc, images_per_second))
+
+
+def test_a_live_bar_shows_the_epoch_so_far_at_every_step_of_a_short_epoch_without_logging_more(tiny_state):
+    # 8 steps per epoch and log_every=50: no log inside the epoch, yet a live bar reads the running
+    # totals every ceil(8/20) = 1 step. They equal the running mean of the loss logged at every step.
+    shown, logged = RecordingProgress(live=True), RecordingProgress(live=False)
+    live = tiny_state("trainer.log_every=50", name="live")
+    every_step = tiny_state("trainer.log_every=1", name="every_step")
+    train_epoch(live, shown)
+    train_epoch(every_step, logged)
+    assert len(shown.updates) == len(logged.updates) == 8
+    for (loss, acc, speed), (loss_1, acc_1, _) in zip(shown.updates, logged.updates):
+        assert math.isfinite(loss) and 0 <= acc <= 1 and speed > 0
+        assert (loss, acc) == (pytest.approx(loss_1, rel=1e-5), pytest.approx(acc_1, rel=1e-5))
+    live.log.writer.close()
+    every_step.log.writer.close()
+    per_step = [value for _, value in read_scalars(every_step.run_dir)["train/loss"]]
+    assert [loss for loss, _, _ in logged.updates] == pytest.approx(
+        [sum(per_step[:k]) / k for k in range(1, 9)], rel=1e-5)
+    assert [step for step, _ in read_scalars(live.run_dir)["train/loss"]] == [8]  # only the epoch's last window
+
+
+def test_without_a_live_bar_nothing_is_read_between_logs(tiny_state):
+    progress = RecordingProgress(live=False)
+    train_epoch(tiny_state("trainer.log_every=50"), progress)
+    assert len(progress.updates) == 1  # the epoch's last window, flushed at its end
+
+
+def test_epoch_throughput_counts_only_that_epochs_images_and_training_time(monkeypatch):
+    class Writer:
+        def add_scalar(self, tag, value, step):
+            pass
+
+    clock = [0.0]
+    monkeypatch.setattr("cnnlab.trainer.time.perf_counter", lambda: clock[0])
+    log = TrainingLog(torch.device("cpu"), Writer())  # epoch 1 starts at t=0
+    labels = torch.zeros(100, dtype=torch.long)
+    log.window.add(torch.tensor(1.0), torch.zeros(100, 10), labels)
+    clock[0] = 10.0  # 100 images in 10 s
+    log.flush(step=1, lr=0.1, grad_norm=torch.tensor(1.0), parameters=[])
+    clock[0] = 15.0  # 5 s of evaluation: not training time
+    log.start_epoch()
+    log.window.add(torch.tensor(1.0), torch.zeros(100, 10), labels)
+    clock[0] = 16.0  # 100 images in 1 s
+    assert log.running()[2] == pytest.approx(100)  # also read before the window is flushed
+    log.flush(step=2, lr=0.1, grad_norm=torch.tensor(1.0), parameters=[])
+    assert log.running()[2] == pytest.approx(100)
+    assert log.images / log.seconds == pytest.approx(200 / 11)  # metrics' images_per_second: the run's average
+
+
+@pytest.fixture
+def a_warning(monkeypatch):
+    """Every run finds one warning, so that its findings panel is drawn."""
+    from cnnlab.findings import Finding
+
+    found = Finding("dying_relu", "warning", "act01_fc", 8, 0.5, "half of act01_fc's units never fire", "lower the lr")
+    monkeypatch.setattr("cnnlab.trainer.diagnose", lambda series, facts, cfg: [found])
+
+
+def test_piped_output_never_wraps_a_name_and_draws_no_screen_wide_box(run_cli, a_warning, tmp_path):
+    name = "a_run_directory_named_longer_than_any_terminal_is_wide_" * 3
+    code, out, err = run_cli("train", *TINY, f"hydra.run.dir={name}")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert any(line.startswith("│ run directory") and str(tmp_path / name) in line for line in lines)
+    assert any("dying_relu (act01_fc, step 8): half of act01_fc's units never fire" in line for line in lines)
+    assert max(len(line) for line in lines if line[:1] in "╭│╰┏┃┡└") < 2 * len(str(tmp_path / name))  # fitted

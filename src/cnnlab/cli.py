@@ -76,20 +76,18 @@ REFUSED = "Configs may not run code; nothing has run."
 
 
 def check_config_before_hydra(args: list[str]) -> None:
-    """Compose the config as Hydra will (in a sweep, once for every swept value) and refuse what
-    would run code, a YAML file that does not parse, and a sweep whose jobs would share a folder.
+    """Compose the config as Hydra will (in a sweep, once for every swept value) and refuse, each with
+    one message: an override Hydra's grammar cannot read, a setting or an option that does not exist,
+    what would run code, a YAML file that does not parse, a sweep whose jobs would share a folder, and
+    a config that validate() rejects (a single run's, or every job's of a sweep for the same reason).
     Other composition errors are left to Hydra, which reports them with its own message."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
 
     parsed = _hydra_arguments(args)
+    overrides = read_overrides(parsed.overrides)
     loader = _config_loader(parsed)
     if loader is None:
-        return
-    try:
-        parser = OverridesParser.create(config_loader=loader)
-        overrides = parser.parse_overrides(parsed.overrides)
-    except Exception:
         return
     for override in overrides:
         key = override.key_or_group.replace("/", ".")
@@ -100,12 +98,98 @@ def check_config_before_hydra(args: list[str]) -> None:
     if cfg is None:
         return
     _refuse_code(cfg)
-    if parsed.multirun:
-        hydra_overrides = list(cfg.hydra.overrides.hydra)
-        for job_overrides in _sweep_samples(parser, cfg):
-            job = _compose(loader, config_name, [*hydra_overrides, *job_overrides], RunMode.RUN)
-            if job is not None:
-                _refuse_code(job, f" (in the sweep's job with {' '.join(job_overrides)})")
+    runs = not (parsed.help or parsed.hydra_help or parsed.cfg or parsed.info or parsed.shell_completion
+                or parsed.experimental_rerun) and cfg.get("resume") in (None, "")  # resumed: checked by run_job
+    if not parsed.multirun:
+        if runs:
+            _validate(cfg)
+        return
+    parser = OverridesParser.create(config_loader=loader)
+    hydra_overrides = list(cfg.hydra.overrides.hydra)
+    swept = _swept_values(parser, cfg)
+    for job_overrides in _sweep_samples(swept):
+        named = _swept_only(swept, job_overrides)
+        job = _compose(loader, config_name, [*hydra_overrides, *job_overrides], RunMode.RUN, named)
+        if job is not None:
+            _refuse_code(job, f" (in the sweep's job with {' '.join(named)})")
+    if runs:
+        _refuse_a_sweep_of_invalid_jobs(loader, config_name, hydra_overrides, swept)
+
+
+def read_overrides(lines: list[str]) -> list:
+    """Hydra's reading of each override; one its grammar cannot read is a UserError naming it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    overrides = []
+    for line in lines:
+        try:
+            overrides += parser.parse_overrides([line])
+        except OverrideParseException as error:
+            raise UserError(_unreadable_override(line, error.message)) from None
+    return overrides
+
+
+def _unreadable_override(line: str, hydra_message: str) -> str:
+    """Where Hydra's grammar stopped reading the override, and the quoting that works."""
+    lexer = "LexerNoViableAltException: "
+    reasons = [text for text in hydra_message.splitlines()
+               if text.strip() and not text.startswith(("Error parsing override", "See https://", lexer))
+               and text.strip() != "^"]
+    if hydra_message.startswith(lexer) and "^" in hydra_message:
+        at = hydra_message.splitlines()[1].index("^") - len(lexer)
+        where = f": it cannot read {line[at:at + 1]!r} at character {at + 1}" if 0 <= at < len(line) else ""
+    else:
+        where = f" ({reasons[0].split(' expecting {')[0]})" if reasons else ""
+    return (f"Hydra cannot read the override {line!r}{where}. Write KEY=VALUE; a value with spaces at its ends or "
+            f"with characters such as ~ # ! & ; = ' \" ( ) [ ] {{ }} , needs quotes that reach Hydra, inside the "
+            f"shell's own: 'key=\"value with spaces\"' (a ~ that starts a path is expanded: dataset.path=~/pets).")
+
+
+def _validate(cfg: DictConfig) -> None:
+    """validate() of a composed config, before Hydra makes its folder: a rejected run leaves nothing."""
+    from cnnlab.config import validate
+
+    run = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    if "${hydra" in OmegaConf.to_yaml(run):
+        return  # resolves only in a running job: run_job validates it there
+    validate(run)
+
+
+# A sweep whose first job is invalid is checked job by job, up to this many jobs (one composition each).
+MAX_JOBS_CHECKED = 32
+
+
+def _refuse_a_sweep_of_invalid_jobs(loader, config_name: str, hydra_overrides: list[str],
+                                    swept: dict[str, list[str]] | None) -> None:
+    """A sweep whose every job would be rejected for one reason is refused before any job runs; one
+    with some valid jobs runs, and its invalid jobs are listed in the summary (status invalid)."""
+    import itertools
+
+    from hydra.types import RunMode
+
+    if swept is None:
+        return
+    lines = [[f"{key}={value}" for value in values] for key, values in swept.items()]
+    jobs = itertools.product(*lines)
+    reasons = set()
+    for count, job_overrides in enumerate(jobs):
+        if count == MAX_JOBS_CHECKED:
+            return
+        job = _compose(loader, config_name, [*hydra_overrides, *job_overrides], RunMode.RUN,
+                       _swept_only(swept, job_overrides))
+        if job is None:
+            return
+        try:
+            _validate(job)
+            return
+        except UserError as error:
+            reasons.add(str(error))
+        if len(reasons) > 1:
+            return
+    if reasons:
+        raise UserError(f"{reasons.pop()} Every job of the sweep would be rejected for this reason; none has run.")
 
 
 def _config_loader(parsed):
@@ -127,21 +211,63 @@ def _config_loader(parsed):
     return ConfigLoaderImpl(config_search_path=search_path)
 
 
-def _compose(loader, config_name: str, overrides: list[str], run_mode) -> DictConfig | None:
-    """The composed config with Hydra's own node; None where Hydra would refuse it (and say why)."""
+def _compose(loader, config_name: str, overrides: list[str], run_mode,
+             job: list[str] | None = None) -> DictConfig | None:
+    """The composed config with Hydra's own node; None where Hydra would refuse it (and say why). A
+    YAML file that does not parse, a setting or an option that does not exist: a UserError (for the
+    sweep's job with the overrides `job`)."""
     import yaml
 
     try:
         return loader.load_configuration(config_name=config_name, overrides=list(overrides), run_mode=run_mode)
     except Exception as error:
-        cause: BaseException | None = error
-        for _ in range(20):  # the YAML error, possibly wrapped by Hydra or OmegaConf
-            if cause is None or isinstance(cause, yaml.YAMLError):
+        causes, cause = [], error
+        for _ in range(20):  # the YAML or OmegaConf error, possibly wrapped by Hydra
+            if cause is None:
                 break
+            causes.append(cause)
             cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, yaml.YAMLError):
-            raise UserError(_yaml_error_message(cause)) from None
+        message = next((_yaml_error_message(c) for c in causes if isinstance(c, yaml.YAMLError)), None)
+        message = message or _unknown_choice_message(error) or _unknown_setting_message(
+            causes, loader, config_name, overrides, run_mode)
+        if message is None:
+            return None
+        raise UserError(f"The sweep's job with {' '.join(job)}: {message}" if job else message) from None
+
+
+def _unknown_choice_message(error: Exception) -> str | None:
+    """`activation=reluu`: the group's options, without Hydra's search path."""
+    from hydra.errors import MissingConfigException
+
+    from cnnlab.config import unknown_choice
+
+    if not isinstance(error, MissingConfigException) or not error.options or "/" not in (error.missing_cfg_file or ""):
         return None
+    group, _, name = error.missing_cfg_file.rpartition("/")
+    return str(unknown_choice(group, name, error.options, f" (no {group}/{name}.yaml in the config folders)"))
+
+
+def _unknown_setting_message(causes: list[BaseException], loader, config_name: str, overrides: list[str],
+                             run_mode) -> str | None:
+    """`model.hiden=[10]`: cnnlab's message for a setting that does not exist (Hydra's would suggest
+    adding it with `+`), with the valid settings of the section as composed without that override."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from cnnlab.config import unknown_setting
+
+    full_key = next((c.full_key for c in causes if isinstance(c, (ConfigAttributeError, ConfigKeyError))
+                     and getattr(c, "full_key", None)), None)
+    if not full_key or full_key == "hydra" or full_key.startswith("hydra."):
+        return None  # Hydra's own settings: Hydra knows them
+    named = [o for o in overrides if f"{o.partition('=')[0].lstrip('+~')}.".startswith(f"{full_key}.")]
+    section, _, key = full_key.partition(".") if "." in full_key else ("", "", full_key)
+    try:
+        cfg = loader.load_configuration(config_name=config_name, run_mode=run_mode,
+                                        overrides=[o for o in overrides if o not in named])
+        node = cfg.get(section) if section else cfg
+    except Exception:
+        node = None  # another mistake besides: this one is named first
+    return str(unknown_setting(section, key, node))
 
 
 def _yaml_error_message(error) -> str:
@@ -195,12 +321,12 @@ def _refuse_code(cfg: DictConfig, job: str = "") -> None:
                             f"{' and '.join(LOGGING_STREAMS)}. {REFUSED}")
 
 
-def _sweep_samples(parser, cfg: DictConfig) -> list[list[str]]:
-    """Task overrides of a few jobs of the sweep that, between them, set every swept value (each one
-    with the other sweeps at their first value), in the order Hydra's BasicSweeper applies them:
-    hydra.sweeper.params first, then the command line, a key given twice taking its last value.
-    A sweep that lists a value twice, or leaves a swept key out of the job names, is refused: two of
-    its jobs would share one folder."""
+def _swept_values(parser, cfg: DictConfig) -> dict[str, list[str]] | None:
+    """Each task override's key and values (one value where it is not swept), in the order Hydra's
+    BasicSweeper applies them: hydra.sweeper.params first, then the command line, a key given twice
+    taking its last value; None for a sweep Hydra cannot run (it says so itself). A sweep that lists a
+    value twice, or leaves a swept key out of the job names, is refused: two of its jobs would share
+    one folder."""
     try:
         params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True) if cfg.hydra.sweeper.get("params") else {}
         swept: dict[str, list[str]] = {}
@@ -213,8 +339,8 @@ def _sweep_samples(parser, cfg: DictConfig) -> list[list[str]]:
             else:
                 swept[key] = [override.get_value_element_as_str()]
         excluded = list(cfg.hydra.job.config.override_dirname.exclude_keys)
-    except Exception:  # a sweep Hydra cannot run: it says so itself
-        return []
+    except Exception:
+        return None
     for key, values in swept.items():
         twice = sorted({value for value in values if values.count(value) > 1})
         if twice:
@@ -223,6 +349,20 @@ def _sweep_samples(parser, cfg: DictConfig) -> list[list[str]]:
         if len(values) > 1 and keys[key] in excluded:
             raise UserError(f"hydra.job.config.override_dirname.exclude_keys leaves the swept {keys[key]} out of "
                             f"the job names, so jobs would share folders. Keep it in the names.")
+    return swept
+
+
+def _swept_only(swept: dict[str, list[str]], job_overrides) -> list[str]:
+    """A job's overrides of the keys swept over, which name it (all of them if none is swept)."""
+    named = [override for override, values in zip(job_overrides, swept.values()) if len(values) > 1]
+    return named or list(job_overrides)
+
+
+def _sweep_samples(swept: dict[str, list[str]] | None) -> list[list[str]]:
+    """Task overrides of a few jobs of the sweep that, between them, set every swept value (each one
+    with the other sweeps at their first value)."""
+    if swept is None:
+        return []
     lines = [[f"{key}={value}" for value in values] for key, values in swept.items()]
     firsts = [values[0] for values in lines]
     samples = [firsts]
@@ -259,6 +399,42 @@ def _hydra_arguments(args: list[str]):
     return parsed
 
 
+def expand_home(args: list[str]) -> list[str]:
+    """`~` and `~user` at the start of an override's value, or of an item of a swept or listed value
+    (`dataset.path=~/pets`, `dataset.path=~/a,~/b`, `resume=~/runs/x`), expanded as a shell expands a
+    word that starts with one: no shell does after `key=`, and Hydra's grammar cannot read `~` in a
+    value, so this never changes the meaning of an override Hydra could read. Quoted text is kept."""
+    overrides = set(_hydra_arguments(args).overrides)
+    return [_expand_home_in_value(arg) if arg in overrides else arg for arg in args]
+
+
+def _expand_home_in_value(override: str) -> str:
+    key, equals, value = override.partition("=")
+    if not equals or "~" not in value:
+        return override
+    out, quote, item_starts, i = [], "", True, 0
+    while i < len(value):
+        char = value[i]
+        if quote:  # inside '...' or "...": Hydra's, kept as it is
+            step = 2 if char == "\\" else 1
+            quote = "" if char == quote else quote
+            out.append(value[i:i + step])
+            i += step
+            continue
+        if item_starts and char == "~":
+            end = min((j for j in (value.find(stop, i) for stop in ",])}") if j >= 0), default=len(value))
+            head, slash, rest = value[i:end].partition("/")
+            if re.fullmatch(r"~[\w.-]*", head):
+                out.append(os.path.expanduser(head) + slash + rest)
+                i, item_starts = end, False
+                continue
+        quote = char if char in "'\"" else ""
+        item_starts = char in ",[(" or (item_starts and char.isspace())
+        out.append(char)
+        i += 1
+    return f"{key}={''.join(out)}"
+
+
 def name_jobs_by_swept_overrides(args: list[str]) -> list[str]:
     """In a multirun, keep overrides shared by every job out of the job directory names.
 
@@ -292,9 +468,11 @@ def _default_dir(kind: str) -> str:
 
 
 def check_writable(setting: str, directory: Path) -> None:
-    """Fail before Hydra does (with a traceback) when the output directory cannot be created."""
-    existing = directory
+    """Fail before Hydra does (with a traceback) when the output directory cannot be created. The
+    folders made to find out are removed again: a command refused later leaves none behind."""
+    existing, missing = directory, []
     while not existing.exists() and existing != existing.parent:
+        missing.append(existing)
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{setting}={str(directory)!r} cannot be created: {existing} is a file, not a folder. "
@@ -302,12 +480,20 @@ def check_writable(setting: str, directory: Path) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{setting}={str(directory)!r} cannot be created: {existing} is not writable. "
                         f"Choose another folder with {setting}=PATH.")
-    try:  # what access() cannot tell: /proc, a read-only mount, a full disk
-        directory.mkdir(parents=True, exist_ok=True)
+    created = []
+    try:  # what access() cannot tell: /proc, a read-only mount, a full disk, a name too long
+        for folder in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # made meanwhile by another process: not ours to remove
+                folder.mkdir()
+                created.append(folder)
         tempfile.TemporaryFile(dir=directory).close()
     except OSError as error:
         raise UserError(f"{setting}={str(directory)!r} cannot be written: {one_line(error, 200)}. "
                         f"Choose another folder with {setting}=PATH.") from None
+    finally:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):  # no longer empty: another process writes there now
+                folder.rmdir()
 
 
 def fix_sweep_dir(args: list[str]) -> tuple[list[str], Path]:
@@ -450,10 +636,17 @@ def run_job(cfg: DictConfig) -> str:
     n_jobs = (hydra_cfg.get("launcher") or {}).get("n_jobs")
     if run.trainer.threads is None and isinstance(n_jobs, int):
         run.trainer.threads = threads_per_job(n_jobs, os.cpu_count() or 1)
+    from cnnlab import progress
     from cnnlab.trainer import Diverged, Interrupted, train  # torch: only once the config is known to be good
 
+    # A sweep's job names itself in each line it prints (jobs of a joblib sweep interleave) and ends with
+    # one line, not a table; parallel jobs share the terminal, so they print plain lines, never a live bar.
+    swept = hydra_cfg.job.override_dirname or ",".join(hydra_cfg.overrides.task)
+    label = f"job #{hydra_cfg.job.num} ({swept})" if multirun else None
+    output = progress.console(live=not isinstance(n_jobs, int))
     try:
-        return train(run, run_dir, OmegaConf.to_container(cfg, resolve=True), resume=resume)["status"]
+        config = OmegaConf.to_container(cfg, resolve=True)
+        return train(run, run_dir, config, console=output, resume=resume, job=label)["status"]
     except UserError as error:  # bad data or device: the trainer has recorded it in metrics.json
         _print_error(str(error), job)
         return "failed"
@@ -516,21 +709,14 @@ def _exit_code(statuses: list[str]) -> int:
 def summarise_sweep(sweep_dir: Path) -> int:
     """The table of every job (`missing`: never started), summary.csv and summary.json in the sweep
     directory; the exit code."""
-    from rich.console import Console
+    from cnnlab import progress
+    from cnnlab.compare import find_runs, print_summary, write_summary
 
-    from cnnlab.compare import Run, find_runs, name_runs, print_summary, write_summary
-
-    try:
-        runs = find_runs([str(sweep_dir)])
-    except UserError:  # stopped before any job had its folder
+    try:  # every job, as the command line listed them; those not started as `missing`
+        runs = find_runs([str(sweep_dir)], jobs=sweep_jobs(sweep_dir))
+    except UserError:  # neither a job folder nor a job list to read
         runs = []
-    jobs = sweep_jobs(sweep_dir)
-    started = {run.path for run in runs}
-    runs += [Run(folder, overrides, None) for folder, overrides in jobs if folder not in started]
-    order = {folder: num for num, (folder, _) in enumerate(jobs)}
-    runs.sort(key=lambda run: order.get(run.path, len(order)))  # as the command line listed them
-    name_runs(runs)
-    print_summary(Console(), runs, title=f"sweep {sweep_dir}: {len(runs)} jobs")
+    print_summary(progress.console(), runs, title=f"sweep {sweep_dir}: {len(runs)} jobs")
     write_summary(sweep_dir, runs)
     not_completed = [f"{run.name} ({run.status})" for run in runs if run.status != "completed"]
     if not_completed:
@@ -718,7 +904,17 @@ def train_command(args: list[str]) -> int:
     import hydra
 
     sweep_dir = None
+    args = expand_home(args)
     parsed = _hydra_arguments(args)
+    if parsed.help:  # cnnlab's own: the settings with their comments (--hydra-help is Hydra's)
+        try:
+            from cnnlab.trainhelp import print_train_help
+
+            print_train_help([*([Path(parsed.config_dir)] if parsed.config_dir else []), config_dir()])
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head`, or a pager closed early: not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     try:
         check_config_before_hydra(args)
         if parsed.multirun:
@@ -764,26 +960,30 @@ def compare_command(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="cnnlab compare",
         description="Compare runs: a table, summary.csv and summary.json, and PNG figures (also in TensorBoard).")
-    parser.add_argument("paths", nargs="+", help="sweep directories, run directories, or glob patterns of them")
+    parser.add_argument("paths", nargs="+", help="sweep directories, run directories, folders holding them "
+                                                 "(searched recursively), or glob patterns of them")
     parser.add_argument("--out", help="where to write the summary and figures (default: the sweep directory "
                                       "when one is given, else ./comparison)")
+    parser.add_argument("--tune", metavar="KEY", help="a setting that differs (e.g. optimizer.lr): for each "
+                        "configuration, its value with the best mean validation accuracy, and the test accuracy there")
     options = parser.parse_args(args)
-    from rich.console import Console
-
-    from cnnlab.compare import find_runs, make_figures, print_summary, write_summary
+    from cnnlab import progress
+    from cnnlab.compare import find_runs, make_figures, print_summary, sweep_dirs, tune, write_summary
 
     single = Path(options.paths[0])
     default_out = single if len(options.paths) == 1 and single.is_dir() and not (single / ".hydra").is_dir() else Path("comparison")
     out = Path(options.out) if options.out else default_out
     try:
-        runs = find_runs(options.paths)  # a run whose files cannot be read is skipped, with a warning
+        jobs = [job for sweep in sweep_dirs(options.paths) for job in sweep_jobs(sweep)]  # not started: `missing`
+        runs = find_runs(options.paths, jobs=jobs)  # a run whose files cannot be read is skipped, with a warning
+        tuned = tune(runs, options.tune) if options.tune else None
         check_writable("--out", out)
     except UserError as error:
         _print_error(str(error))
         return EXIT_USAGE
-    console = Console()
-    print_summary(console, runs, title=f"{len(runs)} runs")
-    written = [*write_summary(out, runs), *make_figures(runs, out)]
+    console = progress.console()
+    print_summary(console, runs, title=f"{len(runs)} runs", tuned=tuned)
+    written = [*write_summary(out, runs, tuned), *make_figures(runs, out)]
     console.print("wrote " + ", ".join(str(path) for path in written), highlight=False, markup=False, soft_wrap=True)
     return EXIT_OK
 
@@ -795,17 +995,17 @@ def activations_command(args: list[str]) -> int:
                                      description="The activations cnnlab offers: a table, and optionally a plot.")
     parser.add_argument("--plot", metavar="FILE", help="draw each function and its derivative on [-5, 5] into FILE (PNG)")
     options = parser.parse_args(args)
-    from rich.console import Console
     from rich.table import Table
 
     from cnnlab.models import ACTIVATIONS
+    from cnnlab.progress import console
 
     table = Table(title="activation=NAME", title_justify="left")
     for column in ("name", "formula", "range", "settings (default)", "typical use"):
         table.add_column(column, overflow="fold")
     for name, row in ACTIVATIONS.items():
         table.add_row(name, row.formula, row.output_range, row.settings, row.typical_use)
-    Console().print(table)
+    console().print(table)
     if options.plot:
         from cnnlab.models import plot_activations
 
@@ -824,9 +1024,8 @@ def inspect_command(args: list[str]) -> int:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (completed, running, failed or older)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     options = parser.parse_args(args)
-    from rich.console import Console
-
     from cnnlab.inspection import inspect_run, print_report, to_json
+    from cnnlab.progress import console
 
     try:
         inspection = inspect_run(Path(options.run_dir))
@@ -836,7 +1035,7 @@ def inspect_command(args: list[str]) -> int:
     if options.json:
         print(json.dumps(to_json(inspection), indent=2, allow_nan=False))
     else:
-        print_report(Console(), inspection)
+        print_report(console(), inspection)
     return EXIT_OK
 
 

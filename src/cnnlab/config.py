@@ -274,9 +274,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     """Check the composed config against the schema; any mistake is a UserError naming the key."""
     unknown = sorted(set(cfg.keys()) - set(SECTIONS) - set(CLI_KEYS))
     if unknown:
-        raise UserError(
-            f"Unknown top-level setting(s) {', '.join(unknown)}. Valid sections: {', '.join(SECTIONS)}."
-        )
+        raise unknown_setting("", unknown[0], cfg)
     for section in SECTIONS:
         if section not in cfg or not isinstance(cfg[section], DictConfig):
             raise UserError(f"The config has no '{section}' section; it needs one of: {', '.join(SECTIONS)}.")
@@ -284,9 +282,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     for group, options in SCHEMAS.items():
         name = cfg[group].get("name")
         if name not in options:
-            raise UserError(
-                f"Unknown {group} '{name}' ({group}.name). Valid choices: {', '.join(options)}."
-            )
+            raise unknown_choice(group, name, options, f" ({group}.name)")
         sections[group] = _typed_section(group, cfg[group], options[name])
     sections["trainer"] = _typed_section("trainer", cfg.trainer, TrainerConfig)
     sections["probes"] = _typed_section("probes", cfg.probes, ProbesConfig)
@@ -297,15 +293,51 @@ def validate(cfg: DictConfig) -> RunConfig:
     return run
 
 
+def unknown_choice(group: str, name: Any, choices, where: str = "") -> UserError:
+    """The error for an option of a group that does not exist (`activation=reluu`)."""
+    return UserError(f"Unknown {group} '{name}'{where}. Valid choices: {', '.join(choices)}.")
+
+
+def schema_of(section: str, node: Any) -> type | None:
+    """The dataclass that checks a section of the composed config; None for an unknown option."""
+    fixed = {"trainer": TrainerConfig, "probes": ProbesConfig, "findings": FindingsConfig}
+    if section in fixed:
+        return fixed[section]
+    name = node.get("name") if isinstance(node, DictConfig) else None
+    return SCHEMAS.get(section, {}).get(name) if isinstance(name, str) else None
+
+
+def unknown_setting(section: str, key: str, node: Any) -> UserError:
+    """The error for a setting the config does not have (`model.hiden`, `activation.negative_slope`
+    with activation=relu), naming the valid settings of that option and the options that have it.
+    node is the section as composed (the whole config for a top-level key), or None if unknown."""
+    if not section:
+        fixed = [section for section in SECTIONS if section not in SCHEMAS]
+        return UserError(f"Unknown top-level setting {key}. Valid ones: the groups {', '.join(SCHEMAS)} (GROUP=OPTION), "
+                         f"the sections {', '.join(fixed)} (SECTION.KEY=VALUE), and {', '.join(CLI_KEYS)}.")
+    schema = schema_of(section, node)
+    if schema is not None:
+        valid = [f.name for f in fields(schema)]
+    else:
+        valid = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+    name = node.get("name") if isinstance(node, DictConfig) else None
+    option = f"{section} '{name}'" if name is not None else section
+    message = f"Unknown setting {section}.{key}."
+    if valid:
+        message += f" Valid settings of {option}: {', '.join(valid)}."
+    having = [choice for choice, other in SCHEMAS.get(section, {}).items()
+              if choice != name and key in {f.name for f in fields(other)}]
+    if having:
+        message += (f" {key} is a setting of {section} {', '.join(having)}: choose {'it' if len(having) == 1 else 'one'} "
+                    f"with {section}={having[0]}.")
+    return UserError(message)
+
+
 def _typed_section(section: str, node: DictConfig, schema: type) -> Any:
-    valid_keys = ", ".join(f.name for f in fields(schema))
-    option = f"{section} '{node.name}'" if "name" in node else section
     try:
         typed = OmegaConf.merge(OmegaConf.structured(schema), node)
     except ConfigKeyError as error:
-        raise UserError(
-            f"Unknown setting {section}.{error.key}. Valid settings of {option}: {valid_keys}."
-        ) from None
+        raise unknown_setting(section, str(error.key), node) from None
     except OmegaConfBaseException as error:
         key = f"{section}.{error.full_key}" if error.full_key else section
         reason = error.msg.splitlines()[0] if error.msg else type(error).__name__

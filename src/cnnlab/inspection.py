@@ -284,7 +284,7 @@ def print_report(console: Console, inspection: Inspection) -> None:
     console.print(f"[bold]run[/] {escape(top['run'])}", highlight=False, soft_wrap=True)
     console.print(f"status {status}   epochs {_text(top['epochs'])}   steps {_text(top['steps'])}"
                   f"   val acc {_number(top['val_acc'], '.4f')}   test acc {_number(top['test_acc'], '.4f')}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     activations, weights = activation_layers(inspection.series), weight_layers(inspection.series)
     if activations:
         console.print(layer_table("activation layers", activations, ACTIVATION_COLUMNS))

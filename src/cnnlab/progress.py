@@ -12,11 +12,14 @@ from rich.table import Table
 from rich.text import Text
 
 
-def console(stderr: bool = False) -> Console:
+def console(stderr: bool = False, live: bool = True) -> Console:
     """A rich console for cnnlab's output. When the output is not a terminal (a pipe, a file, a
-    cluster log) it is as wide as any line needs, so that tables never wrap a name mid-word."""
+    cluster log) it is as wide as any line needs, so that tables never wrap a name mid-word.
+    live=False: plain lines even on a terminal (parallel sweep jobs share one; their bars would fight)."""
     terminal = Console(stderr=stderr)
-    return terminal if terminal.is_terminal else Console(stderr=stderr, width=max(terminal.width, 1000))
+    if live and terminal.is_terminal:
+        return terminal
+    return Console(stderr=stderr, width=max(terminal.width, 1000), force_terminal=False)
 
 
 def format_number(value: Any, digits: int = 4) -> str:
@@ -29,12 +32,14 @@ def format_number(value: Any, digits: int = 4) -> str:
 
 
 class TrainingProgress:
-    """One bar per epoch with the latest loss, accuracy and throughput; one line per finished epoch."""
+    """One bar per epoch with the epoch's loss, accuracy and throughput so far; one line per finished
+    epoch. In a sweep, `job` ("job #3 (activation=elu)") starts each of them: parallel jobs interleave."""
 
-    def __init__(self, epochs: int, console: Console | None = None):
-        self.console = console or Console()
+    def __init__(self, epochs: int, console: Console, job: str | None = None):
+        self.console = console
         self.epochs = epochs
-        self.live = self.console.is_terminal
+        self.prefix = f"{job} " if job else ""
+        self.live = self.console.is_terminal  # the trainer reads running values only for a bar someone sees
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -55,8 +60,8 @@ class TrainingProgress:
         self.progress.__exit__(*exc)
 
     def start_epoch(self, epoch: int, steps: int, completed: int = 0) -> None:
-        self.task = self.progress.add_task(f"epoch {epoch}/{self.epochs}", total=steps, completed=completed,
-                                           loss="-", acc="-", speed="-")
+        self.task = self.progress.add_task(escape(f"{self.prefix}epoch {epoch}/{self.epochs}"), total=steps,
+                                           completed=completed, loss="-", acc="-", speed="-")
 
     def advance(self) -> None:
         self.progress.advance(self.task)
@@ -65,9 +70,20 @@ class TrainingProgress:
         self.progress.update(self.task, loss=f"{loss:.4f}", acc=f"{acc:.4f}", speed=f"{images_per_second:,.0f}")
 
     def end_epoch(self, epoch: int, step: int, summary: dict[str, Any]) -> None:
-        parts = [f"epoch {epoch}/{self.epochs}", f"step {step}"]
+        parts = [f"{self.prefix}epoch {epoch}/{self.epochs}", f"step {step}"]
         parts += [f"{key} {format_number(value)}" for key, value in summary.items()]
         self.console.print(escape("  ".join(parts)), highlight=False, soft_wrap=True)
+
+
+def job_line(job: str, metrics: dict[str, Any], run_dir: str) -> str:
+    """A sweep job's one line at its end, in place of the summary table and the findings panel."""
+    warnings = dict.fromkeys(f["kind"] for f in metrics.get("findings") or [] if f.get("severity") == "warning")
+    parts = [f"{job}: {metrics.get('status')}", f"val_acc {format_number(metrics.get('val_acc'))}",
+             f"test_acc {format_number(metrics.get('test_acc'))}",
+             f"seconds {format_number(metrics.get('seconds'), 1)}"]
+    if warnings:
+        parts.append("warnings " + ",".join(warnings))
+    return "  ".join([*parts, run_dir])
 
 
 def summary_table(metrics: dict[str, Any], run_dir: str) -> Table:
@@ -79,7 +95,7 @@ def summary_table(metrics: dict[str, Any], run_dir: str) -> Table:
         ("val loss / acc", f"{format_number(metrics.get('val_loss'))} / {format_number(metrics.get('val_acc'))}"),
         ("test loss / acc", f"{format_number(metrics.get('test_loss'))} / {format_number(metrics.get('test_acc'))}"),
         ("epochs / steps", f"{metrics.get('epochs')} / {metrics.get('steps')}"),
-        ("images/s (training)", f"{metrics.get('images_per_second') or 0:,.0f}"),
+        ("images/s (run average)", f"{metrics.get('images_per_second') or 0:,.0f}"),
         ("seconds", format_number(metrics.get("seconds"), 1)),
         ("device", str(metrics.get("device"))),
         ("parameters", f"{metrics.get('parameters') or 0:,}"),
@@ -104,4 +120,4 @@ def findings_panel(findings: list) -> Panel | Text:
         lines.append(f"{finding.severity} ", style=styles.get(finding.severity, ""))
         lines.append(f"{finding.kind}" + (f" ({where})" if where else ""), style="bold")
         lines.append(f": {finding.message}\n  try: {finding.advice}")
-    return Panel(lines, title=f"Findings ({len(findings)})", title_align="left")
+    return Panel(lines, title=f"Findings ({len(findings)})", title_align="left", expand=False)

@@ -3,18 +3,47 @@ the HParams records. It writes what it is given and computes nothing."""
 
 from __future__ import annotations
 
+import os
+import time
 import typing
 from dataclasses import fields
 from pathlib import Path
 
 import torch
+from google.protobuf.struct_pb2 import ListValue, Value
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
-from cnnlab.config import SCHEMAS, RunConfig
+from cnnlab.config import INIT_SCHEMES, SCHEMAS, RunConfig
 from cnnlab.probes import Measurement, Probes
+from cnnlab.rundir import replace_atomically
 
+# --- HParams ----------------------------------------------------------------------------------------
 # The metrics the HPARAMS tab shows for each run: the last value of these scalar tags.
 HPARAM_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "train/loss", "dead_fraction/all")
+# Settings that do not change what a run computes (where its files are, how they are loaded, where
+# and how fast it runs, how often it checkpoints, that it resumed): not hyperparameters.
+NOT_HPARAMS = ("dataset.root", "dataset.path", "dataset.download", "dataset.num_workers", "dataset.max_memory_mb",
+               "trainer.device", "trainer.threads", "trainer.checkpoint_every", "resume")
+# The settings that define a run, which a sweep varies: the first columns of the HPARAMS tab, which
+# ticks its first five. TensorBoard lists the hparams marked `differs` first, then the rest, each by name
+# (backend_context._sort_and_reduce_to_hparams_limit); so these are marked, and named in that order.
+DEFINING_HPARAMS = ("activation", "model", "model.batchnorm", "model.init", "optimizer", "optimizer.lr",
+                    "trainer.batch_size", "trainer.seed")
+# Text settings with a fixed set of values: the HPARAMS tab filters them by ticking values.
+DISCRETE_HPARAMS = {**{group: tuple(options) for group, options in SCHEMAS.items()}, "model.init": INIT_SCHEMES}
+# metrics.json's status -> the HPARAMS tab's. An interrupted run has none (Unknown): it may resume.
+HPARAM_STATUSES = {"completed": api_pb2.STATUS_SUCCESS, "diverged": api_pb2.STATUS_FAILURE,
+                   "failed": api_pb2.STATUS_FAILURE}
+# The run's HParams record (settings, metric names, end) lives in an event file of its own, named
+# to be read before the training's. TensorBoard keeps the first session start and the first session
+# end it reads in a run's folder and ignores later ones (the multiplexer's and the data server's
+# readers keep a tag's first summary metadata), so the record holds at most one end, and a resume
+# rewrites it.
+HPARAMS_FILE = "events.out.tfevents.0000000000.hparams"
 
 # Custom-scalars layout: every layer of one statistic on one chart.
 LAYOUT = {
@@ -120,27 +149,72 @@ def flat_hparams(run: RunConfig) -> dict[str, bool | str | int | float]:
     return values
 
 
-def write_hparams_start(writer: SummaryWriter, run: RunConfig) -> None:
-    """The run's hyperparameters into its own event file (add_hparams would open a new run folder)."""
-    from torch.utils.tensorboard.summary import hparams
-
-    domains = {group: list(options) for group, options in SCHEMAS.items()}  # categorical filters
-    experiment, session_start, _ = hparams(flat_hparams(run), {tag: 0.0 for tag in HPARAM_METRICS},
-                                           hparam_domain_discrete=domains)
-    writer.file_writer.add_summary(experiment)
-    writer.file_writer.add_summary(session_start)
+def hparam_values(run: RunConfig) -> dict[str, bool | str | int | float]:
+    """The settings the HPARAMS tab shows, in its order: DEFINING_HPARAMS, then the rest by name;
+    none of NOT_HPARAMS."""
+    values = flat_hparams(run)
+    keys = sorted((key for key in values if key not in NOT_HPARAMS), key=lambda key: (key not in DEFINING_HPARAMS, key))
+    return {key: values[key] for key in keys}
 
 
-def write_hparams_end(writer: SummaryWriter, status: str) -> None:
-    """The run's end, successful or not, in the form torch's hparams() writes it (whose helper
-    always says success)."""
-    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+def hparam_info(name: str, value: bool | str | int | float) -> api_pb2.HParamInfo:
+    """A column of the HPARAMS tab. Booleans are booleans (torch's hparams() writes them as numbers,
+    shown as 0.0000), with the filter [false, true]; a group's column filters on all its options."""
+    info = api_pb2.HParamInfo(name=name, differs=name in DEFINING_HPARAMS)
+    if isinstance(value, bool):  # before int: a bool is an int
+        info.type, options = api_pb2.DATA_TYPE_BOOL, [Value(bool_value=False), Value(bool_value=True)]
+    elif isinstance(value, str):
+        info.type, options = api_pb2.DATA_TYPE_STRING, [Value(string_value=o) for o in DISCRETE_HPARAMS.get(name, ())]
+    else:
+        info.type, options = api_pb2.DATA_TYPE_FLOAT64, []
+    if options:
+        info.domain_discrete.CopyFrom(ListValue(values=options))
+    return info
 
-    outcome = api_pb2.STATUS_SUCCESS if status == "completed" else api_pb2.STATUS_FAILURE
-    content = plugin_data_pb2.HParamsPluginData(
-        session_end_info=plugin_data_pb2.SessionEndInfo(status=outcome), version=metadata.PLUGIN_DATA_VERSION)
-    plugin_data = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString())
-    summary = Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG,
-                                           metadata=SummaryMetadata(plugin_data=plugin_data))])
-    writer.file_writer.add_summary(summary)
+
+def hparam_value(value: bool | str | int | float) -> Value:
+    if isinstance(value, bool):
+        return Value(bool_value=value)
+    return Value(string_value=value) if isinstance(value, str) else Value(number_value=value)
+
+
+def write_hparams_start(run_dir: Path, run: RunConfig) -> None:
+    """(Re)write the run's HParams record with its settings and no end: the status a resumed run's
+    last process recorded goes, since TensorBoard would keep showing it (see HPARAMS_FILE)."""
+    values = hparam_values(run)
+    experiment = api_pb2.Experiment(hparam_infos=[hparam_info(name, value) for name, value in values.items()],
+                                    metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag))
+                                                  for tag in HPARAM_METRICS])
+    start = plugin_data_pb2.SessionStartInfo(hparams={name: hparam_value(value) for name, value in values.items()})
+    records = [Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString(),
+               _hparams_record(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment)),
+               _hparams_record(metadata.SESSION_START_INFO_TAG,
+                               plugin_data_pb2.HParamsPluginData(session_start_info=start))]
+
+    def write(file) -> None:
+        for record in records:
+            RecordWriter(file).write(record)
+
+    replace_atomically(Path(run_dir) / HPARAMS_FILE, write)
+
+
+def write_hparams_end(run_dir: Path, status: str) -> None:
+    """Add the run's end to its HParams record when the run is over (not when it was interrupted).
+    Appended, not rewritten: a TensorBoard open meanwhile reads it too (the data server does)."""
+    path = Path(run_dir) / HPARAMS_FILE
+    if status not in HPARAM_STATUSES or not path.is_file():
+        return
+    end = plugin_data_pb2.SessionEndInfo(status=HPARAM_STATUSES[status], end_time_secs=time.time())
+    record = _hparams_record(metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end))
+    with open(path, "ab") as file:
+        RecordWriter(file).write(record)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _hparams_record(tag: str, data: plugin_data_pb2.HParamsPluginData) -> bytes:
+    """One HParams summary in the form TensorBoard's own hparams summaries have."""
+    summary_metadata = metadata.create_summary_metadata(data)
+    summary_metadata.data_class = summary_pb2.DATA_CLASS_TENSOR
+    value = summary_pb2.Summary.Value(tag=tag, metadata=summary_metadata, tensor=metadata.NULL_TENSOR)
+    return Event(wall_time=time.time(), step=0, summary=summary_pb2.Summary(value=[value])).SerializeToString()

@@ -34,7 +34,8 @@ from cnnlab.gradients import stability_limit
 from cnnlab.models import build_model
 from cnnlab.optim import build_optimizer, build_scheduler
 from cnnlab.probes import Probes, gradient_norm
-from cnnlab.progress import TrainingProgress, findings_panel, summary_table
+from cnnlab.progress import TrainingProgress, findings_panel, job_line, summary_table
+from cnnlab.progress import console as default_console
 from cnnlab.rundir import clear_unfinished, record_config, run_lock, write_metrics
 from cnnlab.tblog import write_density, write_findings, write_hparams_end, write_hparams_start, write_layout, write_probe
 
@@ -107,6 +108,11 @@ class RunningSums:
         self.correct.zero_()
         self.count = 0
         return values[0] / count, values[1] / count, values[2:]
+
+    def peek(self) -> tuple[float, float]:
+        """(summed loss, correct predictions) so far, in one transfer to the host; they keep adding up."""
+        loss, correct = torch.stack([self.loss, self.correct.to(self.loss.dtype)]).tolist()
+        return loss, correct
 
 
 @torch.no_grad()
@@ -212,11 +218,13 @@ class TrainingLog:
     def start_epoch(self, keep_totals: bool = False) -> None:
         if not keep_totals:
             self.epoch_loss, self.epoch_correct, self.epoch_images = 0.0, 0.0, 0
+            self.epoch_seconds = 0.0  # this epoch's training time, for its own images/s
         self.timer = time.perf_counter()  # evaluation between epochs is not training time
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": [self.epoch_loss, self.epoch_correct, self.epoch_images], "seconds": self.seconds,
-                "images": self.images, "dead_fraction": dict(self.dead_fraction), "skipped": self.skipped,
+                "images": self.images, "epoch_seconds": self.epoch_seconds,
+                "dead_fraction": dict(self.dead_fraction), "skipped": self.skipped,
                 "series": {tag: list(points) for tag, points in self.series.items()},
                 # the steps since the last log: a resumed run logs exactly what an uninterrupted one would
                 "window": [self.window.loss.clone(), self.window.correct.clone(), self.window.count]}
@@ -224,6 +232,8 @@ class TrainingLog:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch_loss, self.epoch_correct, self.epoch_images = state["epoch"]
         self.seconds, self.images = state["seconds"], state["images"]
+        # a checkpoint older than epoch_seconds: its epoch so far at the run's average speed
+        self.epoch_seconds = state.get("epoch_seconds", self.epoch_images * self.seconds / max(self.images, 1))
         self.dead_fraction = dict(state["dead_fraction"])
         self.skipped = state["skipped"]
         self.series = {tag: [tuple(point) for point in points] for tag, points in state.get("series", {}).items()}
@@ -231,13 +241,14 @@ class TrainingLog:
         self.window.loss.copy_(loss)
         self.window.correct.copy_(correct)
 
-    def flush(self, step: int, lr: float, grad_norm: Tensor | None, parameters: list[nn.Parameter]) -> tuple[float, float, float]:
-        """Write the scalars of the steps since the last flush; returns (loss, accuracy, images/s)."""
+    def flush(self, step: int, lr: float, grad_norm: Tensor | None, parameters: list[nn.Parameter]) -> None:
+        """Write the scalars of the steps since the last flush, and add them to the epoch's totals."""
         images = self.window.count
         loss, acc, (norm,) = self.window.take(grad_norm if grad_norm is not None else gradient_norm(parameters))
         now = time.perf_counter()
         speed = images / max(now - self.timer, 1e-9)
         self.seconds += now - self.timer
+        self.epoch_seconds += now - self.timer
         self.images += images
         self.timer = now
         self.epoch_loss += loss * images
@@ -247,7 +258,18 @@ class TrainingLog:
                            ("perf/images_per_second", speed)):
             self.writer.add_scalar(tag, value, step)
             self.series.setdefault(tag, []).append((step, value))
-        return loss, acc, speed
+
+    def running(self) -> tuple[float, float, float] | None:
+        """The epoch so far, steps since the last flush included: (mean loss, accuracy, images/s);
+        one small transfer when there are such steps, none right after a flush. Writes nothing."""
+        loss, correct, images, seconds = self.epoch_loss, self.epoch_correct, self.epoch_images, self.epoch_seconds
+        if self.window.count:
+            window_loss, window_correct = self.window.peek()
+            loss, correct, images = loss + window_loss, correct + window_correct, images + self.window.count
+            seconds += time.perf_counter() - self.timer  # read after the transfer: the device has finished
+        if not images:  # every step so far skipped (trainer.on_nonfinite=skip)
+            return None
+        return loss / images, correct / images, images / max(seconds, 1e-9)
 
     def probe(self, step: int, probes: Probes) -> None:
         scalars = write_probe(self.writer, step, probes.measure(step))
@@ -334,12 +356,13 @@ def setup(run: RunConfig, run_dir: Path, config: dict[str, Any], resume: bool = 
         restore(state, saved)
     state.metrics.update(device=str(device), threads=torch.get_num_threads(),
                          parameters=sum(p.numel() for p in parameters))
+    # Fresh or resumed, the HParams record says "not over" until this process ends (tblog.HPARAMS_FILE).
+    write_hparams_start(run_dir, run)
     # purge_step: events a killed run wrote after its last checkpoint are dropped, so that
     # TensorBoard has each step once.
     state.log.writer = SummaryWriter(str(run_dir), flush_secs=10, purge_step=state.step + 1 if saved else None)
     if saved is None:
         write_layout(state.log.writer)
-        write_hparams_start(state.log.writer, run)
         if probes is not None and probes.due(0):
             state.log.probe(0, probes)  # before any update
     return state
@@ -408,6 +431,9 @@ def train_epoch(state: TrainState, progress: TrainingProgress, stop: StopRequest
     log.start_epoch(keep_totals=state.batch > 0)
     state.model.train()
     lr, grad_norm = state.optimizer.param_groups[0]["lr"], None
+    # A live bar shows the epoch so far about 20 times an epoch however rarely the loop logs (one
+    # small transfer each time); without a bar nothing is read between logs.
+    refresh = math.ceil(len(batches) / 20)
     for images, labels in batches:
         probe = probes is not None and probes.due(state.step + 1)
         lr = state.optimizer.param_groups[0]["lr"]
@@ -420,10 +446,12 @@ def train_epoch(state: TrainState, progress: TrainingProgress, stop: StopRequest
         if probe:
             log.probe(state.step, probes)
         progress.advance()
+        mid_epoch = state.batch < len(batches)
         logged = state.step % t.log_every == 0
         if logged and log.window.count:
-            progress.update(*log.flush(state.step, lr, grad_norm, state.parameters))
-        mid_epoch = state.batch < len(batches)
+            log.flush(state.step, lr, grad_norm, state.parameters)
+        if logged or (progress.live and mid_epoch and state.batch % refresh == 0):
+            show_epoch_so_far(progress, log)
         stopping = stop is not None and stop.signum is not None and mid_epoch
         due = bool(t.checkpoint_every) and state.step % t.checkpoint_every == 0 and mid_epoch
         state.watch.check(now=logged or probe or due or stopping)
@@ -433,7 +461,14 @@ def train_epoch(state: TrainState, progress: TrainingProgress, stop: StopRequest
         if stopping:
             raise Interrupted(stop.signum, state.step)
     if log.window.count:  # the rest of the epoch: its last partial window
-        progress.update(*log.flush(state.step, lr, grad_norm, state.parameters))
+        log.flush(state.step, lr, grad_norm, state.parameters)
+        show_epoch_so_far(progress, log)
+
+
+def show_epoch_so_far(progress: TrainingProgress, log: TrainingLog) -> None:
+    so_far = log.running()
+    if so_far is not None:
+        progress.update(*so_far)
 
 
 def end_epoch(state: TrainState, progress: TrainingProgress) -> None:
@@ -449,11 +484,10 @@ def end_epoch(state: TrainState, progress: TrainingProgress) -> None:
     writer.add_scalar("epoch", state.epoch, state.step)
     if state.run.findings.enabled:
         find(state)  # rewritten at each epoch end, so that a running sweep can be read
+    train_loss, train_acc, epoch_speed = log.running() or (None, None, None)  # all flushed: no transfer
     metrics.update(
-        epochs=state.epoch, steps=state.step,
-        train_loss=log.epoch_loss / log.epoch_images if log.epoch_images else None,
-        train_acc=log.epoch_correct / log.epoch_images if log.epoch_images else None,
-        val_loss=val_loss, val_acc=val_acc, images_per_second=log.images / max(log.seconds, 1e-9),
+        epochs=state.epoch, steps=state.step, train_loss=train_loss, train_acc=train_acc,
+        val_loss=val_loss, val_acc=val_acc, images_per_second=log.images / max(log.seconds, 1e-9),  # the run's average
         seconds=round(time.perf_counter() - state.started, 3), dead_fraction=log.dead_fraction or None,
         skipped_steps=log.skipped,
     )
@@ -465,8 +499,8 @@ def end_epoch(state: TrainState, progress: TrainingProgress) -> None:
     if state.probes is not None and state.probes.cfg.density:
         write_density(state.log.writer, state.run_dir, state.step, state.probes)
     progress.end_epoch(state.epoch, state.step, {
-        "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
-        "val_loss": val_loss, "val_acc": val_acc, "img/s": round(metrics["images_per_second"]),
+        "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
+        "img/s (epoch)": None if epoch_speed is None else round(epoch_speed),
     })
 
 
@@ -487,18 +521,15 @@ def find(state: TrainState) -> list[Finding]:
     return found
 
 
-def report_findings(state: TrainState, console: Console):
+def report_findings(state: TrainState):
     """At the end of a run, however it ended: the findings into metrics.json and TensorBoard (text
-    `findings`); returns the terminal's panel, printed now if the run failed, else after its summary.
-    A fault here must not cost the run its results."""
+    `findings`); returns the terminal's panel. A fault here must not cost the run its results."""
     try:
         found = find(state)
         write_findings(state.log.writer, state.step, found)
         panel = findings_panel(found)
     except Exception as error:  # noqa: BLE001 - the run's own outcome matters more
         panel = f"cnnlab: the findings could not be computed: {one_line(error, 200)}"
-    if state.metrics["status"] != "completed":
-        console.print(panel)
     return panel
 
 
@@ -538,28 +569,31 @@ def fitting_in_memory(build):
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
-def describe(state: TrainState, resumed: bool) -> str:
+def describe(state: TrainState, resumed: bool, job: str | None = None) -> str:
     run, sizes = state.run, " / ".join(f"{count:,} {name}" for name, count in state.data.sizes.items() if count)
-    return (f"cnnlab: {run.model.name} + {run.activation.name} on {run.dataset.name} ({sizes}), "
+    whose = f"{job}: " if job else ""
+    return (f"cnnlab: {whose}{run.model.name} + {run.activation.name} on {run.dataset.name} ({sizes}), "
             f"{state.metrics['parameters']:,} parameters, {state.device}, run directory {state.run_dir}"
             + (f"; resuming at epoch {state.epoch}, step {state.step}" if resumed else ""))
 
 
 def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Console | None = None,
-          resume: bool = False) -> dict[str, Any]:
+          resume: bool = False, job: str | None = None) -> dict[str, Any]:
     """Train, validate every epoch, test once at the end; everything lands in run_dir, which this
     process holds for itself meanwhile. With resume, continue from run_dir's last checkpoint exactly
-    where it was written. SIGINT/SIGTERM at any point stop the run cleanly (see StopRequest)."""
-    console = console or Console()
+    where it was written. SIGINT/SIGTERM at any point stop the run cleanly (see StopRequest).
+    A run ends with a summary table and its findings; a sweep's job (`job` names it in every line
+    it prints) ends with one line, whatever its outcome."""
+    console = console or default_console()
     run_dir = Path(run_dir)
     with run_lock(run_dir), StopRequest() as stop:
         if not resume:
             clear_unfinished(run_dir)  # what a run killed before its first checkpoint left here
-        return run_to_the_end(run, run_dir, config, console, resume, stop)
+        return run_to_the_end(run, run_dir, config, console, resume, stop, job)
 
 
 def run_to_the_end(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Console, resume: bool,
-                   stop: StopRequest) -> dict[str, Any]:
+                   stop: StopRequest, job: str | None) -> dict[str, Any]:
     started = time.perf_counter()
     metrics, state = new_metrics(), None
     if not resume:
@@ -572,9 +606,9 @@ def run_to_the_end(run: RunConfig, run_dir: Path, config: dict[str, Any], consol
         if resume:
             record_config(run_dir, config)
         write_metrics(run_dir, metrics)
-        console.print(describe(state, resume), highlight=False, markup=False, soft_wrap=True)
+        console.print(describe(state, resume, job), highlight=False, markup=False, soft_wrap=True)
         epochs = run.trainer.epochs
-        with TrainingProgress(epochs, console) as progress:
+        with TrainingProgress(epochs, console, job) as progress:
             while state.epoch <= epochs:
                 progress.start_epoch(state.epoch, len(state.data.train), completed=state.batch)
                 train_epoch(state, progress, stop)
@@ -592,17 +626,23 @@ def run_to_the_end(run: RunConfig, run_dir: Path, config: dict[str, Any], consol
         raise
     finally:
         metrics["seconds"] = round(time.perf_counter() - (state.started if state is not None else started), 3)
+        panel = None
         if state is not None and state.log.writer is not None and run.findings.enabled:
-            panel = report_findings(state, console)
+            panel = report_findings(state)
+        if job is not None:
+            console.print(job_line(job, metrics, str(run_dir)), highlight=False, markup=False, soft_wrap=True)
+        elif panel is not None and metrics["status"] != "completed":
+            console.print(panel)  # a failed run's findings, before the error message
         # A refused resume leaves the run's files as they were; on a full disk, this may fail too.
         if state is not None or not resume:
             with contextlib.suppress(OSError):
                 write_metrics(run_dir, metrics)
         if state is not None and state.log.writer is not None:
             with contextlib.suppress(OSError):
-                write_hparams_end(state.log.writer, metrics["status"])
                 state.log.writer.close()
-    console.print(summary_table(metrics, str(run_dir)))
-    if state is not None and run.findings.enabled:
-        console.print(panel)
+                write_hparams_end(state.run_dir, metrics["status"])
+    if job is None:
+        console.print(summary_table(metrics, str(run_dir)))
+        if panel is not None:
+            console.print(panel)
     return metrics
