@@ -107,6 +107,13 @@ def test_runs_are_named_by_the_settings_that_differ_in_their_composed_configs_wi
                           "activation=relu, batchnorm=false, lr=0.001",
                           "activation=leaky_relu, negative_slope=0.01, batchnorm=false, lr=0.01",
                           "activation=leaky_relu, negative_slope=0.2, batchnorm=false, lr=0.001"]
+    # a setting that only one run has, set on its command line: the one thing it adds to its name
+    alone = tmp_path / "alone"
+    configured(alone / "a")
+    configured(alone / "b", "activation=leaky_relu", "activation.negative_slope=0.2")
+    configured(alone / "c", "activation=leaky_relu")
+    assert names(alone) == ["activation=relu", "activation=leaky_relu, negative_slope=0.2",
+                            "activation=leaky_relu, negative_slope=0.01"]
 
 
 def test_settings_that_do_not_define_the_result_name_runs_only_when_nothing_else_differs(tmp_path):

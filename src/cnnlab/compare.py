@@ -220,9 +220,12 @@ def find_runs(paths: list[str], warn: Callable[[str], None] = _warn,
 
 # --- names ---------------------------------------------------------------------------------------
 def differing(runs: list[Run]) -> list[str]:
-    """The settings with more than one value among the runs that have them."""
+    """The settings with more than one value among the runs that have them, and those that only some
+    runs have but one set on its command line (leaky_relu's negative_slope=0.2 beside relu runs)."""
     keys = dict.fromkeys(key for run in runs for key in run.settings)
-    return [key for key in keys if len({run.settings[key] for run in runs if key in run.settings}) > 1]
+    typed = {key for run in runs for key in run.overrides}
+    return [key for key in keys if len({run.settings[key] for run in runs if key in run.settings}) > 1
+            or (key in typed and any(key not in run.settings for run in runs))]
 
 
 def _not_in_names(key: str) -> bool:
@@ -677,6 +680,8 @@ def _series(d: Drawing, members: list[Run], tag: str) -> list[tuple[list[int], l
 
 def _val_curves(d: Drawing):
     """Training loss per log step (when logged), validation loss and accuracy per epoch; None without any."""
+    import matplotlib.ticker
+
     panels = {"train/loss": "training loss (log scale), every trainer.log_every steps",
               "val/loss": "validation loss (log scale), one point per epoch",
               "val/acc": "validation accuracy, one point per epoch"}
@@ -692,6 +697,7 @@ def _val_curves(d: Drawing):
                            bounds=(0, 1) if tag.endswith("acc") else (-math.inf, math.inf))
         axis.set_title(_wrap(title, figure.get_figwidth() / len(panels), 9), fontsize="small")
         axis.set_xlabel("step")
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # steps are whole
         axis.set_yscale("log" if tag.endswith("loss") else "linear")
         axis.grid(alpha=0.3)
     return figure
