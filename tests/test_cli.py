@@ -65,6 +65,7 @@ def test_cfg_job_prints_the_composed_config_without_torch(tmp_path):
         ("dataset.val_fraction=1.5", ["dataset.val_fraction"]),
         ("model.dropout=1", ["model.dropout", "[0, 1)"]),
         ("trainer.device=gpu", ["trainer.device", "auto, cpu, cuda, cuda:N"]),
+        ("model.hidden.x=1", ["model.hidden.x=1", "A list is set whole"]),
     ],
 )
 def test_a_bad_override_is_one_clear_error_exit_2_and_no_traceback(tmp_path, override, expected):

@@ -217,6 +217,7 @@ def _compose(loader, config_name: str, overrides: list[str], run_mode,
     YAML file that does not parse, a setting or an option that does not exist: a UserError (for the
     sweep's job with the overrides `job`)."""
     import yaml
+    from hydra.errors import HydraException
 
     try:
         return loader.load_configuration(config_name=config_name, overrides=list(overrides), run_mode=run_mode)
@@ -230,6 +231,10 @@ def _compose(loader, config_name: str, overrides: list[str], run_mode,
         message = next((_yaml_error_message(c) for c in causes if isinstance(c, yaml.YAMLError)), None)
         message = message or _unknown_choice_message(error) or _unknown_setting_message(
             causes, loader, config_name, overrides, run_mode)
+        if message is None and not isinstance(error, HydraException):  # Hydra would print a traceback
+            message = f"The overrides {' '.join(overrides)} cannot be applied to the config: {one_line(error, 200)}."
+            if "invalid literal for int" in str(error):  # `model.hidden.x=1`: an item of a list by a name
+                message += " A list is set whole (model.hidden=[64,32]), not by an item's name."
         if message is None:
             return None
         raise UserError(f"The sweep's job with {' '.join(job)}: {message}" if job else message) from None
