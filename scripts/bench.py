@@ -50,12 +50,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from cnnlab.cli import config_dir
 from cnnlab.config import validate
-from cnnlab.data import load_data
-from cnnlab.models import build_model
-from cnnlab.optim import build_optimizer
-from cnnlab.probes import Probes
-from cnnlab.progress import TrainingProgress
-from cnnlab.trainer import NonfiniteWatch, Precision, TrainingLog, TrainState, resolve_device, train_epoch
+from cnnlab.train.data import load_data
+from cnnlab.train.models import build_model
+from cnnlab.train.optim import build_optimizer
+from cnnlab.instruments.probes import Probes
+from cnnlab.cli.console import TrainingProgress
+from cnnlab.train.loop import NonfiniteWatch, Precision, TrainingLog, TrainState, resolve_device, train_epoch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_probes import cpu_model  # noqa: E402  (a sibling script)

@@ -40,13 +40,13 @@ from torch.utils.tensorboard import SummaryWriter
 
 from cnnlab.cli import config_dir
 from cnnlab.config import validate
-from cnnlab.data import load_data
-from cnnlab.models import build_model
-from cnnlab.optim import build_optimizer
-from cnnlab.probes import Probes
-from cnnlab.progress import TrainingProgress
-from cnnlab.tblog import write_probe
-from cnnlab.trainer import NonfiniteWatch, Precision, TrainingLog, TrainState, resolve_device, train_epoch
+from cnnlab.train.data import load_data
+from cnnlab.train.models import build_model
+from cnnlab.train.optim import build_optimizer
+from cnnlab.instruments.probes import Probes
+from cnnlab.cli.console import TrainingProgress
+from cnnlab.train.tblog import write_probe
+from cnnlab.train.loop import NonfiniteWatch, Precision, TrainingLog, TrainState, resolve_device, train_epoch
 
 TARGETS = {"off/bare": 1.05, "on/off": 1.10}
 

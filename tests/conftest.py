@@ -24,7 +24,7 @@ def tiny_run(tmp_path):
     from rich.console import Console
 
     from cnnlab.config import validate
-    from cnnlab.trainer import train
+    from cnnlab.train.loop import train
 
     def run(*overrides: str, data=TINY_DATA, model=TINY_MLP, name="run", terminal=False) -> TinyRun:
         cfg = compose_config(*data, *model, *TINY_TRAINER, *overrides)
@@ -42,7 +42,7 @@ def tiny_state(tmp_path):
     from omegaconf import OmegaConf
 
     from cnnlab.config import validate
-    from cnnlab.trainer import setup
+    from cnnlab.train.loop import setup
 
     states = []
 

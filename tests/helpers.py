@@ -11,7 +11,7 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from cnnlab.cli import config_dir
+from cnnlab.config import config_dir
 
 # The tiny run: what every test that trains passes, in this process (the `tiny_run` fixture in
 # conftest.py) or on the command line (`cnnlab train *TINY`). It comes in parts so that a test can

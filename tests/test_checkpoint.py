@@ -2,10 +2,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cnnlab.checkpoint import load_checkpoint, load_resumable, save_checkpoint, save_last
+from cnnlab.train.checkpoint import load_checkpoint, save_checkpoint, save_last
+from cnnlab.train.resume import load_resumable
 from cnnlab.errors import UserError
 from cnnlab.rundir import best_checkpoint, last_checkpoint
-from cnnlab.trainer import train_step
+from cnnlab.train.loop import train_step
 from tests.helpers import TINY, compose_config
 
 # Dropout draws random numbers at every step: a restore must give the generators back too.

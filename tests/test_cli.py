@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from cnnlab import cli
-from cnnlab.checkpoint import load_checkpoint
+from cnnlab.config import config_dir
+from cnnlab.train.checkpoint import load_checkpoint
 from tests.helpers import TINY, TINY_MLP, TINY_TRAINER, read_scalars, write_image_folder, write_mnist
 
 
@@ -196,7 +197,7 @@ def test_hydras_own_launchers_pass_the_check(launcher):
 
 
 def test_every_named_experiment_passes_the_check():
-    for experiment in sorted(path.stem for path in (cli.config_dir() / "experiment").glob("*.yaml")):
+    for experiment in sorted(path.stem for path in (config_dir() / "experiment").glob("*.yaml")):
         cli.check_config_before_hydra(["-m", f"experiment={experiment}", "trainer.seed=0,1"])
 
 
@@ -346,7 +347,7 @@ def test_train_help_shows_every_setting_of_every_option_with_its_default_and_com
     lines = out.splitlines()
     checked = 0
     for group in SCHEMAS:
-        for path in sorted((cli.config_dir() / group).glob("*.yaml")):
+        for path in sorted((config_dir() / group).glob("*.yaml")):
             header = path.read_text().splitlines()[0].lstrip("# ")
             assert any(line.startswith(f"  {path.stem}: {header}") for line in lines), (path, header)
             for key, value, comment in yaml_settings(path):
@@ -357,7 +358,7 @@ def test_train_help_shows_every_setting_of_every_option_with_its_default_and_com
                            for line in lines), (path, key)
                 checked += 1
     for section in ("trainer", "probes", "findings"):
-        for key, value, comment in yaml_settings(cli.config_dir() / "train.yaml", section):
+        for key, value, comment in yaml_settings(config_dir() / "train.yaml", section):
             assert comment, f"train.yaml: {section}.{key} has no comment"
             assert any(line.startswith(f"  {key}: {value}") and f"# {comment}" in line for line in lines), key
             checked += 1

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from cnnlab.compare import (
+from cnnlab.analysis.compare import (
     DPI, FIGURES, MAX_INCHES, SEED_KEY, Run, drawing, find_runs, make_figures, name_runs, print_summary, read_scalars,
     rows, seed_groups, settings_of, spread, tune, versus_best, welch_p, write_summary)
 from cnnlab.errors import UserError
@@ -469,7 +469,7 @@ def test_runs_that_never_trained_are_left_out_of_the_figures_and_listed_in_the_t
 def test_val_curves_draw_the_training_loss_per_log_step_and_a_confidence_band_over_seeds():
     from matplotlib.collections import PolyCollection
 
-    from cnnlab.compare import _mean_ci
+    from cnnlab.analysis.compare import _mean_ci
 
     runs = [run("relu", 0), run("relu", 1), run("elu", 0)]
     name_runs(runs)

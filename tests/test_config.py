@@ -19,10 +19,10 @@ def test_every_schema_option_has_a_yaml_file_and_every_yaml_file_a_schema():
 
 
 def test_builders_know_exactly_the_options_the_configs_offer():
-    from cnnlab.data import LOADERS
+    from cnnlab.train.data import LOADERS
     from cnnlab.config import INIT_SCHEMES
-    from cnnlab.models import ACTIVATIONS, INITIALISERS, MODELS
-    from cnnlab.optim import OPTIMIZERS, SCHEDULERS
+    from cnnlab.train.models import ACTIVATIONS, INITIALISERS, MODELS
+    from cnnlab.train.optim import OPTIMIZERS, SCHEDULERS
 
     assert sorted(ACTIVATIONS) == options("activation")
     assert sorted(MODELS) == options("model")
@@ -202,7 +202,7 @@ def test_a_convnet_is_refused_exactly_when_it_would_halve_the_images_to_nothing(
     """The config's check agrees with the model builder's for every image size and depth."""
     from torch import nn
 
-    from cnnlab.models import build_convnet
+    from cnnlab.train.models import build_convnet
 
     run = validate(compose_config("dataset=fake", "model=convnet"))
     for size in range(1, 40):

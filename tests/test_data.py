@@ -4,10 +4,10 @@ from urllib.error import URLError
 import pytest
 import torch
 
-from cnnlab import data as data_module
-from cnnlab.checkpoint import save_last
+from cnnlab.train import data as data_module
+from cnnlab.train.checkpoint import save_last
 from cnnlab.config import validate
-from cnnlab.data import (
+from cnnlab.train.data import (
     ImageFiles,
     ImageSet,
     StreamBatches,
@@ -18,7 +18,7 @@ from cnnlab.data import (
     random_crop_flip,
 )
 from cnnlab.errors import UserError
-from cnnlab.trainer import train_step
+from cnnlab.train.loop import train_step
 from tests.helpers import CIFAR_CLASSES, compose_config, write_cifar10, write_idx, write_image_folder, write_mnist
 
 CPU = torch.device("cpu")
@@ -108,7 +108,7 @@ def test_training_batches_are_normalised_with_the_training_statistics(mnist_root
 def test_shuffled_batches_cover_each_sample_once_per_epoch_in_a_new_order():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
     data = ImageSet(images, torch.arange(10))
-    from cnnlab.data import Normalise
+    from cnnlab.train.data import Normalise
 
     identity = Normalise(torch.tensor([0.0]), torch.tensor([1 / 255]))  # x -> x
     batches = TensorBatches(data, 3, identity, shuffle=True, generator=torch.Generator().manual_seed(0))
@@ -149,7 +149,7 @@ def test_flip_without_padding_mirrors_columns():
 
 
 def test_cifar10_training_batches_are_augmented_and_eval_batches_are_not(tmp_path, accept_generated_cifar):
-    from cnnlab.data import Normalise
+    from cnnlab.train.data import Normalise
 
     write_cifar10(tmp_path, per_batch=20, test=10)
     cfg = dataset_config("dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false")
@@ -196,7 +196,7 @@ def test_unreadable_images_are_reported_and_skipped_and_other_files_ignored(tmp_
     (root / "cat" / "broken.png").write_bytes(b"not a png at all")
     (root / "dog" / "notes.txt").write_text("not an image")
     cfg = dataset_config("dataset=imagefolder", f"dataset.path={root}", "dataset.image_size=8")
-    with caplog.at_level(logging.WARNING, logger="cnnlab.data"):
+    with caplog.at_level(logging.WARNING, logger="cnnlab.train.data"):
         splits = load_imagefolder(cfg)
     assert len(splits.train) == 8
     assert "broken.png" in caplog.text and "notes.txt" not in caplog.text
@@ -250,7 +250,7 @@ def test_streaming_skips_unreadable_files(tmp_path, caplog):
     data = load_data(cfg, 2, 10, CPU, seed=0)
     bad.write_bytes(b"broken after the scan")
     data.val.loader.dataset.files.samples.append((str(bad), 1))
-    with caplog.at_level(logging.WARNING, logger="cnnlab.data"):
+    with caplog.at_level(logging.WARNING, logger="cnnlab.train.data"):
         labels = torch.cat([y for _, y in data.val])
     assert len(labels) == 3 and "zz_bad.png" in caplog.text
 
@@ -336,7 +336,7 @@ def test_linked_folders_inside_a_class_folder_are_not_followed(tmp_path, caplog,
     (root / "cat" / "link").symlink_to(outside / "more" if target == "outside" else target)
     (root / "dog" / "linked.png").symlink_to(outside / "more" / "0.png")  # a linked file is an image like any other
     cfg = dataset_config("dataset=imagefolder", f"dataset.path={root}", "dataset.image_size=8")
-    with caplog.at_level(logging.WARNING, logger="cnnlab.data"):
+    with caplog.at_level(logging.WARNING, logger="cnnlab.train.data"):
         splits = load_imagefolder(cfg)
     assert splits.classes == ["cat", "dog"]
     assert torch.bincount(splits.train.labels).tolist() == [5, 6]

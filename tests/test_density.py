@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab import density
-from cnnlab.density import density_column, density_image, write_density_png
+from cnnlab.instruments import density
+from cnnlab.instruments.density import density_column, density_image, write_density_png
 
 VIRIDIS = matplotlib.colormaps["viridis"]
 

@@ -18,12 +18,13 @@ import torch
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from cnnlab import cli, trainer
-from cnnlab.checkpoint import load_checkpoint
+from cnnlab import cli
+from cnnlab.train import loop as trainer
+from cnnlab.train.checkpoint import load_checkpoint
 from cnnlab.config import validate
 from cnnlab.errors import UserError
 from cnnlab.rundir import run_lock
-from cnnlab.trainer import Interrupted, train_step
+from cnnlab.train.loop import Interrupted, train_step
 from tests.helpers import (
     TINY,
     TINY_CONVNET,

@@ -7,7 +7,7 @@ import pytest
 
 from cnnlab.config import validate
 from cnnlab.errors import UserError
-from cnnlab.findings import RULES, Finding, RunFacts, diagnose
+from cnnlab.analysis.findings import RULES, Finding, RunFacts, diagnose
 from tests.helpers import compose_config
 
 CFG = validate(compose_config()).findings
@@ -197,7 +197,7 @@ def test_impossible_findings_settings_are_user_errors_that_name_them(override):
 
 
 def test_a_layer_that_does_not_move_at_all_is_not_blamed_on_the_learning_rate():
-    from cnnlab.findings import update_ratio
+    from cnnlab.analysis.findings import update_ratio
 
     frozen = {"update_ratio/layer02_fc": [(step, -20.0) for step in range(0, 100, 10)]}
     assert update_ratio(frozen, FACTS, CFG) == []
@@ -230,7 +230,7 @@ def test_runs_built_to_misbehave_produce_the_right_findings_and_healthy_ones_non
     from rich.console import Console
 
     from cnnlab.rundir import read_metrics
-    from cnnlab.trainer import Diverged, train
+    from cnnlab.train.loop import Diverged, train
 
     overrides, expected = MISBEHAVING[name]
     cfg = compose_config(*RUN, *overrides)

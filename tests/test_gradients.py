@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab.gradients import (
+from cnnlab.instruments.gradients import (
     gradient_noise_scale,
     gradient_snr,
     per_example_gradients,

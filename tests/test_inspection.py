@@ -57,7 +57,7 @@ def write_run(run_dir: Path, scalars=SCALARS, config=CONFIG, metrics=METRICS) ->
 @pytest.fixture
 def diagnosed(monkeypatch):
     """What inspect hands to findings.diagnose, which answers with one finding of ours."""
-    import cnnlab.findings as findings
+    import cnnlab.analysis.findings as findings
 
     calls = []
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from cnnlab.config import SCHEMAS, validate
 from cnnlab.errors import UserError
-from cnnlab.models import ACTIVATION_MODULES, ACTIVATIONS, ACTIVATIONS_BY_MODULE, build_model, dead_units
+from cnnlab.train.models import ACTIVATION_MODULES, ACTIVATIONS, ACTIVATIONS_BY_MODULE, build_model, dead_units
 from tests.helpers import TINY_CONVNET, TINY_MLP, compose_config
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cnnlab.config import validate
-from cnnlab.optim import build_optimizer
+from cnnlab.train.optim import build_optimizer
 from tests.helpers import compose_config, read_scalars
 
 

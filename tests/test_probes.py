@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab.checkpoint import load_checkpoint
+from cnnlab.train.checkpoint import load_checkpoint
 from cnnlab.config import ProbesConfig, validate
-from cnnlab.models import build_model
-from cnnlab.probes import (
+from cnnlab.train.models import build_model
+from cnnlab.instruments.probes import (
     Probes,
     activation_layers,
     effective_rank,
@@ -52,7 +52,7 @@ def test_histogram_of_a_constant_tensor_puts_everything_in_one_bucket():
 
 
 def test_histogram_counts_exactly_beyond_float32_integer_range(monkeypatch):
-    import cnnlab.probes as probes
+    import cnnlab.instruments.probes as probes
 
     monkeypatch.setattr(probes, "HISTC_CHUNK", 7)  # stands in for 2**24: the chunks must add up
     x = torch.arange(100.0)

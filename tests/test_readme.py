@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cnnlab.cli import config_dir
+from cnnlab.config import config_dir
 from tests.helpers import compose_config, not_blank, read_scalars, write_cifar10, write_image_folder, write_mnist
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -13,9 +13,9 @@ import torch
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from cnnlab.checkpoint import load_checkpoint
+from cnnlab.train.checkpoint import load_checkpoint
 from cnnlab.config import validate
-from cnnlab.trainer import train
+from cnnlab.train.loop import train
 from tests.helpers import compose_config, read_scalars
 
 # Every source of randomness in play: shuffling, augmentation, dropout, RReLU, BatchNorm, probes.

@@ -195,10 +195,10 @@ def test_an_experiment_sweep_runs_its_presets(tmp_path):
 
 
 def test_each_job_names_itself_on_its_epoch_lines_and_ends_with_one_line_not_a_table(run_cli, monkeypatch, tmp_path):
-    from cnnlab.findings import Finding
+    from cnnlab.analysis.findings import Finding
 
     found = Finding("dying_relu", "warning", "act01_fc", 8, 0.5, "half of act01_fc's units never fire", "lower the lr")
-    monkeypatch.setattr("cnnlab.trainer.diagnose", lambda series, facts, cfg: [found])
+    monkeypatch.setattr("cnnlab.train.loop.diagnose", lambda series, facts, cfg: [found])
     code, out, err = run_cli("train", "-m", "activation=relu,elu", *TINY, "trainer.epochs=2", "hydra.sweep.dir=sweep")
     assert code == 0, err
     lines = out.splitlines()

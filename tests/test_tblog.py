@@ -13,10 +13,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from cnnlab import trainer
+from cnnlab.train import loop as trainer
 from cnnlab.config import validate
-from cnnlab.probes import Measurement, histogram
-from cnnlab.tblog import DEFINING_HPARAMS, HPARAMS_FILE, NOT_HPARAMS, flat_hparams, write_hparams_start, write_probe
+from cnnlab.instruments.probes import Measurement, histogram
+from cnnlab.train.tblog import DEFINING_HPARAMS, HPARAMS_FILE, NOT_HPARAMS, flat_hparams, write_hparams_start, write_probe
 from tests.helpers import TINY, TINY_MLP, TINY_TRAINER, compose_config
 
 SUCCESS, FAILURE, UNKNOWN = api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE, api_pb2.STATUS_UNKNOWN

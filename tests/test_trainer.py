@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 
-from cnnlab.checkpoint import load_checkpoint
+from cnnlab.train.checkpoint import load_checkpoint
 from cnnlab.config import validate
 from cnnlab.errors import UserError
 from cnnlab.rundir import read_metrics
-from cnnlab.trainer import Diverged, TrainingLog, resolve_device, train_epoch, train_step
+from cnnlab.train.loop import Diverged, TrainingLog, resolve_device, train_epoch, train_step
 from tests.helpers import TINY, TINY_CONVNET, TINY_DATA, TINY_TRAINER, compose_config, read_scalars, write_image_folder
 
 
@@ -146,7 +146,7 @@ def test_bf16_autocast_and_channels_last_train_the_convnet(tiny_run):
 
 
 def test_channels_last_hands_the_convnet_nhwc_batches(tmp_path):
-    from cnnlab.data import load_data
+    from cnnlab.train.data import load_data
 
     run = validate(compose_config(*TINY_DATA, *TINY_CONVNET, *TINY_TRAINER))
     data = load_data(run.dataset, 32, 64, torch.device("cpu"), seed=0)
@@ -229,7 +229,7 @@ def test_epoch_throughput_counts_only_that_epochs_images_and_training_time(monke
             pass
 
     clock = [0.0]
-    monkeypatch.setattr("cnnlab.trainer.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("cnnlab.train.loop.time.perf_counter", lambda: clock[0])
     log = TrainingLog(torch.device("cpu"), Writer())  # epoch 1 starts at t=0
     labels = torch.zeros(100, dtype=torch.long)
     log.window.add(torch.tensor(1.0), torch.zeros(100, 10), labels)
@@ -248,10 +248,10 @@ def test_epoch_throughput_counts_only_that_epochs_images_and_training_time(monke
 @pytest.fixture
 def a_warning(monkeypatch):
     """Every run finds one warning, so that its findings panel is drawn."""
-    from cnnlab.findings import Finding
+    from cnnlab.analysis.findings import Finding
 
     found = Finding("dying_relu", "warning", "act01_fc", 8, 0.5, "half of act01_fc's units never fire", "lower the lr")
-    monkeypatch.setattr("cnnlab.trainer.diagnose", lambda series, facts, cfg: [found])
+    monkeypatch.setattr("cnnlab.train.loop.diagnose", lambda series, facts, cfg: [found])
 
 
 def test_piped_output_never_wraps_a_name_and_draws_no_screen_wide_box(run_cli, a_warning, tmp_path):

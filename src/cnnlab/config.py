@@ -508,15 +508,8 @@ def _check_findings(f: FindingsConfig) -> None:
     _require(0 < f.edge_of_stability <= 2, "findings.edge_of_stability", f.edge_of_stability, "must be in (0, 2]")
 
 
-# Settings a resumed run may change: where and how fast it runs, and for how long (without a
-# schedule planned for the original length). Any other would make it a different run.
-RESUMABLE = ("trainer.epochs", "trainer.device", "trainer.threads", "trainer.log_every", "trainer.checkpoint_every")
-# Sections that shape only what is reported about a run, never its training: free on resume too.
-REPORT_ONLY = ("findings",)
 
 
-def resumable(key: str) -> bool:
-    return key in RESUMABLE or key.split(".", 1)[0] in REPORT_ONLY
 
 
 def image_size(d: DatasetConfig) -> int:
@@ -541,3 +534,12 @@ def _check_model_fits_images(m: ModelConfig, d: DatasetConfig) -> None:
         fix = f"Use at most {most} blocks, or dataset.image_size={2**blocks} or more."
     raise UserError(f"Invalid setting model.channels={list(m.channels)}: each conv block halves the image, and "
                     f"{blocks} of them leave nothing of {images}. {fix}")
+
+
+def config_dir() -> Path:
+    """configs/ inside an installed wheel, or at the top of a source checkout (editable install)."""
+    package = Path(__file__).resolve().parent  # src/cnnlab, or site-packages/cnnlab
+    packaged = package / "configs"
+    if packaged.is_dir():
+        return packaged
+    return package.parents[1] / "configs"

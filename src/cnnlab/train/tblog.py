@@ -18,7 +18,7 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
 from cnnlab.config import INIT_SCHEMES, SCHEMAS, RunConfig
-from cnnlab.probes import Measurement, Probes
+from cnnlab.instruments.probes import Measurement, Probes
 from cnnlab.rundir import replace_atomically
 
 # --- HParams ----------------------------------------------------------------------------------------
@@ -106,8 +106,8 @@ def write_findings(writer: SummaryWriter, step: int, findings: list) -> None:
 def write_density(writer: SummaryWriter, run_dir: Path, step: int, probes: Probes) -> None:
     """Each activation layer's density image so far: into TensorBoard (`activation_density/<act>`)
     and as run_dir/density/<act>.png, replaced each time so that the file always shows the whole run."""
-    from cnnlab.density import density_image, write_density_png
-    from cnnlab.models import ACTIVATIONS_BY_MODULE
+    from cnnlab.instruments.density import density_image, write_density_png
+    from cnnlab.train.models import ACTIVATIONS_BY_MODULE
 
     folder = Path(run_dir) / "density"
     folder.mkdir(exist_ok=True)

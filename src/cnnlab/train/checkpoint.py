@@ -16,12 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cnnlab.config import resumable
 from cnnlab.errors import UserError, one_line
 from cnnlab.rundir import best_checkpoint, last_checkpoint, replace_atomically
 
 if TYPE_CHECKING:
-    from cnnlab.trainer import TrainState
+    from cnnlab.train.loop import TrainState
 
 LAST_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "batch", "rng", "log", "metrics")
 
@@ -89,53 +88,9 @@ def save_best(state: TrainState, val_acc: float) -> None:
         "config": state.config})
 
 
-# --- reading back ----------------------------------------------------------------------------------
-def load_resumable(run_dir: Path, config: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """run_dir's last.pt, refused unless it is complete and was written by this run's configuration."""
-    path = last_checkpoint(run_dir)
-    saved = load_checkpoint(path, map_location=device)
-    missing = [key for key in LAST_KEYS if key not in saved]
-    if missing:
-        raise UserError(f"{path} is not a complete cnnlab checkpoint (no {', '.join(missing)}); it cannot be resumed.")
-    differs = differing_settings(saved.get("config") or {}, config)
-    if differs:
-        shown = ", ".join(differs[:6]) + (f" and {len(differs) - 6} more" if len(differs) > 6 else "")
-        raise UserError(
-            f"{path} was written by a different configuration ({shown} differ) and cannot be resumed as "
-            f"this run; start a new run in another directory.")
-    return saved
-
-
-def differing_settings(written_by: dict[str, Any], config: dict[str, Any], prefix: str = "") -> list[str]:
-    """Every setting (dotted key) that shapes a run and differs between two configs; the settings
-    a resume may change (config.resumable) and `resume` itself do not count."""
-    differs = []
-    for key in sorted(set(written_by) | set(config), key=str):
-        dotted = f"{prefix}{key}"
-        if resumable(dotted) or dotted == "resume":
-            continue
-        old, new = written_by.get(key), config.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            differs += differing_settings(old, new, f"{dotted}.")
-        elif old != new:
-            differs.append(dotted)
-    return differs
-
-
-def check_fits(saved: dict[str, Any], state: TrainState) -> None:
-    """Refuse a checkpoint whose weights do not fit this run's model, before anything is changed."""
-    expected, weights = state.model.state_dict(), saved["model"]
-    wrong = sorted(set(expected) ^ set(weights)) or [
-        key for key in expected if tuple(weights[key].shape) != tuple(expected[key].shape)]
-    if wrong:
-        raise UserError(f"{last_checkpoint(state.run_dir)} holds a different model than this run's "
-                        f"({', '.join(wrong[:4])} differ); it cannot be resumed as this run.")
-
-
 def restore(state: TrainState, saved: dict[str, Any]) -> None:
     """Put every piece of training state back as the checkpoint holds it, counters included; a
-    checkpoint that closed its epoch continues with the next one."""
-    check_fits(saved, state)
+    checkpoint that closed its epoch continues with the next one. resume.check_fits(saved, state) first."""
     try:
         state.model.load_state_dict(saved["model"])
         state.optimizer.load_state_dict(saved["optimizer"])

@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cnnlab.errors import UserError, one_line
-from cnnlab.progress import format_number
+from cnnlab.cli.console import format_number
 from cnnlab.rundir import METRICS_FILE, read_run_metrics
 
 SEED_KEY = "trainer.seed"

@@ -1,5 +1,5 @@
 """`cnnlab inspect RUN_DIR`: one run's story from what it left on disk: its status, each layer at
-step 0 and at the last probe, and the findings (cnnlab.findings) recomputed from its event files.
+step 0 and at the last probe, and the findings (cnnlab.analysis.findings) recomputed from its event files.
 
 Reads only files (event files with TensorBoard's reader, metrics.json, .hydra/config.yaml), so it
 works the same for completed, running, failed and older runs, and without importing torch.
@@ -22,7 +22,7 @@ from rich.table import Table
 from cnnlab.errors import UserError, one_line
 from cnnlab.rundir import METRICS_FILE, _json_safe, locked_by, read_run_metrics
 
-Series = dict[str, list[tuple[int, float]]]  # tag -> (step, value) in step order, as cnnlab.findings takes it
+Series = dict[str, list[tuple[int, float]]]  # tag -> (step, value) in step order, as cnnlab.analysis.findings takes it
 
 # Per-layer columns: (tag prefix, column title, number format). Tags a run did not log show "-".
 ACTIVATION_COLUMNS = (("dead_fraction", "dead fraction", ".3f"), ("saturation", "saturation", ".3f"),
@@ -41,7 +41,7 @@ class Inspection:
     metrics: dict[str, Any]
     config: dict[str, Any]  # .hydra/config.yaml; {} without one
     series: Series
-    findings: list = field(default_factory=list)  # cnnlab.findings.Finding
+    findings: list = field(default_factory=list)  # cnnlab.analysis.findings.Finding
     notes: list[str] = field(default_factory=list)  # what was missing or guessed
 
 
@@ -136,7 +136,7 @@ def _steps_per_epoch(inspection: Inspection) -> int:
 
 def run_facts(inspection: Inspection):
     """RunFacts as the trainer builds them, from the run's config and metrics.json."""
-    from cnnlab.findings import RunFacts
+    from cnnlab.analysis.findings import RunFacts
 
     cfg, metrics, notes = inspection.config, inspection.metrics, inspection.notes
     model, optimizer = cfg.get("model") or {}, cfg.get("optimizer") or {}
@@ -154,7 +154,7 @@ def findings_config(run_config: dict[str, Any], notes: list[str]):
     (an older run has none: it gets today's defaults)."""
     from omegaconf import OmegaConf
 
-    from cnnlab.cli import config_dir
+    from cnnlab.config import config_dir
     from cnnlab.config import FindingsConfig
 
     merged = OmegaConf.merge(OmegaConf.structured(FindingsConfig),
@@ -173,7 +173,7 @@ def findings_config(run_config: dict[str, Any], notes: list[str]):
 def diagnose_run(inspection: Inspection) -> list:
     """The findings recomputed from the event files (not metrics.json's `findings`): a running run
     and a run older than the findings get them too, by today's rules."""
-    from cnnlab.findings import diagnose
+    from cnnlab.analysis.findings import diagnose
 
     if not inspection.config or not inspection.series:
         return []

@@ -12,7 +12,6 @@ import errno
 import math
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,19 +24,21 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.tensorboard import SummaryWriter
 
-from cnnlab.checkpoint import load_resumable, restore, save_best, save_last
+from cnnlab.train.checkpoint import restore, save_best, save_last
+from cnnlab.train.resume import check_fits, load_resumable
+from cnnlab.train.stops import StopRequest
 from cnnlab.config import RunConfig
-from cnnlab.data import Batches, Data, load_data
+from cnnlab.train.data import Batches, Data, load_data
 from cnnlab.errors import UserError, one_line
-from cnnlab.findings import Finding, RunFacts, Series, diagnose
-from cnnlab.gradients import stability_limit
-from cnnlab.models import build_model
-from cnnlab.optim import build_optimizer, build_scheduler
-from cnnlab.probes import Probes, gradient_norm
-from cnnlab.progress import TrainingProgress, findings_panel, job_line, summary_table
-from cnnlab.progress import console as default_console
+from cnnlab.analysis.findings import Finding, RunFacts, Series, diagnose
+from cnnlab.instruments.gradients import stability_limit
+from cnnlab.train.models import build_model
+from cnnlab.train.optim import build_optimizer, build_scheduler
+from cnnlab.instruments.probes import Probes, gradient_norm
+from cnnlab.cli.console import TrainingProgress, findings_panel, job_line, summary_table
+from cnnlab.cli.console import console as default_console
 from cnnlab.rundir import clear_unfinished, record_config, run_lock, write_metrics
-from cnnlab.tblog import write_density, write_findings, write_hparams_end, write_hparams_start, write_layout, write_probe
+from cnnlab.train.tblog import write_density, write_findings, write_hparams_end, write_hparams_start, write_layout, write_probe
 
 
 def resolve_device(name: str) -> torch.device:
@@ -176,29 +177,6 @@ class NonfiniteWatch:
             raise Diverged(step, "the weights")
 
 
-class StopRequest:
-    """SIGINT and SIGTERM ask the loop to stop after the current step, with a checkpoint. A second
-    SIGINT stops at once. Handlers a launcher installed (submitit's, say) are left alone."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
-                    self._previous[signum] = signal.signal(signum, self._request)
-        return self
-
-    def _request(self, signum: int, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 class TrainingLog:
@@ -353,6 +331,7 @@ def setup(run: RunConfig, run_dir: Path, config: dict[str, Any], resume: bool = 
         precision=Precision(t.amp, device), log=TrainingLog(device), watch=NonfiniteWatch(device),
         metrics=new_metrics() if metrics is None else metrics)
     if saved is not None:
+        check_fits(saved, state)
         restore(state, saved)
     state.metrics.update(device=str(device), threads=torch.get_num_threads(),
                          parameters=sum(p.numel() for p in parameters))

@@ -17,7 +17,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab import __version__
+from cnnlab.config import config_dir
 from cnnlab.errors import UserError, one_line
+from cnnlab.train.resume import prepare_job
+from cnnlab.train.stops import SweepStop, sigterm_as_interrupt, stoppable
 
 # 0: every run completed; 1: a run failed (bad data, no device, a crash), or a sweep job did not
 # complete; 2: the command line or the config was rejected before training started; 3: the loss or
@@ -45,12 +48,6 @@ examples:
 """
 
 
-def config_dir() -> Path:
-    """configs/ inside an installed wheel, or at the top of a source checkout (editable install)."""
-    packaged = Path(__file__).resolve().parent / "configs"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parents[2] / "configs"
 
 
 # --- what a config may not do: checked before Hydra, which acts on the config before any job starts --
@@ -553,64 +550,8 @@ def _print_error(message: str, job: str = "", outcome: str = "failed") -> None:
     Console(stderr=True).print(prefix + message, style="red", markup=False, highlight=False, soft_wrap=True)
 
 
-def resumed_config(run_dir: Path, task_overrides: list[str]) -> DictConfig:
-    """The composed config of the run in run_dir, with the command line's allowed overrides. Nothing
-    is written here: the run's record of its config changes only once the resume has started."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from cnnlab.config import REPORT_ONLY, RESUMABLE, resumable
-    from cnnlab.rundir import read_metrics_or_none
-
-    saved = run_dir / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        raise UserError(f"resume={str(run_dir)!r} is not a cnnlab run directory: {saved} is missing.")
-    try:
-        cfg = OmegaConf.load(saved)
-        epochs, schedule = cfg.trainer.epochs, cfg.scheduler.name
-    except Exception as error:  # malformed YAML, or not a cnnlab config at all
-        raise UserError(f"resume: cannot read the run's config {saved}: {one_line(error, 200)}.") from None
-    defaults = OmegaConf.load(config_dir() / "train.yaml")
-    for section in ("probes", *REPORT_ONLY):  # settings newer than the run: today's defaults
-        cfg[section] = OmegaConf.merge(defaults[section], cfg.get(section) or {})
-    for override in OverridesParser.create().parse_overrides(list(task_overrides)):
-        key = override.key_or_group
-        if key == "resume":
-            continue
-        if not resumable(key):
-            raise UserError(
-                f"resume: {key} cannot change when a run is resumed (it would make it a different run). "
-                f"Settings a resumed run may change: {', '.join(RESUMABLE)}, and {', '.join(REPORT_ONLY)}.*.")
-        if key == "trainer.epochs" and schedule != "none":
-            raise UserError(
-                f"resume: trainer.epochs cannot change for a run with scheduler={schedule}: its "
-                f"schedule was planned for {epochs} epochs.")
-        OmegaConf.update(cfg, key, override.value())
-    cfg.resume = None
-    done = (read_metrics_or_none(run_dir) or {}).get("epochs")
-    if isinstance(done, int) and isinstance(cfg.trainer.epochs, int) and cfg.trainer.epochs < done:
-        raise UserError(f"resume: trainer.epochs={cfg.trainer.epochs} is fewer than the {done} epochs this run "
-                        f"has already done; a run can be made longer, not shorter.")
-    return cfg
 
 
-def prepare_job(cfg: DictConfig, run_dir: Path, task_overrides: list[str]) -> tuple[DictConfig, bool, str | None]:
-    """(the config to run, whether it resumes, the status when there is nothing to run): `resume=DIR`,
-    or the same job run again in its own folder (a requeued cluster job, or a sweep rerun)."""
-    from cnnlab.rundir import last_checkpoint, read_metrics_or_none
-
-    if cfg.get("resume"):
-        cfg = resumed_config(Path(cfg.resume), task_overrides)
-        metrics = read_metrics_or_none(run_dir) or {}
-        if metrics.get("status") == "completed" and metrics.get("epochs") == cfg.trainer.epochs:
-            print(f"cnnlab: {run_dir} has completed its {cfg.trainer.epochs} epochs: nothing to do. "
-                  f"Train it for longer with trainer.epochs=N.")
-            return cfg, False, "completed"
-        return cfg, True, None
-    status = (read_metrics_or_none(run_dir) or {}).get("status")
-    if status in ("completed", "diverged"):  # with or without a checkpoint: its results stand
-        print(f"cnnlab: {run_dir} already ended ({status}); its results are kept.")
-        return cfg, False, status
-    return cfg, last_checkpoint(run_dir).is_file(), None
 
 
 def run_job(cfg: DictConfig) -> str:
@@ -641,8 +582,8 @@ def run_job(cfg: DictConfig) -> str:
     n_jobs = (hydra_cfg.get("launcher") or {}).get("n_jobs")
     if run.trainer.threads is None and isinstance(n_jobs, int):
         run.trainer.threads = threads_per_job(n_jobs, os.cpu_count() or 1)
-    from cnnlab import progress
-    from cnnlab.trainer import Diverged, Interrupted, train  # torch: only once the config is known to be good
+    from cnnlab.cli import console as progress
+    from cnnlab.train.loop import Diverged, Interrupted, train  # torch: only once the config is known to be good
 
     # A sweep's job names itself in each line it prints (jobs of a joblib sweep interleave) and ends with
     # one line, not a table; parallel jobs share the terminal, so they print plain lines, never a live bar.
@@ -714,8 +655,8 @@ def _exit_code(statuses: list[str]) -> int:
 def summarise_sweep(sweep_dir: Path) -> int:
     """The table of every job (`missing`: never started), summary.csv and summary.json in the sweep
     directory; the exit code."""
-    from cnnlab import progress
-    from cnnlab.compare import find_runs, print_summary, write_summary
+    from cnnlab.cli import console as progress
+    from cnnlab.analysis.compare import find_runs, print_summary, write_summary
 
     try:  # every job, as the command line listed them; those not started as `missing`
         runs = find_runs([str(sweep_dir)], jobs=sweep_jobs(sweep_dir))
@@ -756,153 +697,16 @@ def sweep_jobs(sweep_dir: Path) -> list[tuple[Path, dict[str, str]]]:
         return []
 
 
-# Stopping a sweep. Jobs in this process (the basic launcher) stop as a single run does. joblib's
-# workers do not see a signal sent to the sweep, and one that died of a signal would break joblib's
-# pool (joblib then kills the others mid-step). So they start deaf to SIGINT and SIGTERM; asked to
-# stop, the parent writes STOP_FILE into the sweep folder (a job that starts after it returns at
-# once) and sends SIGTERM to each worker in a job, which the trainer turns into a stop after the
-# current step, with a checkpoint. Linux only: the workers are found in /proc.
-STOP_FILE = ".cnnlab-stop"
-STOP_GRACE_SECONDS = 60  # then joblib kills the workers that have not stopped (so does a second signal)
 
 
-def _loky_workers(in_a_job: bool = False) -> list[int]:
-    """This process's joblib workers; with in_a_job, only those that handle SIGTERM (see stoppable):
-    one that is still starting would die of it."""
-    import signal
-
-    if not Path("/proc").is_dir():  # not Linux: a signal stops the sweep as Ctrl-C always did
-        return []
-    workers = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                          if ":\t" in line)
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:  # it ended meanwhile
-            continue
-        if int(status.get("PPid", -1)) != os.getpid() or b"popen_loky" not in command:
-            continue
-        if in_a_job and not int(status.get("SigCgt", "0"), 16) >> (signal.SIGTERM - 1) & 1:
-            continue
-        workers.append(int(pid))
-    return workers
 
 
-def _deaf_to_stop_signals() -> None:
-    """Each joblib worker runs this as it starts: a terminal's Ctrl-C reaches every process, idle
-    workers too."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def stoppable(task, stop_file: Path):
-    """Hydra's task function, made to stop with the sweep wherever the launcher runs it."""
-    import signal
-
-    parent = os.getpid()
-
-    def job(cfg: DictConfig) -> str:
-        from hydra.core.hydra_config import HydraConfig
-
-        if os.getpid() == parent:  # the basic launcher: SIGTERM, like SIGINT, stops the job as it stops a single run
-            previous = {s: signal.signal(s, signal.default_int_handler) for s in (signal.SIGINT, signal.SIGTERM)
-                        if signal.getsignal(s) != signal.SIG_IGN}
-            try:
-                return task(cfg)  # a stopped job raises KeyboardInterrupt, which ends the sweep
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-        if not str(HydraConfig.get().launcher.get("_target_")).endswith("JoblibLauncher"):
-            return task(cfg)  # submitit's jobs keep submitit's own signal handling
-        # A joblib worker: told to stop by the parent alone, once, with SIGTERM, which the trainer
-        # turns into a stop with a checkpoint (and which raises KeyboardInterrupt before it starts).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        try:
-            if stop_file.exists():
-                return "not started"  # its folder has no metrics.json: the summary says `missing`
-            return task(cfg)
-        except KeyboardInterrupt:  # raised by run_job to end the sweep: here the parent ends it
-            return "interrupted"
-        finally:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # idle, it must outlive a late SIGTERM
-
-    return job
 
 
-class SweepStop:
-    """While a sweep runs: SIGINT or SIGTERM stops every job, each with a checkpoint, and starts no
-    other (see STOP_FILE); a second signal stops at once."""
-
-    def __init__(self, sweep_dir: Path):
-        self.stop_file = sweep_dir.absolute() / STOP_FILE  # jobs may change directory (hydra.job.chdir)
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> SweepStop:
-        import functools
-        import signal
-
-        self.stop_file.unlink(missing_ok=True)  # left by a stopped sweep that was then killed
-        try:
-            from joblib import register_parallel_backend
-            from joblib.parallel import LokyBackend
-        except ImportError:  # no joblib launcher
-            pass
-        else:
-            register_parallel_backend("loky", functools.partial(LokyBackend, initializer=_deaf_to_stop_signals))
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):  # not if ignored
-                self._previous[signum] = signal.signal(signum, self._request)
-        return self
-
-    def _request(self, signum: int, frame) -> None:
-        import signal
-
-        if self.signum is not None:  # a second signal, or the grace period is over
-            raise KeyboardInterrupt
-        self.signum = signum
-        self.stop_file.parent.mkdir(parents=True, exist_ok=True)
-        self.stop_file.touch()
-        if not _loky_workers():  # jobs in this process, or none started yet: as Ctrl-C always did
-            raise KeyboardInterrupt
-        for pid in _loky_workers(in_a_job=True):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        os.write(2, f"cnnlab: {signal.Signals(signum).name}: stopping the sweep; running jobs finish their step and "
-                    f"write a checkpoint (a second signal stops at once)\n".encode())
-        self._previous.setdefault(signal.SIGALRM, signal.signal(signal.SIGALRM, self._request))
-        signal.alarm(STOP_GRACE_SECONDS)
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        signal.alarm(0)
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self.stop_file.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """A single run: SIGTERM while Hydra starts (before the trainer's StopRequest takes over) ends the
-    command like Ctrl-C, with a message and exit 130, not silently with 143."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def train_command(args: list[str]) -> int:
@@ -913,7 +717,7 @@ def train_command(args: list[str]) -> int:
     parsed = _hydra_arguments(args)
     if parsed.help:  # cnnlab's own: the settings with their comments (--hydra-help is Hydra's)
         try:
-            from cnnlab.trainhelp import print_train_help
+            from cnnlab.cli.trainhelp import print_train_help
 
             print_train_help([*([Path(parsed.config_dir)] if parsed.config_dir else []), config_dir()])
             sys.stdout.flush()
@@ -972,8 +776,8 @@ def compare_command(args: list[str]) -> int:
     parser.add_argument("--tune", metavar="KEY", help="a setting that differs (e.g. optimizer.lr): for each "
                         "configuration, its value with the best mean validation accuracy, and the test accuracy there")
     options = parser.parse_args(args)
-    from cnnlab import progress
-    from cnnlab.compare import find_runs, make_figures, print_summary, sweep_dirs, tune, write_summary
+    from cnnlab.cli import console as progress
+    from cnnlab.analysis.compare import find_runs, make_figures, print_summary, sweep_dirs, tune, write_summary
 
     single = Path(options.paths[0])
     default_out = single if len(options.paths) == 1 and single.is_dir() and not (single / ".hydra").is_dir() else Path("comparison")
@@ -1002,8 +806,8 @@ def activations_command(args: list[str]) -> int:
     options = parser.parse_args(args)
     from rich.table import Table
 
-    from cnnlab.models import ACTIVATIONS
-    from cnnlab.progress import console
+    from cnnlab.train.models import ACTIVATIONS
+    from cnnlab.cli.console import console
 
     table = Table(title="activation=NAME", title_justify="left")
     for column in ("name", "formula", "range", "settings (default)", "typical use"):
@@ -1012,7 +816,7 @@ def activations_command(args: list[str]) -> int:
         table.add_row(name, row.formula, row.output_range, row.settings, row.typical_use)
     console().print(table)
     if options.plot:
-        from cnnlab.models import plot_activations
+        from cnnlab.train.models import plot_activations
 
         plot_activations(Path(options.plot))
         print(f"wrote {options.plot}")
@@ -1029,8 +833,8 @@ def inspect_command(args: list[str]) -> int:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (completed, running, failed or older)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     options = parser.parse_args(args)
-    from cnnlab.inspection import inspect_run, print_report, to_json
-    from cnnlab.progress import console
+    from cnnlab.analysis.inspection import inspect_run, print_report, to_json
+    from cnnlab.cli.console import console
 
     try:
         inspection = inspect_run(Path(options.run_dir))

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from cnnlab.config import ProbesConfig
-from cnnlab.density import density_column, histc_allowed
-from cnnlab.gradients import gradient_noise_scale, gradient_snr, per_example_gradients, top_hessian_eigenvalue
-from cnnlab.models import ACTIVATION_MODULES, ACTIVATIONS_BY_MODULE, BOUNDS_BY_MODULE, dead_units
+from cnnlab.instruments.density import density_column, histc_allowed
+from cnnlab.instruments.gradients import gradient_noise_scale, gradient_snr, per_example_gradients, top_hessian_eigenvalue
+from cnnlab.train.models import ACTIVATION_MODULES, ACTIVATIONS_BY_MODULE, BOUNDS_BY_MODULE, dead_units
 
 # An output within this distance of an asymptote counts as saturated: there the derivative of
 # sigmoid is below 0.0099 (4% of its peak) and that of tanh below 0.02 (2% of its peak).

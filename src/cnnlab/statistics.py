@@ -1,0 +1,102 @@
+"""What the probes log, one row per statistic: its TensorBoard tag prefix, the level it is measured
+at, its Custom Scalars chart, its `cnnlab inspect` column, whether it turns non-finite when a layer
+blows up, and whether `cnnlab compare` draws it. The TensorBoard layout, inspect's columns,
+compare's series and the findings' lists are all derived from these rows. No torch here.
+
+Tags are `PREFIX/LAYER` (`dead_fraction/act02_relu`, `grad_norm/layer01_linear`) or, for a statistic
+of the whole network, `PREFIX` or `PREFIX/WHAT` (`gradient_noise_scale`, `sharpness/top_eigenvalue`).
+Layer names start with `act` (an activation's output) or `layer` (a weight layer), then their depth
+in two digits, so that they sort in depth order."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# The levels a statistic is measured at.
+ACTIVATION, WEIGHT, NETWORK = "activation", "weight", "network"
+LEVELS = (ACTIVATION, WEIGHT, NETWORK)
+LAYER_START = {ACTIVATION: "act", WEIGHT: "layer"}  # how the names of each level's layers start
+
+
+@dataclass(frozen=True)
+class Statistic:
+    level: str  # ACTIVATION: per activation layer; WEIGHT: per weight layer; NETWORK: one for the network
+    chart: str  # the title of its chart in TensorBoard's Custom Scalars tab
+    meaning: str  # one line: what it measures
+    column: tuple[str, str] | None = None  # (title, number format) of its `cnnlab inspect` column; None: none
+    blows_up: bool = False  # turns NaN/inf when a layer's weights or inputs blow up (the findings read it so)
+    compared: bool = False  # `cnnlab compare` reads it for its figures
+
+
+STATISTICS: dict[str, Statistic] = {
+    "dead_fraction": Statistic(ACTIVATION, "dead fraction", "share of units whose slope is ~0 on every probe image",
+                               column=("dead fraction", ".3f"), compared=True),
+    "saturation": Statistic(ACTIVATION, "saturation", "share of outputs within 1% of a bounded activation's limits",
+                            column=("saturation", ".3f"), blows_up=True),
+    "act_mean": Statistic(ACTIVATION, "activation mean", "mean of the layer's outputs",
+                          column=("act mean", ".3g"), blows_up=True, compared=True),
+    "act_std": Statistic(ACTIVATION, "activation std", "standard deviation of the layer's outputs",
+                         column=("act std", ".3g"), blows_up=True, compared=True),
+    "effective_rank": Statistic(ACTIVATION, "effective rank", "exp of the entropy of the outputs' singular values",
+                                column=("eff. rank", ".1f"), blows_up=True, compared=True),
+    "revived_fraction": Statistic(ACTIVATION, "revived fraction", "share of units dead at the last probe, alive now"),
+    "prelu_slope": Statistic(ACTIVATION, "PReLU slope", "mean learned negative slope of a PReLU layer"),
+    "grad_norm": Statistic(WEIGHT, "gradient norm", "L2 norm of the layer's weight gradient (`total`: all)",
+                           column=("grad norm", ".3g"), blows_up=True),
+    "update_ratio": Statistic(WEIGHT, "update ratio (log10)", "log10 of |weight update| / |weight|",
+                              column=("update ratio (log10)", ".2f"), blows_up=True),
+    "gradient_snr": Statistic(WEIGHT, "gradient SNR", "mean^2 / variance of the per-example gradients",
+                              column=("gradient SNR", ".3g")),
+    "gradient_noise_scale": Statistic(NETWORK, "gradient noise scale", "tr(Sigma) / |G|^2 (McCandlish et al. 2018)"),
+    "sharpness": Statistic(NETWORK, "sharpness and stability limit",
+                           "top Hessian eigenvalue of the loss, and the optimizer's stability limit", compared=True),
+}
+
+# The training curves, logged by the loop rather than the probes: the first charts, and what
+# compare's figures read besides the statistics above.
+TRAINING_CHARTS = {"loss": r"(train|val|test)/loss", "accuracy": r"(train|val|test)/acc"}
+TRAINING_COMPARED = ("train/loss", "val/")
+
+
+def tag(prefix: str, layer: str) -> str:
+    """`dead_fraction`, `act02_relu` -> `dead_fraction/act02_relu`; the prefix must be a row."""
+    assert prefix in STATISTICS, prefix
+    return f"{prefix}/{layer}"
+
+
+def split_tag(tag_: str) -> tuple[str, str]:
+    """`dead_fraction/act02_relu` -> (`dead_fraction`, `act02_relu`); `gradient_noise_scale` -> (it, ``)."""
+    prefix, _, layer = tag_.partition("/")
+    return prefix, layer
+
+
+def layer_depth(name: str) -> int:
+    """act03_fc, layer03_conv -> 3; names without a depth (`all`, `total`) sort last."""
+    match = re.match(r"(?:act|layer)(\d+)", name)
+    return int(match.group(1)) if match else 10**9
+
+
+def prefixes(level: str | None = None, *, column: bool = False, blows_up: bool = False,
+             compared: bool = False) -> tuple[str, ...]:
+    """The prefixes of the rows at `level` (any level if None) that have each property asked for."""
+    return tuple(prefix for prefix, row in STATISTICS.items()
+                 if (level is None or row.level == level) and (row.column is not None or not column)
+                 and (row.blows_up or not blows_up) and (row.compared or not compared))
+
+
+def columns(level: str) -> tuple[tuple[str, str, str], ...]:
+    """`cnnlab inspect`'s columns for a level's layers: (prefix, title, number format)."""
+    return tuple((prefix, *STATISTICS[prefix].column) for prefix in prefixes(level, column=True))
+
+
+def custom_scalars_layout() -> dict[str, dict[str, list]]:
+    """TensorBoard's Custom Scalars layout: the training curves first, then one chart per statistic."""
+    training = {chart: ["Multiline", [pattern]] for chart, pattern in TRAINING_CHARTS.items()}
+    layers = {row.chart: ["Multiline", [rf"{prefix}(/.*)?"]] for prefix, row in STATISTICS.items()}
+    return {"training": training, "layers": layers}
+
+
+def compared_tags() -> tuple[str, ...]:
+    """The tag prefixes compare's figures read (`str.startswith` each)."""
+    return (*TRAINING_COMPARED, *(f"{prefix}/" for prefix in prefixes(compared=True)))

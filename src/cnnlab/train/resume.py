@@ -1,0 +1,138 @@
+"""Resuming a run, in one place: which settings a resumed run may change, the resumed config
+(`resume=DIR`, or a job run again in its own folder), and the checkpoint's proof that it fits the
+run before anything is restored. Torch is imported only by the functions that load checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cnnlab.config import config_dir
+from cnnlab.errors import UserError, one_line
+from cnnlab.rundir import last_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+    from cnnlab.train.loop import TrainState
+
+
+def resumed_config(run_dir: Path, task_overrides: list[str]) -> DictConfig:
+    """The composed config of the run in run_dir, with the command line's allowed overrides. Nothing
+    is written here: the run's record of its config changes only once the resume has started."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from cnnlab.rundir import read_metrics_or_none
+
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"resume={str(run_dir)!r} is not a cnnlab run directory: {saved} is missing.")
+    try:
+        cfg = OmegaConf.load(saved)
+        epochs, schedule = cfg.trainer.epochs, cfg.scheduler.name
+    except Exception as error:  # malformed YAML, or not a cnnlab config at all
+        raise UserError(f"resume: cannot read the run's config {saved}: {one_line(error, 200)}.") from None
+    defaults = OmegaConf.load(config_dir() / "train.yaml")
+    for section in ("probes", *REPORT_ONLY):  # settings newer than the run: today's defaults
+        cfg[section] = OmegaConf.merge(defaults[section], cfg.get(section) or {})
+    for override in OverridesParser.create().parse_overrides(list(task_overrides)):
+        key = override.key_or_group
+        if key == "resume":
+            continue
+        if not resumable(key):
+            raise UserError(
+                f"resume: {key} cannot change when a run is resumed (it would make it a different run). "
+                f"Settings a resumed run may change: {', '.join(RESUMABLE)}, and {', '.join(REPORT_ONLY)}.*.")
+        if key == "trainer.epochs" and schedule != "none":
+            raise UserError(
+                f"resume: trainer.epochs cannot change for a run with scheduler={schedule}: its "
+                f"schedule was planned for {epochs} epochs.")
+        OmegaConf.update(cfg, key, override.value())
+    cfg.resume = None
+    done = (read_metrics_or_none(run_dir) or {}).get("epochs")
+    if isinstance(done, int) and isinstance(cfg.trainer.epochs, int) and cfg.trainer.epochs < done:
+        raise UserError(f"resume: trainer.epochs={cfg.trainer.epochs} is fewer than the {done} epochs this run "
+                        f"has already done; a run can be made longer, not shorter.")
+    return cfg
+
+
+def prepare_job(cfg: DictConfig, run_dir: Path, task_overrides: list[str]) -> tuple[DictConfig, bool, str | None]:
+    """(the config to run, whether it resumes, the status when there is nothing to run): `resume=DIR`,
+    or the same job run again in its own folder (a requeued cluster job, or a sweep rerun)."""
+    from cnnlab.rundir import last_checkpoint, read_metrics_or_none
+
+    if cfg.get("resume"):
+        cfg = resumed_config(Path(cfg.resume), task_overrides)
+        metrics = read_metrics_or_none(run_dir) or {}
+        if metrics.get("status") == "completed" and metrics.get("epochs") == cfg.trainer.epochs:
+            print(f"cnnlab: {run_dir} has completed its {cfg.trainer.epochs} epochs: nothing to do. "
+                  f"Train it for longer with trainer.epochs=N.")
+            return cfg, False, "completed"
+        return cfg, True, None
+    status = (read_metrics_or_none(run_dir) or {}).get("status")
+    if status in ("completed", "diverged"):  # with or without a checkpoint: its results stand
+        print(f"cnnlab: {run_dir} already ended ({status}); its results are kept.")
+        return cfg, False, status
+    return cfg, last_checkpoint(run_dir).is_file(), None
+
+
+# --- reading back ----------------------------------------------------------------------------------
+def load_resumable(run_dir: Path, config: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """run_dir's last.pt, refused unless it is complete and was written by this run's configuration."""
+    from cnnlab.train.checkpoint import LAST_KEYS, load_checkpoint  # torch
+
+    path = last_checkpoint(run_dir)
+    saved = load_checkpoint(path, map_location=device)
+    missing = [key for key in LAST_KEYS if key not in saved]
+    if missing:
+        raise UserError(f"{path} is not a complete cnnlab checkpoint (no {', '.join(missing)}); it cannot be resumed.")
+    differs = differing_settings(saved.get("config") or {}, config)
+    if differs:
+        shown = ", ".join(differs[:6]) + (f" and {len(differs) - 6} more" if len(differs) > 6 else "")
+        raise UserError(
+            f"{path} was written by a different configuration ({shown} differ) and cannot be resumed as "
+            f"this run; start a new run in another directory.")
+    return saved
+
+
+def differing_settings(written_by: dict[str, Any], config: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every setting (dotted key) that shapes a run and differs between two configs; the settings
+    a resume may change (config.resumable) and `resume` itself do not count."""
+    differs = []
+    for key in sorted(set(written_by) | set(config), key=str):
+        dotted = f"{prefix}{key}"
+        if resumable(dotted) or dotted == "resume":
+            continue
+        old, new = written_by.get(key), config.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differs += differing_settings(old, new, f"{dotted}.")
+        elif old != new:
+            differs.append(dotted)
+    return differs
+
+
+def check_fits(saved: dict[str, Any], state: TrainState) -> None:
+    """Refuse a checkpoint whose weights do not fit this run's model, before anything is changed."""
+    expected, weights = state.model.state_dict(), saved["model"]
+    wrong = sorted(set(expected) ^ set(weights)) or [
+        key for key in expected if tuple(weights[key].shape) != tuple(expected[key].shape)]
+    if wrong:
+        raise UserError(f"{last_checkpoint(state.run_dir)} holds a different model than this run's "
+                        f"({', '.join(wrong[:4])} differ); it cannot be resumed as this run.")
+
+
+
+
+# Settings a resumed run may change: where and how fast it runs, and for how long (without a
+# schedule planned for the original length). Any other would make it a different run.
+RESUMABLE = ("trainer.epochs", "trainer.device", "trainer.threads", "trainer.log_every", "trainer.checkpoint_every")
+
+
+# Sections that shape only what is reported about a run, never its training: free on resume too.
+REPORT_ONLY = ("findings",)
+
+
+def resumable(key: str) -> bool:
+    return key in RESUMABLE or key.split(".", 1)[0] in REPORT_ONLY
