@@ -543,3 +543,9 @@ def config_dir() -> Path:
     if packaged.is_dir():
         return packaged
     return package.parents[1] / "configs"
+
+
+def as_dict(run: RunConfig) -> dict[str, Any]:
+    """The run's settings as plain containers: what a checkpoint keeps to check a resume against,
+    and what a resumed run records as its config."""
+    return OmegaConf.to_container(OmegaConf.structured(run))
