@@ -549,3 +549,13 @@ def as_dict(run: RunConfig) -> dict[str, Any]:
     """The run's settings as plain containers: what a checkpoint keeps to check a resume against,
     and what a resumed run records as its config."""
     return OmegaConf.to_container(OmegaConf.structured(run))
+
+
+def with_todays_defaults(cfg: DictConfig, sections: tuple[str, ...] = ("probes", "findings")) -> DictConfig:
+    """An older run's config with the settings it predates filled in from today's configs/train.yaml
+    (its own settings win): `probes` and `findings` grew after runs were made, and neither changes
+    what an older run computed. A setting this version does not know raises OmegaConf's error."""
+    defaults = OmegaConf.load(config_dir() / "train.yaml")
+    for section in sections:
+        cfg[section] = OmegaConf.merge(defaults[section], cfg.get(section) or {})
+    return cfg
