@@ -559,3 +559,47 @@ def with_todays_defaults(cfg: DictConfig, sections: tuple[str, ...] = ("probes",
     for section in sections:
         cfg[section] = OmegaConf.merge(defaults[section], cfg.get(section) or {})
     return cfg
+
+
+@dataclass(frozen=True)
+class Role:
+    """Where a setting counts. Every setting defines the run (DEFINES) except those in ROLES."""
+
+    hparam: bool  # a column of TensorBoard's HParams tab
+    names_runs: bool  # names runs in `cnnlab compare` and sweep summaries when it differs
+    resumable: bool  # a resumed run may change it
+
+
+DEFINES = Role(hparam=True, names_runs=True, resumable=False)
+# The settings that do not define what a run computes (where its files are, how it is loaded, where
+# and how fast it runs, how often it writes, what is reported about it), and trainer.epochs, which a
+# resumed run may raise. A key ending in "." stands for its whole section.
+ROLES: dict[str, Role] = {
+    "resume": Role(hparam=False, names_runs=False, resumable=True),
+    "dataset.root": Role(hparam=False, names_runs=True, resumable=False),
+    "dataset.path": Role(hparam=False, names_runs=True, resumable=False),
+    "dataset.download": Role(hparam=False, names_runs=False, resumable=False),
+    "dataset.num_workers": Role(hparam=False, names_runs=False, resumable=False),
+    "dataset.max_memory_mb": Role(hparam=False, names_runs=True, resumable=False),
+    "trainer.device": Role(hparam=False, names_runs=False, resumable=True),
+    "trainer.threads": Role(hparam=False, names_runs=False, resumable=True),
+    "trainer.checkpoint_every": Role(hparam=False, names_runs=False, resumable=True),
+    "trainer.log_every": Role(hparam=True, names_runs=False, resumable=True),
+    "trainer.eval_batch_size": Role(hparam=True, names_runs=False, resumable=False),
+    "trainer.epochs": Role(hparam=True, names_runs=True, resumable=True),  # without a schedule planned for it
+    "probes.": Role(hparam=True, names_runs=False, resumable=False),
+    "findings.": Role(hparam=True, names_runs=False, resumable=True),  # shapes only what is reported
+}
+
+
+def role(key: str) -> Role:
+    """The role of a dotted setting (`trainer.threads`, `findings.dead_fraction`)."""
+    if key in ROLES:
+        return ROLES[key]
+    section = key.split(".", 1)[0] + "."
+    return ROLES.get(section, DEFINES) if "." in key else DEFINES
+
+
+def resumable_settings() -> list[str]:
+    """What a resumed run may change, for messages: `trainer.epochs, ..., findings.*`."""
+    return [key + "*" if key.endswith(".") else key for key, r in ROLES.items() if r.resumable and key != "resume"]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab.config import config_dir
+from cnnlab.config import resumable_settings, role, with_todays_defaults
 from cnnlab.errors import UserError, one_line
 from cnnlab.rundir import last_checkpoint
 
@@ -34,9 +34,7 @@ def resumed_config(run_dir: Path, task_overrides: list[str]) -> DictConfig:
         epochs, schedule = cfg.trainer.epochs, cfg.scheduler.name
     except Exception as error:  # malformed YAML, or not a cnnlab config at all
         raise UserError(f"resume: cannot read the run's config {saved}: {one_line(error, 200)}.") from None
-    defaults = OmegaConf.load(config_dir() / "train.yaml")
-    for section in ("probes", *REPORT_ONLY):  # settings newer than the run: today's defaults
-        cfg[section] = OmegaConf.merge(defaults[section], cfg.get(section) or {})
+    with_todays_defaults(cfg)  # settings newer than the run
     for override in OverridesParser.create().parse_overrides(list(task_overrides)):
         key = override.key_or_group
         if key == "resume":
@@ -44,7 +42,7 @@ def resumed_config(run_dir: Path, task_overrides: list[str]) -> DictConfig:
         if not resumable(key):
             raise UserError(
                 f"resume: {key} cannot change when a run is resumed (it would make it a different run). "
-                f"Settings a resumed run may change: {', '.join(RESUMABLE)}, and {', '.join(REPORT_ONLY)}.*.")
+                f"Settings a resumed run may change: {', '.join(resumable_settings())}.")
         if key == "trainer.epochs" and schedule != "none":
             raise UserError(
                 f"resume: trainer.epochs cannot change for a run with scheduler={schedule}: its "
@@ -125,14 +123,5 @@ def check_fits(saved: dict[str, Any], state: TrainState) -> None:
 
 
 
-# Settings a resumed run may change: where and how fast it runs, and for how long (without a
-# schedule planned for the original length). Any other would make it a different run.
-RESUMABLE = ("trainer.epochs", "trainer.device", "trainer.threads", "trainer.log_every", "trainer.checkpoint_every")
-
-
-# Sections that shape only what is reported about a run, never its training: free on resume too.
-REPORT_ONLY = ("findings",)
-
-
 def resumable(key: str) -> bool:
-    return key in RESUMABLE or key.split(".", 1)[0] in REPORT_ONLY
+    return role(key).resumable
