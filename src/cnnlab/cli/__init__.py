@@ -554,6 +554,41 @@ def _print_error(message: str, job: str = "", outcome: str = "failed") -> None:
 
 
 
+def _train_and_print(run, run_dir: Path, output, resume: bool, label: str | None) -> str:
+    """Interim adapter (helper "train"; helper "cli" rewrites run_job): train() returns a RunResult and
+    prints nothing; print what it printed, and raise the error that ended the run as it raised it."""
+    from cnnlab.cli.console import TrainingProgress, findings_panel, job_line, summary_table
+    from cnnlab.rundir import read_metrics_or_none
+    from cnnlab.train.loop import train
+
+    def say(text) -> None:
+        output.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    bar = TrainingProgress(run.trainer.epochs, output, label)
+    bar.started = lambda description: say(description.replace("cnnlab: ", f"cnnlab: {label}: ", 1) if label else description)
+    try:
+        result = train(run, run_dir, resume=resume, progress=bar)
+    except BaseException:
+        if label is not None:
+            say(job_line(label, read_metrics_or_none(run_dir) or {}, str(run_dir)))
+        raise
+    panel = None
+    if run.findings.enabled and result.description:
+        panel = (findings_panel(result.findings) if result.findings_error is None
+                 else f"cnnlab: the findings could not be computed: {result.findings_error}")
+    if label is not None:
+        say(job_line(label, result.metrics, str(run_dir)))
+    elif panel is not None and result.status != "completed":
+        output.print(panel)  # a failed run's findings, before the error message
+    if result.error is not None:
+        raise result.error
+    if label is None:
+        output.print(summary_table(result.metrics, str(run_dir)))
+        if panel is not None:
+            output.print(panel)
+    return result.status
+
+
 def run_job(cfg: DictConfig) -> str:
     """One Hydra job: validate the config, then train; returns the job's status. A user mistake is
     reported, not raised; in a sweep, so is any other failure, so that the remaining jobs still run."""
@@ -583,7 +618,7 @@ def run_job(cfg: DictConfig) -> str:
     if run.trainer.threads is None and isinstance(n_jobs, int):
         run.trainer.threads = threads_per_job(n_jobs, os.cpu_count() or 1)
     from cnnlab.cli import console as progress
-    from cnnlab.train.loop import Diverged, Interrupted, train  # torch: only once the config is known to be good
+    from cnnlab.train.loop import Diverged, Interrupted  # torch: only once the config is known to be good
 
     # A sweep's job names itself in each line it prints (jobs of a joblib sweep interleave) and ends with
     # one line, not a table; parallel jobs share the terminal, so they print plain lines, never a live bar.
@@ -591,8 +626,7 @@ def run_job(cfg: DictConfig) -> str:
     label = f"job #{hydra_cfg.job.num} ({swept})" if multirun else None
     output = progress.console(live=not isinstance(n_jobs, int))
     try:
-        config = OmegaConf.to_container(cfg, resolve=True)
-        return train(run, run_dir, config, console=output, resume=resume, job=label)["status"]
+        return _train_and_print(run, run_dir, output, resume, label)
     except UserError as error:  # bad data or device: the trainer has recorded it in metrics.json
         _print_error(str(error), job)
         return "failed"

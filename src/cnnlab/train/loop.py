@@ -15,11 +15,10 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.tensorboard import SummaryWriter
@@ -27,7 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 from cnnlab.train.checkpoint import restore, save_best, save_last
 from cnnlab.train.resume import check_fits, load_resumable
 from cnnlab.train.stops import StopRequest
-from cnnlab.config import RunConfig
+from cnnlab.config import RunConfig, as_dict
 from cnnlab.train.data import Batches, Data, load_data
 from cnnlab.errors import UserError, one_line
 from cnnlab.analysis.findings import Finding, RunFacts, Series, diagnose
@@ -35,8 +34,7 @@ from cnnlab.instruments.gradients import stability_limit
 from cnnlab.train.models import build_model
 from cnnlab.train.optim import build_optimizer, build_scheduler
 from cnnlab.instruments.probes import Probes, gradient_norm
-from cnnlab.cli.console import TrainingProgress, findings_panel, job_line, summary_table
-from cnnlab.cli.console import console as default_console
+from cnnlab.status import Status
 from cnnlab.rundir import clear_unfinished, record_config, run_lock, write_metrics
 from cnnlab.train.tblog import write_density, write_findings, write_hparams_end, write_hparams_start, write_layout, write_probe
 
@@ -147,6 +145,48 @@ class Interrupted(Exception):
         self.signum, self.step = signum, step
 
 
+class Progress(Protocol):
+    """What a run shows while it trains (cli.console.TrainingProgress draws it as a bar). The loop
+    calls started() once, after setup, then enters the context for the epochs."""
+
+    live: bool  # a bar someone watches: the loop then reads the epoch so far ~20 times an epoch
+
+    def __enter__(self) -> Progress: ...
+    def __exit__(self, *exc) -> None: ...
+    def started(self, description: str) -> None: ...
+    def start_epoch(self, epoch: int, steps: int, completed: int = 0) -> None: ...
+    def advance(self) -> None: ...
+    def update(self, loss: float, acc: float, images_per_second: float) -> None: ...
+    def end_epoch(self, epoch: int, step: int, summary: dict[str, Any]) -> None: ...
+
+
+class SilentProgress:
+    """The Progress of a run that shows nothing."""
+
+    live = False
+
+    def __enter__(self) -> SilentProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def started(self, description: str) -> None:
+        pass
+
+    def start_epoch(self, epoch: int, steps: int, completed: int = 0) -> None:
+        pass
+
+    def advance(self) -> None:
+        pass
+
+    def update(self, loss: float, acc: float, images_per_second: float) -> None:
+        pass
+
+    def end_epoch(self, epoch: int, step: int, summary: dict[str, Any]) -> None:
+        pass
+
+
 class NonfiniteWatch:
     """Stops the run at the first step whose loss or gradient norm is not finite. On the CPU each
     step is checked at once (reading a CPU tensor costs nothing); on a GPU the first bad step is
@@ -184,8 +224,10 @@ class TrainingLog:
     transfer to the host each time. Throughput is timed between transfers, when the device has
     really finished the work."""
 
-    def __init__(self, device: torch.device, writer: SummaryWriter | None = None):
+    def __init__(self, device: torch.device, writer: SummaryWriter | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.writer = writer  # opened by setup once the run is known to start or resume
+        self.clock = clock  # seconds, for throughput
         self.window = RunningSums(device)
         self.seconds, self.images = 0.0, 0  # training time and images over the whole run
         self.dead_fraction: dict[str, float] = {}  # of the latest probe
@@ -197,7 +239,7 @@ class TrainingLog:
         if not keep_totals:
             self.epoch_loss, self.epoch_correct, self.epoch_images = 0.0, 0.0, 0
             self.epoch_seconds = 0.0  # this epoch's training time, for its own images/s
-        self.timer = time.perf_counter()  # evaluation between epochs is not training time
+        self.timer = self.clock()  # evaluation between epochs is not training time
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": [self.epoch_loss, self.epoch_correct, self.epoch_images], "seconds": self.seconds,
@@ -223,7 +265,7 @@ class TrainingLog:
         """Write the scalars of the steps since the last flush, and add them to the epoch's totals."""
         images = self.window.count
         loss, acc, (norm,) = self.window.take(grad_norm if grad_norm is not None else gradient_norm(parameters))
-        now = time.perf_counter()
+        now = self.clock()
         speed = images / max(now - self.timer, 1e-9)
         self.seconds += now - self.timer
         self.epoch_seconds += now - self.timer
@@ -244,7 +286,7 @@ class TrainingLog:
         if self.window.count:
             window_loss, window_correct = self.window.peek()
             loss, correct, images = loss + window_loss, correct + window_correct, images + self.window.count
-            seconds += time.perf_counter() - self.timer  # read after the transfer: the device has finished
+            seconds += self.clock() - self.timer  # read after the transfer: the device has finished
         if not images:  # every step so far skipped (trainer.on_nonfinite=skip)
             return None
         return loss / images, correct / images, images / max(seconds, 1e-9)
@@ -264,7 +306,7 @@ class TrainState:
     """Everything a run is made of, built by `setup`; the loop functions read and advance it."""
 
     run: RunConfig
-    config: dict[str, Any]  # the composed config, kept in checkpoints to check a resume against
+    config: dict[str, Any]  # as_dict(run), made once by setup: what checkpoints keep to check a resume against
     run_dir: Path
     device: torch.device
     model: nn.Module  # the eager module: probes and checkpoints look at it
@@ -290,7 +332,7 @@ class TrainState:
 
 def new_metrics() -> dict[str, Any]:
     return {
-        "status": "running", "epochs": 0, "steps": 0,
+        "status": Status.RUNNING.value, "epochs": 0, "steps": 0,
         "train_loss": None, "train_acc": None, "val_loss": None, "val_acc": None,
         "test_loss": None, "test_acc": None, "best_val_acc": None, "best_epoch": None,
         "seconds": 0.0, "images_per_second": None,
@@ -298,12 +340,12 @@ def new_metrics() -> dict[str, Any]:
     }
 
 
-def setup(run: RunConfig, run_dir: Path, config: dict[str, Any], resume: bool = False,
-          metrics: dict[str, Any] | None = None) -> TrainState:
+def setup(run: RunConfig, run_dir: Path, resume: bool = False, metrics: dict[str, Any] | None = None) -> TrainState:
     """Build a run's state: fresh, or with `resume` exactly as run_dir's last checkpoint left it.
     A resume touches nothing in run_dir until the checkpoint has proved to fit this run."""
     t = run.trainer
     device = resolve_device(t.device)
+    config = as_dict(run)
     saved = load_resumable(run_dir, config, device) if resume else None
     seed_everything(t.seed, t.deterministic)
     if t.threads is not None:
@@ -402,7 +444,7 @@ def train_step(state: TrainState, images: Tensor, labels: Tensor, probe: bool = 
     return grad_norm, finite
 
 
-def train_epoch(state: TrainState, progress: TrainingProgress, stop: StopRequest | None = None) -> None:
+def train_epoch(state: TrainState, progress: Progress, stop: StopRequest | None = None) -> None:
     """The rest of epoch state.epoch (all of it, unless a resume starts mid-epoch): step, log,
     probe, checkpoint every trainer.checkpoint_every steps. A non-finite loss raises Diverged
     before any checkpoint could keep it; a stop request ends the epoch early with a checkpoint."""
@@ -418,6 +460,8 @@ def train_epoch(state: TrainState, progress: TrainingProgress, stop: StopRequest
         lr = state.optimizer.param_groups[0]["lr"]
         grad_norm, finite = train_step(state, images, labels, probe)
         state.step, state.batch = state.step + 1, state.batch + 1
+        if stop is not None:
+            stop.reached(state.step)
         if t.on_nonfinite == "skip" and not finite:
             log.skipped += 1
         else:
@@ -444,13 +488,13 @@ def train_epoch(state: TrainState, progress: TrainingProgress, stop: StopRequest
         show_epoch_so_far(progress, log)
 
 
-def show_epoch_so_far(progress: TrainingProgress, log: TrainingLog) -> None:
+def show_epoch_so_far(progress: Progress, log: TrainingLog) -> None:
     so_far = log.running()
     if so_far is not None:
         progress.update(*so_far)
 
 
-def end_epoch(state: TrainState, progress: TrainingProgress) -> None:
+def end_epoch(state: TrainState, progress: Progress) -> None:
     """Validate, keep the best weights, checkpoint, and record the epoch in metrics.json."""
     state.watch.check(now=True)  # never evaluate or checkpoint a diverged model
     state.watch.check_weights(state.parameters, state.step)
@@ -500,16 +544,16 @@ def find(state: TrainState) -> list[Finding]:
     return found
 
 
-def report_findings(state: TrainState):
+def report_findings(state: TrainState) -> tuple[list[Finding], str | None]:
     """At the end of a run, however it ended: the findings into metrics.json and TensorBoard (text
-    `findings`); returns the terminal's panel. A fault here must not cost the run its results."""
+    `findings`); (them, None), or ([], why) when they could not be computed: a fault here must not
+    cost the run its results."""
     try:
         found = find(state)
         write_findings(state.log.writer, state.step, found)
-        panel = findings_panel(found)
     except Exception as error:  # noqa: BLE001 - the run's own outcome matters more
-        panel = f"cnnlab: the findings could not be computed: {one_line(error, 200)}"
-    return panel
+        return [], one_line(error, 200)
+    return found, None
 
 
 def test(state: TrainState) -> None:
@@ -525,11 +569,11 @@ def test(state: TrainState) -> None:
 def ending(error: BaseException, state: TrainState | None) -> dict[str, Any]:
     """What metrics.json says about a run that `error` ended: its status, and how far it got."""
     if isinstance(error, Diverged):
-        status = {"status": "diverged", "diverged_step": error.step}
+        status = {"status": Status.DIVERGED.value, "diverged_step": error.step}
     elif isinstance(error, (Interrupted, KeyboardInterrupt, SystemExit)):  # SystemExit: a launcher's own handler
-        status = {"status": "interrupted"}
+        status = {"status": Status.INTERRUPTED.value}
     else:
-        status = {"status": "failed"}
+        status = {"status": Status.FAILED.value}
     progress = {"epochs": state.epochs_done, "steps": state.step} if state is not None else {}
     return {**status, **progress, "error": one_line(error)}
 
@@ -548,80 +592,108 @@ def fitting_in_memory(build):
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
-def describe(state: TrainState, resumed: bool, job: str | None = None) -> str:
+def reported(error: BaseException, run_dir: Path) -> Exception | None:
+    """The error a RunResult carries for a run that `error` ended, or None for one that propagates.
+    A full or read-only disk is the user's to fix, not a crash."""
+    if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+        return UserError(f"Cannot write into {run_dir}: {one_line(error, 200)}. The last checkpoint written "
+                         f"before it is kept; free some space (or make the folder writable), then resume.")
+    return error if isinstance(error, (Diverged, Interrupted, UserError)) else None
+
+
+def describe(state: TrainState, resumed: bool) -> str:
     run, sizes = state.run, " / ".join(f"{count:,} {name}" for name, count in state.data.sizes.items() if count)
-    whose = f"{job}: " if job else ""
-    return (f"cnnlab: {whose}{run.model.name} + {run.activation.name} on {run.dataset.name} ({sizes}), "
+    return (f"cnnlab: {run.model.name} + {run.activation.name} on {run.dataset.name} ({sizes}), "
             f"{state.metrics['parameters']:,} parameters, {state.device}, run directory {state.run_dir}"
             + (f"; resuming at epoch {state.epoch}, step {state.step}" if resumed else ""))
 
 
-def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Console | None = None,
-          resume: bool = False, job: str | None = None) -> dict[str, Any]:
+@dataclass
+class RunResult:
+    """How a run ended, for the command to show: train() itself prints nothing."""
+
+    status: Status
+    metrics: dict[str, Any]  # what metrics.json says
+    findings: list[Finding]  # at the end of the run; [] when findings are off
+    findings_error: str | None  # why the findings could not be computed, else None
+    description: str  # "cnnlab: mlp + relu on mnist (..), N parameters, cpu, run directory X[; resuming ..]"; "" if setup did not finish
+    error: BaseException | None  # the Diverged / Interrupted / UserError that ended the run, else None
+
+
+def train(run: RunConfig, run_dir: Path, *, resume: bool = False, progress: Progress | None = None,
+          stop: StopRequest | None = None) -> RunResult:
     """Train, validate every epoch, test once at the end; everything lands in run_dir, which this
     process holds for itself meanwhile. With resume, continue from run_dir's last checkpoint exactly
     where it was written. SIGINT/SIGTERM at any point stop the run cleanly (see StopRequest).
-    A run ends with a summary table and its findings; a sweep's job (`job` names it in every line
-    it prints) ends with one line, whatever its outcome."""
-    console = console or default_console()
+    A run that completed, diverged, was stopped or failed with a UserError returns its RunResult;
+    any other error propagates once metrics.json says `failed`, and a second Ctrl-C propagates."""
     run_dir = Path(run_dir)
-    with run_lock(run_dir), StopRequest() as stop:
-        if not resume:
-            clear_unfinished(run_dir)  # what a run killed before its first checkpoint left here
-        return run_to_the_end(run, run_dir, config, console, resume, stop, job)
+    try:
+        with run_lock(run_dir), (stop or StopRequest()) as stop:
+            if not resume:
+                clear_unfinished(run_dir)  # what a run killed before its first checkpoint left here
+            return run_to_the_end(run, run_dir, resume, progress or SilentProgress(), stop)
+    except UserError as error:  # run_to_the_end returns its own: another process holds run_dir, untouched
+        return RunResult(Status.FAILED, {"status": Status.FAILED.value, "error": str(error)}, [], None, "", error)
 
 
-def run_to_the_end(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Console, resume: bool,
-                   stop: StopRequest, job: str | None) -> dict[str, Any]:
+def run_to_the_end(run: RunConfig, run_dir: Path, resume: bool, progress: Progress, stop: StopRequest) -> RunResult:
     started = time.perf_counter()
-    metrics, state = new_metrics(), None
+    metrics, state, description, error = new_metrics(), None, "", None
+    found, findings_error = [], None
     if not resume:
         write_metrics(run_dir, metrics)
     try:
-        state = setup(run, run_dir, config, resume, metrics)
+        state = setup(run, run_dir, resume, metrics)
         state.started = started - metrics["seconds"]  # a resumed run adds to the time it had spent
+        description = describe(state, resume)
+        stop.reached("setup")
         if stop.signum is not None:  # asked to stop while it was starting
             raise Interrupted(stop.signum, state.step)
         if resume:
-            record_config(run_dir, config)
+            record_config(run_dir, state.config)
         write_metrics(run_dir, metrics)
-        console.print(describe(state, resume, job), highlight=False, markup=False, soft_wrap=True)
-        epochs = run.trainer.epochs
-        with TrainingProgress(epochs, console, job) as progress:
-            while state.epoch <= epochs:
-                progress.start_epoch(state.epoch, len(state.data.train), completed=state.batch)
-                train_epoch(state, progress, stop)
-                end_epoch(state, progress)
-                if stop.signum is not None and state.epoch < epochs:  # asked to stop during the last step
-                    raise Interrupted(stop.signum, state.step)
-                state.epoch, state.batch = state.epoch + 1, 0
+        progress.started(description)
+        with progress:
+            run_epochs(state, progress, stop)
+        stop.reached("test")
         test(state)  # a stop request now waits for this last, short evaluation: the run is complete
-        metrics["status"] = "completed"
-    except BaseException as error:
-        metrics.update(ending(error, state))
-        if isinstance(error, OSError) and error.errno in DISK_ERRORS:
-            raise UserError(f"Cannot write into {run_dir}: {one_line(error, 200)}. The last checkpoint written "
-                            f"before it is kept; free some space (or make the folder writable), then resume.") from None
-        raise
+        metrics["status"] = Status.COMPLETED.value
+    except BaseException as caught:
+        metrics.update(ending(caught, state))
+        error = reported(caught, run_dir)
+        if error is None:
+            raise
     finally:
-        metrics["seconds"] = round(time.perf_counter() - (state.started if state is not None else started), 3)
-        panel = None
-        if state is not None and state.log.writer is not None and run.findings.enabled:
-            panel = report_findings(state)
-        if job is not None:
-            console.print(job_line(job, metrics, str(run_dir)), highlight=False, markup=False, soft_wrap=True)
-        elif panel is not None and metrics["status"] != "completed":
-            console.print(panel)  # a failed run's findings, before the error message
-        # A refused resume leaves the run's files as they were; on a full disk, this may fail too.
-        if state is not None or not resume:
-            with contextlib.suppress(OSError):
-                write_metrics(run_dir, metrics)
-        if state is not None and state.log.writer is not None:
-            with contextlib.suppress(OSError):
-                state.log.writer.close()
-                write_hparams_end(state.run_dir, metrics["status"])
-    if job is None:
-        console.print(summary_table(metrics, str(run_dir)))
-        if panel is not None:
-            console.print(panel)
-    return metrics
+        found, findings_error = finish(run, run_dir, state, metrics, resume, started)
+    return RunResult(Status(metrics["status"]), metrics, found, findings_error, description, error)
+
+
+def run_epochs(state: TrainState, progress: Progress, stop: StopRequest) -> None:
+    """Every epoch left, from where the state is (a resume may start mid-epoch)."""
+    epochs = state.run.trainer.epochs
+    while state.epoch <= epochs:
+        progress.start_epoch(state.epoch, len(state.data.train), completed=state.batch)
+        train_epoch(state, progress, stop)
+        end_epoch(state, progress)
+        if stop.signum is not None and state.epoch < epochs:  # asked to stop during the last step
+            raise Interrupted(stop.signum, state.step)
+        state.epoch, state.batch = state.epoch + 1, 0
+
+
+def finish(run: RunConfig, run_dir: Path, state: TrainState | None, metrics: dict[str, Any], resume: bool,
+           started: float) -> tuple[list[Finding], str | None]:
+    """However the run ended: its time, its findings, metrics.json, and TensorBoard's files closed."""
+    metrics["seconds"] = round(time.perf_counter() - (state.started if state is not None else started), 3)
+    found, findings_error = [], None
+    if state is not None and run.findings.enabled:
+        found, findings_error = report_findings(state)
+    # A refused resume leaves the run's files as they were; on a full disk, this may fail too.
+    if state is not None or not resume:
+        with contextlib.suppress(OSError):
+            write_metrics(run_dir, metrics)
+    if state is not None:
+        with contextlib.suppress(OSError):
+            state.log.writer.close()
+            write_hparams_end(run_dir, metrics["status"])
+    return found, findings_error
