@@ -13,9 +13,10 @@ import math
 import re
 import statistics
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from cnnlab.config import FindingsConfig
+from cnnlab.status import Status
 
 WARNING, INFO = "warning", "info"
 
@@ -61,8 +62,28 @@ class RunFacts:
     lr: float
     momentum: float  # 0.0 where the optimizer has none
     grad_clip: Optional[float]
-    status: str  # running, completed, diverged, interrupted, failed
+    status: str  # metrics.json's status (a Status), "unknown" without one
     diverged_step: Optional[int]
+
+
+def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
+    section = config.get(name)
+    return section if isinstance(section, dict) else {}
+
+
+def run_facts(config: dict[str, Any], *, num_classes: int, steps_per_epoch: int, metrics: dict[str, Any]) -> RunFacts:
+    """What the findings need to know about a run besides its series: from its config as plain
+    containers (.hydra/config.yaml, or config.as_dict(run)) and its metrics.json. Lenient with an
+    older or partial config: what it lacks is taken as the defaults (init `default`, no BatchNorm,
+    no momentum, no clipping)."""
+    model, optimizer = _section(config, "model"), _section(config, "optimizer")
+    return RunFacts(
+        num_classes=num_classes, steps_per_epoch=steps_per_epoch,
+        activation=str(_section(config, "activation").get("name", "")), init=str(model.get("init", "default")),
+        batchnorm=bool(model.get("batchnorm", False)), optimizer=str(optimizer.get("name", "")),
+        lr=float(optimizer.get("lr", 0.0)), momentum=float(optimizer.get("momentum", 0.0) or 0.0),
+        grad_clip=_section(config, "trainer").get("grad_clip"), status=str(metrics.get("status", "unknown")),
+        diverged_step=metrics.get("diverged_step"))
 
 
 # --- reading series --------------------------------------------------------------------------------
@@ -283,7 +304,7 @@ def not_learning(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[F
 
 def diverged(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Finding]:
     """The run stopped on a NaN/inf; name the layer whose statistics blew up first, when the probes saw it."""
-    if facts.status != "diverged":
+    if facts.status != Status.DIVERGED:
         return []
     first: Optional[tuple[int, int, str]] = None  # (step, depth, layer)
     for tag, points in series.items():

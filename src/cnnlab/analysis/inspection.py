@@ -136,17 +136,11 @@ def _steps_per_epoch(inspection: Inspection) -> int:
 
 def run_facts(inspection: Inspection):
     """RunFacts as the trainer builds them, from the run's config and metrics.json."""
-    from cnnlab.analysis.findings import RunFacts
+    from cnnlab.analysis.findings import run_facts
 
-    cfg, metrics, notes = inspection.config, inspection.metrics, inspection.notes
-    model, optimizer = cfg.get("model") or {}, cfg.get("optimizer") or {}
-    return RunFacts(
-        num_classes=_num_classes(cfg.get("dataset") or {}, notes), steps_per_epoch=_steps_per_epoch(inspection),
-        activation=str((cfg.get("activation") or {}).get("name", "")), init=str(model.get("init", "default")),
-        batchnorm=bool(model.get("batchnorm", False)), optimizer=str(optimizer.get("name", "")),
-        lr=float(optimizer.get("lr", 0.0)), momentum=float(optimizer.get("momentum", 0.0) or 0.0),
-        grad_clip=(cfg.get("trainer") or {}).get("grad_clip"), status=inspection.status,
-        diverged_step=metrics.get("diverged_step"))
+    return run_facts(inspection.config, num_classes=_num_classes(inspection.config.get("dataset") or {},
+                                                                 inspection.notes),
+                     steps_per_epoch=_steps_per_epoch(inspection), metrics=inspection.metrics)
 
 
 def findings_config(run_config: dict[str, Any], notes: list[str]):
