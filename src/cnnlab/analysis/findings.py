@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import bisect
 import math
-import re
 import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 from cnnlab.config import FindingsConfig
+from cnnlab.statistics import layer_depth, prefixes, split_tag
 from cnnlab.status import Status
 
 WARNING, INFO = "warning", "info"
@@ -29,8 +29,6 @@ INIT_FOR = {**{name: "kaiming" for name in RELU_FAMILY}, "selu": "lecun", "sigmo
 INIT_SOURCE = {"kaiming": "He et al. 2015", "lecun": "Klambauer et al. 2017", "xavier": "Glorot & Bengio 2010"}
 # Earlier points a running median needs before a jump over it means anything.
 MIN_HISTORY = 3
-# Per-layer statistics that turn NaN/inf when a layer's weights or inputs blow up.
-BLOWUP_PREFIXES = ("act_mean", "act_std", "effective_rank", "saturation", "grad_norm", "update_ratio")
 
 
 @dataclass
@@ -87,16 +85,10 @@ def run_facts(config: dict[str, Any], *, num_classes: int, steps_per_epoch: int,
 
 
 # --- reading series --------------------------------------------------------------------------------
-def _depth(name: str) -> int:
-    """act03_fc, layer03_conv -> 3; names without a number sort last."""
-    match = re.match(r"(?:act|layer)(\d+)", name)
-    return int(match.group(1)) if match else 10**9
-
-
 def _layers(series: Series, prefix: str) -> list[str]:
     """The layers with a `prefix/<layer>` tag, in depth order (not `all`, `total`)."""
-    names = [tag[len(prefix) + 1:] for tag in series if tag.startswith(prefix + "/")]
-    return sorted((n for n in names if n not in ("all", "total")), key=lambda n: (_depth(n), n))
+    names = [layer for of, layer in map(split_tag, series) if of == prefix and layer]
+    return sorted((n for n in names if n not in ("all", "total")), key=lambda n: (layer_depth(n), n))
 
 
 def _finite(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -307,14 +299,15 @@ def diverged(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Findi
     if facts.status != Status.DIVERGED:
         return []
     first: Optional[tuple[int, int, str]] = None  # (step, depth, layer)
+    blows_up = prefixes(blows_up=True)  # the statistics that turn NaN/inf when a layer blows up
     for tag, points in series.items():
-        prefix, _, layer = tag.partition("/")
-        if prefix not in BLOWUP_PREFIXES or layer in ("", "all", "total"):
+        prefix, layer = split_tag(tag)
+        if prefix not in blows_up or layer in ("", "all", "total"):
             continue
         for step, value in points:
             # log10 of a zero update is -inf: a frozen layer, not a blown-up one.
             if math.isnan(value) or (math.isinf(value) and not (prefix == "update_ratio" and value < 0)):
-                first = min(first or (step, _depth(layer), layer), (step, _depth(layer), layer))
+                first = min(first or (step, layer_depth(layer), layer), (step, layer_depth(layer), layer))
                 break
     at = f" at step {facts.diverged_step}" if facts.diverged_step is not None else ""
     where = f"; the first layer whose statistics became non-finite is {first[2]} (step {first[0]})" if first else ""
