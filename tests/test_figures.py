@@ -13,7 +13,7 @@ from cnnlab.analysis.folders import find_runs
 from cnnlab.analysis.stats import mean_curve
 from cnnlab.analysis.names import SEED_KEY, name_runs
 from cnnlab.analysis.runs import Run
-from cnnlab.analysis.tables import rows
+from cnnlab.analysis.summary import rows
 from tests.fake_runs import configured, seeded_run, write_events, write_run
 from tests.helpers import not_blank
 

@@ -9,7 +9,7 @@ from rich.console import Console
 from cnnlab.analysis.folders import find_runs
 from cnnlab.analysis.names import name_runs
 from cnnlab.analysis.stats import seed_groups
-from cnnlab.analysis.tables import print_summary
+from cnnlab.analysis.summary import print_summary
 from tests.fake_runs import configured, names, seeded_run
 
 

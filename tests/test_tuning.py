@@ -12,7 +12,7 @@ from rich.console import Console
 
 from cnnlab.analysis.folders import find_runs
 from cnnlab.analysis.runs import Run
-from cnnlab.analysis.tables import print_summary, write_summary
+from cnnlab.analysis.summary import print_summary, write_summary
 from cnnlab.analysis.tuning import tune
 from tests.fake_runs import configured
 

@@ -9,7 +9,7 @@ from rich.console import Console
 from cnnlab.analysis.names import SEED_KEY, name_runs
 from cnnlab.analysis.runs import Run
 from cnnlab.analysis.stats import seed_groups
-from cnnlab.analysis.tables import print_summary, rows
+from cnnlab.analysis.summary import print_summary, rows
 
 
 def test_each_runs_warning_kinds_reach_the_tables_and_seed_groups_count_them(tmp_path):
