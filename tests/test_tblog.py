@@ -7,9 +7,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from cnnlab.config import validate
+from cnnlab.config import role, validate
 from cnnlab.instruments.probes import Measurement, histogram
-from cnnlab.train.tblog import DEFINING_HPARAMS, HPARAMS_FILE, NOT_HPARAMS, flat_hparams, write_hparams_start, write_probe
+from cnnlab.train.tblog import DEFINING_HPARAMS, HPARAMS_FILE, flat_hparams, write_hparams_start, write_probe
 from cnnlab.train.loop import Diverged, Interrupted, SilentProgress
 from cnnlab.train.stops import StopRequest
 from tests.helpers import TINY, TINY_MLP, TINY_TRAINER, compose_config
@@ -89,8 +89,9 @@ def test_the_hparams_record_has_typed_values_the_defining_settings_first_and_no_
     names = [info.name for info in infos]
     assert names[:8] == list(DEFINING_HPARAMS) and names[8:] == sorted(names[8:])
     assert [info.name for info in infos if info.differs] == list(DEFINING_HPARAMS)  # what TensorBoard sorts on
-    assert {"dataset.root", "dataset.download", "trainer.threads", "trainer.device"} <= set(flat_hparams(run))
-    assert not set(NOT_HPARAMS) & set(names)
+    not_hparams = {"dataset.root", "dataset.download", "trainer.threads", "trainer.device"}  # config.role says so
+    assert not_hparams <= set(flat_hparams(run)) and not not_hparams & set(names)
+    assert all(role(name).hparam for name in names)
     start = content[metadata.SESSION_START_INFO_TAG].session_start_info.hparams
     assert set(start) == set(names)  # a map: no order
     batchnorm = next(info for info in infos if info.name == "model.batchnorm")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from cnnlab.analysis.findings import Finding, RunFacts, diagnose
+from cnnlab.analysis.findings import Finding, diagnose, run_facts
 from cnnlab.config import RunConfig, as_dict
 from cnnlab.errors import UserError, one_line
 from cnnlab.instruments.probes import Probes, gradient_norm
@@ -292,19 +292,11 @@ def end_epoch(state: TrainState, progress: Progress) -> None:
     })
 
 
-def run_facts(state: TrainState) -> RunFacts:
-    """What the findings need to know about the run besides its series."""
-    run, metrics = state.run, state.metrics
-    return RunFacts(
-        num_classes=state.data.num_classes, steps_per_epoch=len(state.data.train), activation=run.activation.name,
-        init=run.model.init, batchnorm=run.model.batchnorm, optimizer=run.optimizer.name, lr=run.optimizer.lr,
-        momentum=float(getattr(run.optimizer, "momentum", 0.0)), grad_clip=run.trainer.grad_clip,
-        status=metrics["status"], diverged_step=metrics.get("diverged_step"))
-
-
 def find(state: TrainState) -> list[Finding]:
     """The findings so far, also into metrics.json's `findings`."""
-    found = diagnose(state.log.series, run_facts(state), state.run.findings)
+    facts = run_facts(state.config, num_classes=state.data.num_classes, steps_per_epoch=len(state.data.train),
+                      metrics=state.metrics)
+    found = diagnose(state.log.series, facts, state.run.findings)
     state.metrics["findings"] = [finding.to_dict() for finding in found]
     return found
 
