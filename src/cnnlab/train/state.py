@@ -184,6 +184,8 @@ def evaluate(model: nn.Module, batches: Batches, precision: Precision = FLOAT32)
 
 
 class Diverged(Exception):
+    """A non-finite loss, gradient, weight or validation loss ended the run (loop.py re-exports it)."""
+
     def __init__(self, step: int, what: str = "the loss or the gradients"):
         super().__init__(f"{what} became non-finite (NaN or inf) at step {step}")
         self.step = step
