@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-
-from omegaconf import OmegaConf
 
 from cnnlab import statistics
 from cnnlab.analysis.findings import Finding, RunFacts, diagnose, run_facts
