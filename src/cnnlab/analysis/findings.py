@@ -14,6 +14,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
+from cnnlab.activations import ACTIVATIONS, INIT_SOURCES
 from cnnlab.config import FindingsConfig
 from cnnlab.statistics import layer_depth, prefixes, split_tag
 from cnnlab.status import Status
@@ -23,10 +24,6 @@ WARNING, INFO = "warning", "info"
 # TensorBoard scalar tag -> [(step, value)], steps increasing.
 Series = dict[str, list[tuple[int, float]]]
 
-# The model.init that keeps each activation's output variance steady with depth.
-RELU_FAMILY = ("relu", "leaky_relu", "prelu", "rrelu", "elu", "celu", "gelu", "silu", "mish", "softplus")
-INIT_FOR = {**{name: "kaiming" for name in RELU_FAMILY}, "selu": "lecun", "sigmoid": "xavier", "tanh": "xavier"}
-INIT_SOURCE = {"kaiming": "He et al. 2015", "lecun": "Klambauer et al. 2017", "xavier": "Glorot & Bengio 2010"}
 # Earlier points a running median needs before a jump over it means anything.
 MIN_HISTORY = 3
 
@@ -104,12 +101,17 @@ def _lr_advice(facts: RunFacts, factor: float) -> str:
     return f"optimizer.lr={facts.lr * factor:.3g}"
 
 
+def _init_for(activation: str) -> Optional[str]:
+    """The model.init that keeps the activation's output variance steady with depth (its row says)."""
+    return ACTIVATIONS[activation].init if activation in ACTIVATIONS else None
+
+
 def _init_advice(facts: RunFacts) -> str:
     """Which model.init fits the activation, and BatchNorm, as one sentence."""
-    init = INIT_FOR.get(facts.activation)
+    init = _init_for(facts.activation)
     tips = []
     if init and facts.init != init:
-        tips.append(f"model.init={init} (the scheme made for {facts.activation}, {INIT_SOURCE[init]})")
+        tips.append(f"model.init={init} (the scheme made for {facts.activation}, {INIT_SOURCES[init]})")
     if not facts.batchnorm:
         tips.append("model.batchnorm=true")
     return "Try " + " and/or ".join(tips) + "." if tips else "Try a shallower or wider model."
@@ -126,7 +128,7 @@ def dead_at_init(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[F
             found.append(Finding(
                 "dead_at_init", WARNING, layer, 0, dead,
                 f"{layer}: {dead:.0%} of its units are dead at initialisation (step 0): no gradient flows through them.",
-                f"Deep narrow nets die at initialisation (Lu et al. 2019). Try {fix}model.init={INIT_FOR.get(facts.activation, 'kaiming')}, "
+                f"Deep narrow nets die at initialisation (Lu et al. 2019). Try {fix}model.init={_init_for(facts.activation) or 'kaiming'}, "
                 f"model.batchnorm=true, or a wider/shallower model."))
     return found
 

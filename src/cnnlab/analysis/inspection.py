@@ -14,21 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from omegaconf import OmegaConf
-
 from cnnlab import statistics
 from cnnlab.analysis.findings import Finding, RunFacts, diagnose, run_facts
 from cnnlab.config import FindingsConfig, with_todays_defaults
+from cnnlab.datasets import DATASETS
 from cnnlab.errors import UserError, one_line
 from cnnlab.rundir import METRICS_FILE, _json_safe, locked_by, read_run_metrics
 from cnnlab.status import Status
 
 Series = dict[str, list[tuple[int, float]]]  # tag -> (step, value) in step order, as cnnlab.analysis.findings takes it
-TEN_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10}
 
 
 @dataclass
@@ -103,8 +102,8 @@ def read_run(path: Path) -> Inspection:
 # --- what the findings need --------------------------------------------------------------------------
 def _num_classes(dataset: dict[str, Any], notes: list[str]) -> int:
     name = dataset.get("name")
-    if name in TEN_CLASSES:
-        return TEN_CLASSES[name]
+    if name in DATASETS and DATASETS[name].classes is not None:
+        return DATASETS[name].classes
     if name == "fake" and isinstance(dataset.get("num_classes"), int):
         return dataset["num_classes"]
     if name == "imagefolder" and dataset.get("path"):
