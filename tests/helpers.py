@@ -11,7 +11,7 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from cnnlab.config import config_dir
+from cnnlab.config import config_dir, validate
 
 # The tiny run: what every test that trains passes, in this process (the `tiny_run` fixture in
 # conftest.py) or on the command line (`cnnlab train *TINY`). It comes in parts so that a test can
@@ -28,6 +28,22 @@ def compose_config(*overrides: str) -> DictConfig:
     """The config `cnnlab train OVERRIDES` would run with (without Hydra's own node)."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         return compose("train", overrides=list(overrides))
+
+
+def dataset_config(*overrides: str):
+    """The validated dataset section of `cnnlab train OVERRIDES`."""
+    return validate(compose_config(*overrides)).dataset
+
+
+def crop_flip_of(out, image, padding: int) -> list[int]:
+    """The flips (0/1) for which `out` is a window of `image` zero-padded by `padding`."""
+    import torch
+
+    padded = torch.nn.functional.pad(image, (padding,) * 4)
+    height, width = image.shape[-2:]
+    windows = [(padded[:, dy:dy + height, dx:dx + width], flip)
+               for dy in range(2 * padding + 1) for dx in range(2 * padding + 1) for flip in (0, 1)]
+    return [flip for window, flip in windows if torch.equal(out, window.flip(-1) if flip else window)]
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

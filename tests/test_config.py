@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cnnlab.config import MAX_SEED, SCHEMAS, ImageFolderConfig, MLPConfig, RunConfig, check_values, config_dir, validate
+from cnnlab.config import MAX_SEED, SCHEMAS, MLPConfig, RunConfig, check_values, config_dir, validate
+from cnnlab.datasets import ImageFolderConfig
 from cnnlab.errors import UserError
 from tests.helpers import compose_config
 

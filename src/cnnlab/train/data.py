@@ -1,9 +1,10 @@
-"""Datasets decoded once into uint8 tensors on the training device, and the batches drawn from them.
+"""Datasets decoded once into uint8 tensors on the training device, as train, validation and test
+batches (train/batches.py).
 
-torchvision reads (and downloads) MNIST, Fashion-MNIST, CIFAR-10 and folders of images. After that
-everything happens in bulk on the device: shuffling with randperm, augmentation, normalisation.
-Only image folders too large for `dataset.max_memory_mb` are streamed from disk by a DataLoader.
-LOADERS has one loader per kind of dataset (cnnlab.datasets); load_data turns what it loads into batches.
+torchvision reads (and downloads) MNIST, Fashion-MNIST and CIFAR-10; cnnlab scans folders of images
+itself; fake images are generated. LOADERS has one loader per kind of dataset (cnnlab.datasets);
+load_data splits off validation, computes the normalisation and turns the splits into batches.
+Only image folders too large for `dataset.max_memory_mb` are streamed from disk.
 """
 
 from __future__ import annotations
@@ -11,60 +12,31 @@ from __future__ import annotations
 import logging
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cnnlab.datasets import DATASETS, DatasetConfig, FakeDatasetConfig, ImageFolderConfig, TorchvisionDatasetConfig
 from cnnlab.errors import UserError, one_line
+from cnnlab.train.batches import (
+    MAX_LISTED_FILES,
+    Batches,
+    FileSet,
+    ImageSet,
+    Normalise,
+    Split,
+    StreamBatches,
+    TensorBatches,
+    decode_files,
+)
 
 log = logging.getLogger(__name__)
 
-CROP_PADDING = 4
 FAKE_DATA_SEED = 0  # fake images are the same for every run; trainer.seed only changes the order
-MAX_LISTED_FILES = 10
 MAX_SCANNED_ENTRIES = 20_000_000  # files and folders an image folder's scan may visit: a wrong path ends, not hangs
 FLOAT_BYTES_PER_PIXEL = 12  # load_fake's float32 temporaries per pixel of a split, at their peak (measured)
-
-
-@dataclass
-class ImageSet:
-    """Decoded images, uint8 [N, C, H, W], and their labels, int64 [N]."""
-
-    images: Tensor
-    labels: Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: Tensor) -> ImageSet:
-        return ImageSet(self.images[index], self.labels[index])
-
-    def to(self, device: torch.device) -> ImageSet:
-        return ImageSet(self.images.to(device), self.labels.to(device))
-
-
-@dataclass
-class FileSet:
-    """Image files, streamed from disk because decoding them all would not fit the memory budget."""
-
-    samples: list[tuple[str, int]]
-    image_size: int
-    channels: int
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def subset(self, index: Tensor) -> FileSet:
-        return FileSet([self.samples[i] for i in index.tolist()], self.image_size, self.channels)
-
-
-Split = Union[ImageSet, FileSet]
 
 
 @dataclass
@@ -77,221 +49,10 @@ class Splits:
     classes: list[str]
 
 
-# --- batches -------------------------------------------------------------------------------------
-def random_crop_flip(images: Tensor, generator: torch.Generator, padding: int = CROP_PADDING) -> Tensor:
-    """Random crop after zero padding, and a horizontal flip for half the images, in one gather."""
-    n, _, height, width = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding))
-    device = images.device
-    dy = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=device, generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=device, generator=generator)
-    flip = torch.rand(n, 1, 1, device=device, generator=generator) < 0.5
-    columns = torch.arange(width, device=device).view(1, 1, width)
-    columns = torch.where(flip, width - 1 - columns, columns)
-    rows = dy + torch.arange(height, device=device).view(1, height, 1)
-    batch = torch.arange(n, device=device).view(n, 1, 1)
-    # Advanced indices around a slice put the channel dimension last: [N, H, W, C].
-    return padded[batch, :, rows, dx + columns].permute(0, 3, 1, 2).contiguous()
-
-
-class Normalise:
-    """uint8 pixels to float with the training split's per-channel mean and std, on the device."""
-
-    def __init__(self, mean: Tensor, std: Tensor):
-        self.scale = (1 / (255 * std)).view(1, -1, 1, 1)
-        self.shift = (-mean / std).view(1, -1, 1, 1)
-        self.channels_last = False  # NHWC output (trainer.channels_last)
-
-    def __call__(self, images: Tensor) -> Tensor:
-        if self.channels_last:  # reorder the bytes, not the floats: a quarter of the memory traffic
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images.float().mul_(self.scale).add_(self.shift)
-
-
-def _epoch_order(batches, count: int, device: torch.device, start: int) -> Tensor:
-    """The permutation of an epoch. A fresh epoch draws it and remembers the generator state it drew
-    it from; an epoch resumed at batch `start` redraws it from that state, then returns the
-    generator to where the interrupted run had left it."""
-    generator = batches.generator
-    if start == 0:
-        batches._epoch_start = generator.get_state()
-        return torch.randperm(count, device=device, generator=generator)
-    current = generator.get_state()
-    generator.set_state(batches._epoch_start)
-    order = torch.randperm(count, device=device, generator=generator)
-    generator.set_state(current)
-    return order
-
-
-class TensorBatches:
-    """Batches sliced from an ImageSet that already lives on the training device."""
-
-    def __init__(self, data: ImageSet, batch_size: int, normalise: Normalise, *, shuffle: bool = False,
-                 augment: bool = False, generator: torch.Generator | None = None):
-        self.data, self.batch_size, self.normalise = data, batch_size, normalise
-        self.shuffle, self.augment, self.generator = shuffle, augment, generator
-        self._epoch_start: Tensor | None = None  # generator state before this epoch's permutation
-        self._resume_at = 0  # batch to continue the current epoch from, after load_state_dict
-
-    def __len__(self) -> int:
-        if self.shuffle:
-            # Training drops the last partial batch: equal-sized steps, and BatchNorm never sees a
-            # batch of one.
-            return max(1, len(self.data) // self.batch_size)
-        return math.ceil(len(self.data) / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        images, labels, size = self.data.images, self.data.labels, self.batch_size
-        start, self._resume_at = self._resume_at, 0
-        if self.shuffle:
-            order = _epoch_order(self, len(self.data), images.device, start)
-        for i in range(start, len(self)):
-            if self.shuffle:
-                index = order[i * size:(i + 1) * size]
-                x, y = images[index], labels[index]
-            else:
-                x, y = images[i * size:(i + 1) * size], labels[i * size:(i + 1) * size]
-            if self.augment:
-                x = random_crop_flip(x, self.generator)
-            yield self.normalise(x), y
-
-    def state_dict(self) -> dict[str, Tensor]:
-        if self.generator is None:
-            return {}
-        return {"generator": self.generator.get_state(), "epoch_start": self._epoch_start}
-
-    def load_state_dict(self, state: dict[str, Tensor], resume_at: int = 0) -> None:
-        """Restore the data order; with resume_at > 0 the next epoch continues the interrupted one
-        from that batch, with the same permutation and the same augmentation draws."""
-        if self.generator is not None:
-            self.generator.set_state(state["generator"])
-            self._epoch_start = state["epoch_start"]
-        self._resume_at = resume_at
-
-    def sample(self, count: int, seed: int) -> tuple[Tensor, Tensor]:
-        """`count` normalised, unaugmented images and their labels, the same for a given seed; drawn
-        with a generator of their own, so that drawing them leaves the training order untouched."""
-        index = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(seed))[:count]
-        index = index.to(self.data.images.device)
-        return self.normalise(self.data.images[index]), self.data.labels[index]
-
-
-def decode_image(path: str, image_size: int, channels: int) -> Tensor:
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
-
-    with Image.open(path) as image:
-        image = image.convert("L" if channels == 1 else "RGB")
-        if image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        return pil_to_tensor(image)
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Decodes one file per item; an unreadable file is reported and yields None."""
-
-    def __init__(self, files: FileSet):
-        self.files = files
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
-        path, label = self.files.samples[index]
-        try:
-            return decode_image(path, self.files.image_size, self.files.channels), label
-        except Exception as error:  # a corrupt file must not end a long run
-            log.warning("skipped unreadable image %s: %s", path, error)
-            return None
-
-
-def _collate_readable(items: list[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor]:
-    items = [item for item in items if item is not None]
-    if not items:
-        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
-    return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
-
-
-class _EpochIndices(torch.utils.data.Sampler):
-    """The indices of the current epoch, set before each pass: lets an epoch start mid-way."""
-
-    def __init__(self):
-        self.indices: list[int] = []
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class StreamBatches:
-    """Batches decoded from files by DataLoader workers, then augmented and normalised on the device.
-    Training batches are shuffled, and augmented where the dataset's config asks for it."""
-
-    def __init__(self, files: FileSet, batch_size: int, normalise: Normalise, device: torch.device,
-                 cfg: ImageFolderConfig, *, training: bool = False, seed: int = 0):
-        self.files, self.device, self.normalise = files, device, normalise
-        self.batch_size, self.shuffle, self.augment = batch_size, training, training and cfg.augment
-        self.drop_last = training and len(files) >= batch_size
-        self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)  # the order of the files
-        self.augment_generator = torch.Generator(device=device).manual_seed(seed)
-        # Each pass over a DataLoader draws its workers' base seed, from torch's global generator
-        # unless given one. Dropout draws from the global generator too, and a checkpoint restores it:
-        # a draw there would make a resumed run's dropout masks differ. So the loader draws from a
-        # generator of its own, reseeded before every pass: workers' seeds depend on `seed` alone.
-        self.loader_generator = torch.Generator()
-        self._epoch_start: Tensor | None = None
-        self._resume_at = 0
-        self.indices = _EpochIndices()
-        self.loader = torch.utils.data.DataLoader(
-            ImageFiles(files), batch_size=batch_size, sampler=self.indices, drop_last=self.drop_last,
-            num_workers=cfg.num_workers, collate_fn=_collate_readable, pin_memory=device.type == "cuda",
-            persistent_workers=cfg.num_workers > 0, generator=self.loader_generator,
-        )
-
-    def __len__(self) -> int:
-        count = len(self.files)
-        return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        start, self._resume_at = self._resume_at, 0
-        count = len(self.files)
-        order = _epoch_order(self, count, torch.device("cpu"), start) if self.shuffle else torch.arange(count)
-        self.indices.indices = order[start * self.batch_size:].tolist()
-        self.loader_generator.manual_seed(self.seed)
-        for images, labels in self.loader:
-            if len(labels) == 0:
-                continue
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            if self.augment:
-                images = random_crop_flip(images, self.augment_generator)
-            yield self.normalise(images), labels
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"generator": self.generator.get_state(), "epoch_start": self._epoch_start,
-                "augment": self.augment_generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Tensor], resume_at: int = 0) -> None:
-        self.generator.set_state(state["generator"])
-        self._epoch_start = state["epoch_start"]
-        self.augment_generator.set_state(state["augment"])
-        self._resume_at = resume_at
-
-    def sample(self, count: int, seed: int) -> tuple[Tensor, Tensor]:
-        """Like TensorBatches.sample, decoded from the files."""
-        index = torch.randperm(len(self.files), generator=torch.Generator().manual_seed(seed))[:count]
-        decoded = _decode_all(self.files.subset(index))
-        return self.normalise(decoded.images.to(self.device)), decoded.labels.to(self.device)
-
-
-Batches = Union[TensorBatches, StreamBatches]
-
-
 @dataclass
 class Data:
+    """The batches of each split, and what the model and the summary need to know about them."""
+
     train: Batches
     val: Batches
     test: Batches | None
@@ -402,11 +163,13 @@ def _class_folders(folder: str, dataset_root: str, setting: str) -> list[str]:
     return list(real)
 
 
-def _find_images(folder: Path, dataset_root: Path, setting: str) -> tuple[list[tuple[str, int]], list[str]]:
+def find_images(folder: Path, dataset_root: Path, setting: str,
+                max_entries: int = MAX_SCANNED_ENTRIES) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, class index) of every image below folder's class folders, in torchvision ImageFolder's
     order, and the classes. Unlike ImageFolder (os.walk with followlinks=True) the scan follows no
     linked folder inside a class folder: `cat/loop -> ..` would label the dog images cat, and a link
-    to / would scan the machine. Linked image files are read like any other. The scan is capped."""
+    to / would scan the machine. Linked image files are read like any other. The scan visits at
+    most `max_entries` files and folders."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
     folder, dataset_root = str(folder), os.path.realpath(dataset_root)
@@ -422,9 +185,9 @@ def _find_images(folder: Path, dataset_root: Path, setting: str) -> tuple[list[t
         visited = []
         for parent, folders, files in os.walk(os.path.join(folder, name)):  # followlinks=False
             scanned += len(folders) + len(files)
-            if scanned > MAX_SCANNED_ENTRIES:
+            if scanned > max_entries:
                 raise UserError(
-                    f"{setting}: more than {MAX_SCANNED_ENTRIES:,} files and folders in {folder}, and still "
+                    f"{setting}: more than {max_entries:,} files and folders in {folder}, and still "
                     f"scanning. Point it at the dataset's own folder: one sub-folder per class, or train/, "
                     f"val/ and test/ folders of them.")
             not_followed += [path for path in (os.path.join(parent, f) for f in folders) if os.path.islink(path)]
@@ -444,28 +207,9 @@ def _find_images(folder: Path, dataset_root: Path, setting: str) -> tuple[list[t
     return samples, classes
 
 
-def _decode_all(files: FileSet, setting: str = "dataset.path") -> ImageSet:
-    def decode(sample: tuple[str, int]):
-        try:
-            return decode_image(sample[0], files.image_size, files.channels)
-        except Exception as error:
-            return error
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # PIL decodes outside the GIL
-        decoded = list(pool.map(decode, files.samples))
-    failed = [(path, result) for (path, _), result in zip(files.samples, decoded) if isinstance(result, Exception)]
-    if failed:
-        listed = "; ".join(f"{path}: {one_line(error)}" for path, error in failed[:MAX_LISTED_FILES])
-        more = f" (and {len(failed) - MAX_LISTED_FILES} more)" if len(failed) > MAX_LISTED_FILES else ""
-        log.warning("skipped %d unreadable image file(s): %s%s", len(failed), listed, more)
-    kept = [(image, label) for image, (_, label) in zip(decoded, files.samples) if not isinstance(image, Exception)]
-    if not kept:
-        raise UserError(f"{setting}: none of the {len(files)} image files could be read (first: {failed[0][0]}: "
-                        f"{one_line(failed[0][1])}). Point it at a folder of readable images.")
-    return ImageSet(torch.stack([image for image, _ in kept]), torch.tensor([label for _, label in kept]))
-
-
-def load_imagefolder(cfg: ImageFolderConfig) -> Splits:
+def load_imagefolder(cfg: ImageFolderConfig, max_entries: int = MAX_SCANNED_ENTRIES) -> Splits:
+    """PATH/CLASS/IMAGE, or PATH/{train,val,test}/CLASS/IMAGE: decoded when they fit
+    dataset.max_memory_mb, else listed to be streamed. Each split's scan visits at most `max_entries`."""
     root = Path(cfg.path).expanduser()
     if not root.is_dir():
         raise UserError(
@@ -475,7 +219,7 @@ def load_imagefolder(cfg: ImageFolderConfig) -> Splits:
     layout = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
     if "train" not in layout:
         layout = {"train": root}
-    train_samples, classes = _find_images(layout["train"], root, f"dataset.path={cfg.path!r}")
+    train_samples, classes = find_images(layout["train"], root, f"dataset.path={cfg.path!r}", max_entries)
     if len(classes) < 2:
         raise UserError(
             f"dataset.path={cfg.path!r}: found {len(classes)} class folder ({', '.join(classes)}) in "
@@ -484,7 +228,8 @@ def load_imagefolder(cfg: ImageFolderConfig) -> Splits:
     splits: dict[str, FileSet] = {"train": FileSet(train_samples, cfg.image_size, cfg.channels)}
     for name in ("val", "test"):
         if name in layout:
-            samples, split_classes = _find_images(layout[name], root, f"dataset.path={cfg.path!r} ({name}/)")
+            samples, split_classes = find_images(layout[name], root, f"dataset.path={cfg.path!r} ({name}/)",
+                                                 max_entries)
             unknown = sorted(set(split_classes) - set(classes))
             if unknown:
                 raise UserError(
@@ -497,7 +242,7 @@ def load_imagefolder(cfg: ImageFolderConfig) -> Splits:
 
     decoded_bytes = sum(len(s) for s in splits.values()) * cfg.channels * cfg.image_size**2
     if decoded_bytes <= cfg.max_memory_mb * 2**20:
-        splits = {name: _decode_all(files, f"dataset.path={cfg.path!r} ({name})") for name, files in splits.items()}
+        splits = {name: decode_files(files, f"dataset.path={cfg.path!r} ({name})") for name, files in splits.items()}
     else:
         log.info("streaming %s from disk: %.0f MB decoded exceeds dataset.max_memory_mb=%d",
                  root, decoded_bytes / 2**20, cfg.max_memory_mb)
@@ -520,13 +265,14 @@ def _memory(count: int) -> str:
     return f"{count / 2**30:,.1f} GB" if count >= 2**30 else f"{count / 2**20:,.1f} MB"
 
 
-def load_fake(cfg: FakeDatasetConfig) -> Splits:
-    # Refuse sizes that cannot fit before allocating anything: torch would fail with a traceback, or
-    # the kernel would kill the process.
+def load_fake(cfg: FakeDatasetConfig, available: int | None = None) -> Splits:
+    """Generated images; refused before anything is allocated when they need more than `available`
+    bytes (default: what the machine can give now): torch would fail with a traceback, or the
+    kernel would kill the process."""
     pixels = cfg.channels * cfg.image_size**2
     images = (cfg.train_size + cfg.test_size) * pixels  # bytes of uint8 images, kept
     needed = images + FLOAT_BYTES_PER_PIXEL * (max(cfg.train_size, cfg.test_size) + cfg.num_classes) * pixels
-    available = available_memory()
+    available = available_memory() if available is None else available
     if needed > available:
         raise UserError(
             f"dataset.train_size={cfg.train_size}, dataset.test_size={cfg.test_size}, dataset.image_size="
@@ -580,7 +326,7 @@ def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
 
 def _sample_for_stats(files: FileSet, count: int = 256) -> ImageSet:
     step = max(1, len(files) // count)
-    return _decode_all(files.subset(torch.arange(0, len(files), step)[:count]))
+    return decode_files(files.subset(torch.arange(0, len(files), step)[:count]))
 
 
 def load_data(cfg: DatasetConfig, batch_size: int, eval_batch_size: int, device: torch.device, seed: int) -> Data:
