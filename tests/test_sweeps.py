@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from cnnlab.cli import config_dir, threads_per_job
-from cnnlab.config import validate
+from cnnlab.cli.folders import threads_per_job
+from cnnlab.config import config_dir, validate
 from tests.helpers import TINY, TINY_DATA, TINY_MLP, TINY_TRAINER, write_mnist
 
 

@@ -1,4 +1,5 @@
-"""What a run shows in the terminal: a rich progress bar, or plain lines when output is not a terminal."""
+"""What the commands show in the terminal: a run's progress (a rich bar, or plain lines when output is
+not a terminal), its summary table, findings panel and a sweep job's one line, and error lines."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ def console(stderr: bool = False, live: bool = True) -> Console:
     if live and terminal.is_terminal:
         return terminal
     return Console(stderr=stderr, width=max(terminal.width, 1000), force_terminal=False)
+
+
+def print_error(message: str, job: str = "", outcome: str = "failed") -> None:
+    """One red line on stderr: `cnnlab: error: ...`, or for a sweep's job `cnnlab: job #3 (...) failed: ...`."""
+    prefix = f"cnnlab: job {job} {outcome}: " if job else "cnnlab: error: "
+    Console(stderr=True).print(prefix + message, style="red", markup=False, highlight=False, soft_wrap=True)
 
 
 def format_number(value: Any, digits: int = 4) -> str:
