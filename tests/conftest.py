@@ -1,8 +1,8 @@
-import io
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,25 +12,22 @@ from tests.helpers import TINY_DATA, TINY_MLP, TINY_TRAINER, compose_config, wri
 @dataclass
 class TinyRun:
     dir: Path  # the run directory: metrics.json, checkpoints/, event files
-    metrics: dict
-    output: str  # what the console showed
+    metrics: dict  # what metrics.json says
+    result: Any  # train's RunResult: status, findings, description, the error that ended the run
 
 
 @pytest.fixture
 def tiny_run(tmp_path):
     """Train the tiny run (tests/helpers.py) plus OVERRIDES in this process, into tmp_path/NAME.
-    `data` and `model` swap those parts of it; `terminal` draws the output as on a terminal."""
-    from omegaconf import OmegaConf
-    from rich.console import Console
-
+    `data` and `model` swap those parts of it; `resume`, `progress` and `stop` go to train()."""
     from cnnlab.config import validate
     from cnnlab.train.loop import train
 
-    def run(*overrides: str, data=TINY_DATA, model=TINY_MLP, name="run", terminal=False) -> TinyRun:
+    def run(*overrides: str, data=TINY_DATA, model=TINY_MLP, name="run", resume=False, progress=None,
+            stop=None) -> TinyRun:
         cfg = compose_config(*data, *model, *TINY_TRAINER, *overrides)
-        console = Console(file=io.StringIO(), force_terminal=terminal, width=150)
-        metrics = train(validate(cfg), tmp_path / name, OmegaConf.to_container(cfg), console=console)
-        return TinyRun(tmp_path / name, metrics, console.file.getvalue())
+        result = train(validate(cfg), tmp_path / name, resume=resume, progress=progress, stop=stop)
+        return TinyRun(tmp_path / name, result.metrics, result)
 
     return run
 
@@ -39,8 +36,6 @@ def tiny_run(tmp_path):
 def tiny_state(tmp_path):
     """setup() of the tiny run plus OVERRIDES, fresh or (resume=True) from tmp_path/NAME's
     checkpoint: a TrainState to drive step by step. Its TensorBoard writer is closed afterwards."""
-    from omegaconf import OmegaConf
-
     from cnnlab.config import validate
     from cnnlab.train.loop import setup
 
@@ -48,7 +43,7 @@ def tiny_state(tmp_path):
 
     def build(*overrides: str, data=TINY_DATA, model=TINY_MLP, name="run", resume=False):
         cfg = compose_config(*data, *model, *TINY_TRAINER, *overrides)
-        states.append(setup(validate(cfg), tmp_path / name, OmegaConf.to_container(cfg), resume=resume))
+        states.append(setup(validate(cfg), tmp_path / name, resume=resume))
         return states[-1]
 
     yield build

@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab.instruments import density
 from cnnlab.instruments.density import density_column, density_image, write_density_png
 
 VIRIDIS = matplotlib.colormaps["viridis"]
@@ -25,9 +24,9 @@ def test_density_column_clamps_values_beyond_the_range_into_the_edge_buckets_and
     assert density_column(values, low=-1.0, high=1.0, bins=4).tolist() == [2, 0, 1, 2]
 
 
-def test_density_column_counts_every_element_past_the_float32_limit(monkeypatch):
-    monkeypatch.setattr(density, "HISTC_CHUNK", 3)  # so that a tiny tensor takes several chunks
-    counts = density_column(torch.linspace(0, 1, 11), low=0.0, high=1.0, bins=2)
+def test_density_column_counts_every_element_past_the_float32_limit():
+    # Chunks of 3 stand in for 2**24: a tiny tensor takes several, and they must add up.
+    counts = density_column(torch.linspace(0, 1, 11), low=0.0, high=1.0, bins=2, chunk=3)
     assert counts.tolist() == [5, 6]
     with pytest.raises(ValueError, match="empty"):
         density_column(torch.zeros(3), low=1.0, high=1.0, bins=2)

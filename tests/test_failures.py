@@ -5,9 +5,9 @@ and device errors are tested where they are made (test_data.py, test_trainer.py)
 command line does with such an error."""
 
 import errno
-import io
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -15,23 +15,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-from rich.console import Console
 
 from cnnlab.cli.train_command import train_command
-from cnnlab.train import loop as trainer
 from cnnlab.train.checkpoint import load_checkpoint
-from cnnlab.config import validate
 from cnnlab.errors import UserError
 from cnnlab.rundir import run_lock
+from cnnlab.status import Status
 from cnnlab.train.loop import Interrupted, train_step
+from cnnlab.train.stops import StopRequest
 from tests.helpers import (
     TINY,
     TINY_CONVNET,
     TINY_DATA,
     TINY_MLP,
     TINY_TRAINER,
-    compose_config,
     read_scalars,
     write_image_folder,
 )
@@ -218,53 +215,30 @@ def test_resuming_a_completed_run_has_nothing_to_do_and_changes_nothing(run_cli,
         p for p in files if p.suffix != ".log"}
 
 
-def test_an_interrupted_run_says_how_far_it_got_and_its_resume_adds_to_its_time(tiny_run, monkeypatch, tmp_path):
-    step = trainer.train_step
-
-    def stopped_at_step_3(state, *args):
-        if state.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster preempting the job would
-        return step(state, *args)
-
-    monkeypatch.setattr(trainer, "train_step", stopped_at_step_3)
-    with pytest.raises(Interrupted):
-        tiny_run("trainer.epochs=2")
+def test_an_interrupted_run_says_how_far_it_got_and_its_resume_adds_to_its_time(tiny_run, tmp_path):
+    run = tiny_run("trainer.epochs=2", stop=StopRequest(at_step=3))  # as a cluster preempting the job would
+    assert run.result.status == Status.INTERRUPTED and isinstance(run.result.error, Interrupted)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["steps"] == 3 and metrics["epochs"] == 0
     spent = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["metrics"]["seconds"]
     assert spent > 0
 
-    monkeypatch.setattr(trainer, "train_step", step)
-    cfg = compose_config(*TINY, "trainer.epochs=2")
-    metrics = trainer.train(validate(cfg), tmp_path / "run", OmegaConf.to_container(cfg), Console(file=io.StringIO()),
-                            resume=True)
+    metrics = tiny_run("trainer.epochs=2", resume=True).metrics
     assert metrics["status"] == "completed" and metrics["steps"] == 16
     assert metrics["seconds"] > spent  # the time before the interrupt, and this process's
 
 
 # --- stop requests outside the training steps ------------------------------------------------------
-def test_a_stop_request_while_the_run_starts_ends_it_cleanly_with_nothing_to_resume(run_cli, monkeypatch, tmp_path):
-    load_data = trainer.load_data
-
-    def preempted_while_loading(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return load_data(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "load_data", preempted_while_loading)
-    code, _, err = run_cli("train", *TINY, "hydra.run.dir=run")
-    assert code == 130 and "nothing to resume" in err
+def test_a_stop_request_while_the_run_starts_ends_it_cleanly_with_nothing_to_resume(tiny_run, tmp_path):
+    run = tiny_run(stop=StopRequest(during="setup"))  # preempted while it loads its data
+    assert run.result.status == Status.INTERRUPTED and "after step 0" in str(run.result.error)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "interrupted"
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_a_stop_request_during_the_final_test_lets_the_finished_run_complete(run_cli, monkeypatch, tmp_path):
-    test = trainer.test
-
-    def preempted_while_testing(state):
-        os.kill(os.getpid(), signal.SIGTERM)
-        test(state)
-
-    monkeypatch.setattr(trainer, "test", preempted_while_testing)
-    assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0
+def test_a_stop_request_during_the_final_test_lets_the_finished_run_complete(tiny_run, tmp_path):
+    run = tiny_run(stop=StopRequest(during="test"))
+    assert run.result.status == Status.COMPLETED and run.result.error is None
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["test_acc"] is not None
 
@@ -294,8 +268,9 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_leaves_no_temporaries_and_sa
         save(obj, file)
 
     monkeypatch.setattr(torch, "save", disk_fills_after_the_first_epoch)
-    with pytest.raises(UserError, match="No space left on device.*last checkpoint written before it is kept"):
-        tiny_run("trainer.epochs=3", "optimizer.lr=0.01")
+    error = tiny_run("trainer.epochs=3", "optimizer.lr=0.01").result.error
+    assert isinstance(error, UserError)
+    assert re.search("No space left on device.*last checkpoint written before it is kept", str(error))
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
     assert not list((tmp_path / "run").rglob("*.tmp"))
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1

@@ -5,10 +5,10 @@ from dataclasses import replace
 
 import pytest
 
-from cnnlab.config import validate
+from cnnlab.config import as_dict, validate
 from cnnlab.errors import UserError
-from cnnlab.analysis.findings import RULES, Finding, RunFacts, diagnose
-from tests.helpers import compose_config
+from cnnlab.analysis.findings import RULES, Finding, RunFacts, diagnose, run_facts
+from tests.helpers import TINY, compose_config
 
 CFG = validate(compose_config()).findings
 FACTS = RunFacts(num_classes=10, steps_per_epoch=100, activation="relu", init="kaiming", batchnorm=False,
@@ -22,6 +22,29 @@ def kinds(series, facts=FACTS, cfg=CFG):
 def probes(*values, every=100):
     """A probe series at steps 0, every, 2*every, ..."""
     return [(i * every, v) for i, v in enumerate(values)]
+
+
+# --- the facts of a run ------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides", [[], ["optimizer=sgd", "optimizer.momentum=0.5", "trainer.grad_clip=1.0"],
+                                       ["activation=elu", "model.init=kaiming", "model.batchnorm=true"],
+                                       ["preset=selu_lecun", "optimizer=rmsprop"]])
+def test_run_facts_of_a_validated_config_are_the_settings_the_trainer_runs_with(overrides):
+    run = validate(compose_config(*TINY, *overrides))
+    metrics = {"status": "diverged", "diverged_step": 12}
+    facts = run_facts(as_dict(run), num_classes=7, steps_per_epoch=8, metrics=metrics)
+    assert facts == RunFacts(
+        num_classes=7, steps_per_epoch=8, activation=run.activation.name, init=run.model.init,
+        batchnorm=run.model.batchnorm, optimizer=run.optimizer.name, lr=run.optimizer.lr,
+        momentum=float(getattr(run.optimizer, "momentum", 0.0)), grad_clip=run.trainer.grad_clip,
+        status="diverged", diverged_step=12)
+
+
+def test_run_facts_of_an_older_or_partial_config_take_the_defaults():
+    facts = run_facts({"model": None, "optimizer": {"name": "sgd", "momentum": None}, "trainer": "odd"},
+                      num_classes=10, steps_per_epoch=5, metrics={})
+    assert (facts.activation, facts.init, facts.batchnorm, facts.optimizer, facts.lr, facts.momentum) == (
+        "", "default", False, "sgd", 0.0, 0.0)
+    assert (facts.grad_clip, facts.status, facts.diverged_step) == (None, "unknown", None)
 
 
 def test_dead_at_init_fires_on_a_mostly_dead_layer_at_step_0_only():

@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 from cnnlab import cli
+from cnnlab.analysis.findings import diagnose
+from cnnlab.analysis.inspection import facts_of, findings_config, inspect_run, read_run
 
 # act01_fc and act02_fc at probe steps 0, 4, 8; the weight layers from step 4 (an update's statistics).
 SCALARS = {
@@ -55,21 +57,6 @@ def write_run(run_dir: Path, scalars=SCALARS, config=CONFIG, metrics=METRICS) ->
 
 
 @pytest.fixture
-def diagnosed(monkeypatch):
-    """What inspect hands to findings.diagnose, which answers with one finding of ours."""
-    import cnnlab.analysis.findings as findings
-
-    calls = []
-
-    def diagnose(series, facts, cfg):
-        calls.append((series, facts, cfg))
-        return [findings.Finding("dying_relu", "warning", "act02_fc", 8, 0.5, "act02_fc is half dead", "lower the lr")]
-
-    monkeypatch.setattr(findings, "diagnose", diagnose)
-    return calls
-
-
-@pytest.fixture
 def inspect(capsys, monkeypatch):
     """cnnlab inspect ARGS in this process: (exit code, stdout, stderr)."""
     monkeypatch.setenv("COLUMNS", "200")  # rich's width when stdout is not a terminal
@@ -89,7 +76,11 @@ def row(out: str, layer: str) -> list[str]:
     return [cell.strip() for cell in line.strip("│┃ ").split("│")]
 
 
-def test_tables_show_each_layer_first_and_last_probe_in_depth_order(inspect, diagnosed, tmp_path):
+# What the findings say of SCALARS: act02_fc's dead fraction rose by 0.25 (findings.dying_info is 0.2).
+DYING = "act02_fc: the dead fraction rose from 25% (step 0) to 50% (step 8)."
+
+
+def test_tables_show_each_layer_first_and_last_probe_in_depth_order(inspect, tmp_path):
     code, out, err = inspect(write_run(tmp_path))
     assert code == 0, err
     assert "completed" in out and "steps 8" in out and "val acc 0.7500" in out and "test acc 0.5000" in out
@@ -98,23 +89,39 @@ def test_tables_show_each_layer_first_and_last_probe_in_depth_order(inspect, dia
     assert row(out, "layer01_fc") == ["layer01_fc", "0.5 → 0.25", "-2.50 → -3.00", "-"]
     assert out.index("act01_fc") < out.index("act02_fc") < out.index("layer01_fc") < out.index("layer02_fc")
     assert "step 0 → 8" in out and "step 4 → 8" in out
-    assert "act02_fc is half dead" in out and "lower the lr" in out
+    assert "findings (1)" in out and "[info] dying_units (act02_fc step 8)" in out and DYING in out
+    assert "optimizer.lr=0.01" in out  # the advice
 
 
-def test_findings_get_every_series_and_the_facts_of_the_runs_config(inspect, diagnosed, tmp_path):
-    assert inspect(write_run(tmp_path))[0] == 0
-    [(series, facts, cfg)] = diagnosed
-    assert series["dead_fraction/act02_fc"] == [(0, 0.25), (4, 0.375), (8, 0.5)]
+def test_findings_are_todays_rules_over_every_series_and_the_facts_of_the_runs_config(tmp_path):
+    write_run(tmp_path)
+    run = read_run(tmp_path)
+    assert run.series["dead_fraction/act02_fc"] == [(0, 0.25), (4, 0.375), (8, 0.5)]
+    facts = facts_of(run)
     assert (facts.num_classes, facts.steps_per_epoch, facts.activation, facts.init, facts.batchnorm) == (
         7, 8, "relu", "kaiming", False)
     assert (facts.optimizer, facts.lr, facts.momentum, facts.grad_clip, facts.status, facts.diverged_step) == (
         "sgd", 0.1, 0.9, None, "completed", None)
-    from cnnlab.config import FindingsConfig
+    inspection = inspect_run(tmp_path)
+    assert inspection.findings == diagnose(run.series, facts, findings_config(run.config, []))
+    assert [finding.message for finding in inspection.findings] == [DYING]
+    assert inspection.notes == ["the run's config has no findings section: today's defaults are used"]
 
-    assert isinstance(cfg, FindingsConfig)  # the run has no findings section: today's defaults
+
+def test_a_runs_own_findings_settings_count_and_ones_this_version_does_not_know_get_todays(tmp_path):
+    notes = []
+    assert findings_config({**CONFIG, "findings": {"dying_info": 0.3}}, notes).dying_info == 0.3 and notes == []
+    write_run(tmp_path, config={**CONFIG, "findings": {"dying_info": 0.3}})
+    assert inspect_run(tmp_path).findings == []  # a rise of 0.25 is below the run's own threshold
+    todays = findings_config({}, [])
+    for unfitting in ({"bogus": 1}, {"dying_info": "high"}, ["dying_info"]):
+        notes = []
+        assert findings_config({"findings": unfitting}, notes) == todays
+        [note] = notes
+        assert note.startswith("the run's findings settings do not fit this version (") and "today's defaults" in note
 
 
-def test_json_is_one_object_with_first_and_last_values_and_findings(inspect, diagnosed, tmp_path):
+def test_json_is_one_object_with_first_and_last_values_and_findings(inspect, tmp_path):
     code, out, _ = inspect(write_run(tmp_path), "--json")
     report = json.loads(out)  # stdout holds the JSON object and nothing else
     assert code == 0 and report["run"] == str(tmp_path) and report["status"] == "completed"
@@ -122,15 +129,15 @@ def test_json_is_one_object_with_first_and_last_values_and_findings(inspect, dia
                                                              "last_step": 8}
     assert report["layers"]["layer02_fc"]["update_ratio"]["last"] == -3.25
     assert "saturation" not in report["layers"]["act01_fc"]
-    assert report["findings"][0]["kind"] == "dying_relu"
+    assert [(f["kind"], f["layer"], f["message"]) for f in report["findings"]] == [("dying_units", "act02_fc", DYING)]
 
 
-def test_a_run_without_the_newer_tags_and_metrics_still_shows(inspect, diagnosed, tmp_path):
+def test_a_run_without_the_newer_tags_and_metrics_still_shows(inspect, tmp_path):
     old = {tag: points for tag, points in SCALARS.items() if not tag.startswith("effective_rank")}
     code, out, err = inspect(write_run(tmp_path, old, metrics={"status": "running", "epochs": 0, "steps": 8}))
     assert code == 0, err
     assert row(out, "act01_fc")[-1] == "-" and "running (no process is writing it" in out
-    assert diagnosed[0][1].steps_per_epoch == 8  # from the epoch series, as metrics has no epoch yet
+    assert facts_of(read_run(tmp_path)).steps_per_epoch == 8  # from the epoch series, as metrics has no epoch yet
 
 
 @pytest.mark.parametrize("make", [lambda path: path.mkdir(), lambda path: None], ids=["not a run", "missing"])

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from cnnlab.activations import ACTIVATIONS
 from cnnlab.config import SCHEMAS, validate
 from cnnlab.errors import UserError
-from cnnlab.train.models import ACTIVATION_MODULES, ACTIVATIONS, ACTIVATIONS_BY_MODULE, build_model, dead_units
+from cnnlab.train.models import build_model, module_class
 from tests.helpers import TINY_CONVNET, TINY_MLP, compose_config
 
 
@@ -63,9 +64,9 @@ def test_activation_parameters_reach_the_modules():
     assert all(m.approximate == "tanh" for m in model.modules() if isinstance(m, nn.GELU))
 
 
-def test_activation_table_maps_names_to_torch_modules():
-    assert ACTIVATIONS["relu"].module is nn.ReLU and ACTIVATIONS["selu"].module is nn.SELU
-    assert ACTIVATIONS["silu"].module is nn.SiLU
+def test_activation_rows_name_their_torch_modules():
+    assert module_class(ACTIVATIONS["relu"]) is nn.ReLU and module_class(ACTIVATIONS["selu"]) is nn.SELU
+    assert module_class(ACTIVATIONS["silu"]) is nn.SiLU
 
 
 def test_batchnorm_sits_between_the_weight_layer_and_the_activation():
@@ -143,161 +144,3 @@ def test_each_architecture_can_overfit_a_small_batch(model_name, batchnorm):
         logits = model(images)
     assert (logits.argmax(1) == labels).all()
     assert nn.functional.cross_entropy(logits, labels).item() < 0.1
-
-
-def prelu_per_channel():
-    prelu = nn.PReLU(3)
-    with torch.no_grad():
-        prelu.weight.copy_(torch.tensor([0.1, -0.5, 2.0]))  # a negative and a steeper-than-1 slope too
-    return prelu
-
-
-# Every activation at its defaults and at the non-default settings that change its derivative, with the
-# supremum of |f'| we expect (the numbers quoted in the docs; the grid test checks the table's own values).
-SETTINGS = {
-    "relu": (nn.ReLU, 1.0),
-    "leaky_relu": (nn.LeakyReLU, 1.0),
-    "leaky_relu(0.2)": (lambda: nn.LeakyReLU(0.2), 1.0),
-    "leaky_relu(1.5)": (lambda: nn.LeakyReLU(1.5), 1.5),
-    "prelu": (nn.PReLU, 1.0),
-    "prelu(per channel)": (prelu_per_channel, 2.0),
-    "rrelu": (nn.RReLU, 1.0),
-    "rrelu(0.1, 0.5)": (lambda: nn.RReLU(0.1, 0.5), 1.0),
-    "elu": (nn.ELU, 1.0),
-    "elu(alpha=2)": (lambda: nn.ELU(alpha=2.0), 2.0),
-    "selu": (nn.SELU, 1.7581),
-    "celu": (nn.CELU, 1.0),
-    "celu(alpha=2)": (lambda: nn.CELU(alpha=2.0), 1.0),
-    "gelu": (nn.GELU, 1.1289),
-    "gelu(tanh)": (lambda: nn.GELU(approximate="tanh"), 1.1290),
-    "silu": (nn.SiLU, 1.0998),
-    "mish": (nn.Mish, 1.0885),
-    "softplus": (nn.Softplus, 1.0),
-    "softplus(beta=2)": (lambda: nn.Softplus(beta=2.0), 1.0),
-    "softplus(beta=2, threshold=1)": (lambda: nn.Softplus(beta=2.0, threshold=1.0), 1.0),  # the linear part shows
-    "sigmoid": (nn.Sigmoid, 0.25),
-    "tanh": (nn.Tanh, 1.0),
-}
-
-
-def autograd_derivative(module, x):
-    x = x.detach().clone().requires_grad_()
-    (slope,) = torch.autograd.grad(module(x).sum(), x)  # elementwise, so the sum's gradient is f'(x)
-    return slope
-
-
-def row_of(module):
-    return ACTIVATIONS_BY_MODULE[type(module)]
-
-
-def test_every_activation_has_derivative_cases():
-    assert {type(make()) for make, _ in SETTINGS.values()} == set(ACTIVATION_MODULES)
-
-
-@pytest.mark.parametrize("setting", SETTINGS)
-def test_closed_form_derivative_equals_autograds(setting):
-    module = SETTINGS[setting][0]().eval()  # RReLU: evaluation's fixed slope
-    large = torch.tensor([1e4, 1e3, 100.0, 50.0, 30.0, 10.5, 10.0, 0.5000001])
-    grid = torch.cat([torch.linspace(-30, 30, 6001), large, -large, torch.zeros(1)])  # 0: the kink
-    x = grid.view(-1, 1, 1, 1).expand(-1, 3, 2, 1).contiguous()  # [N, C, H, W]: every channel sees the grid
-    with torch.no_grad():
-        ours = row_of(module).derivative(x, module)
-    assert not ours.requires_grad and ours.dtype == torch.float32 and ours.shape == x.shape
-    torch.testing.assert_close(ours, autograd_derivative(module, x), atol=1e-5, rtol=1e-4)
-    x = grid.view(-1, 1).expand(-1, 3)  # and on [N, C]
-    torch.testing.assert_close(row_of(module).derivative(x, module), autograd_derivative(module, x),
-                               atol=1e-5, rtol=1e-4)
-
-
-def test_prelu_derivative_uses_each_channels_own_slope():
-    prelu = prelu_per_channel()
-    x = torch.tensor([-2.0, 0.0, 3.0]).view(3, 1, 1, 1).expand(3, 3, 2, 2)
-    slope = ACTIVATIONS["prelu"].derivative(x, prelu)
-    assert slope[0, :, 0, 0].tolist() == pytest.approx([0.1, -0.5, 2.0])  # x < 0: the channel's slope
-    assert slope[1, :, 1, 1].tolist() == pytest.approx([0.1, -0.5, 2.0])  # x = 0 too, as in autograd
-    assert slope[2].eq(1).all()
-
-
-def test_softplus_derivative_is_exactly_one_past_the_threshold():
-    softplus = nn.Softplus(beta=2.0, threshold=1.0)
-    slope = ACTIVATIONS["softplus"].derivative(torch.tensor([0.5, 0.51, 3.0]), softplus)
-    assert slope.tolist() == pytest.approx([torch.sigmoid(torch.tensor(1.0)).item(), 1.0, 1.0])
-
-
-@pytest.mark.parametrize("setting", SETTINGS)
-def test_max_derivative_is_the_largest_slope_on_a_dense_grid(setting):
-    make, documented = SETTINGS[setting]
-    module = make().eval()
-    grid = torch.arange(-30_000, 30_001).view(-1, 1).expand(-1, 3) * 1e-3  # [-30, 30] in steps of 0.001
-    largest = autograd_derivative(module, grid).abs().max().item()
-    assert float(row_of(module).max_derivative(module)) == pytest.approx(largest, rel=1e-5)  # the peaks are flat
-    assert float(row_of(module).max_derivative(module)) == pytest.approx(documented, abs=1e-4)
-
-
-def test_prelu_max_derivative_follows_the_learned_slopes_without_reading_them_back():
-    prelu = prelu_per_channel()
-    largest = ACTIVATIONS["prelu"].max_derivative(prelu)
-    assert isinstance(largest, torch.Tensor) and largest.device == prelu.weight.device
-    with torch.no_grad():
-        prelu.weight.fill_(-3.0)
-    assert float(ACTIVATIONS["prelu"].max_derivative(prelu)) == 3.0
-
-
-def test_relu_unit_is_dead_when_never_positive_over_the_batch():
-    pre = torch.tensor([[-1.0, -2.0, 0.0],
-                        [-0.5, 3.0, 0.0],
-                        [-4.0, -1.0, 0.0]])  # unit 0 always negative, unit 1 positive once, unit 2 always 0
-    assert dead_units(pre, nn.ReLU()).tolist() == [True, False, True]
-
-
-def test_saturated_sigmoid_and_tanh_units_are_dead():
-    pre = torch.tensor([[-11.0, -12.0, 15.0],
-                        [-20.0, 0.1, 11.0]])
-    assert dead_units(pre, nn.Sigmoid()).tolist() == [True, False, True]  # s(1 - s) < 0.0025 past |x| = 6
-    pre = torch.tensor([[-4.0, 3.5, -0.2],
-                        [-5.0, 2.0, 4.0]])
-    assert dead_units(pre, nn.Tanh()).tolist() == [True, False, False]  # 1 - tanh^2 < 0.01 past |x| = 3
-
-
-@pytest.mark.parametrize("module", [nn.LeakyReLU(), prelu_per_channel(), nn.PReLU(), nn.RReLU()],
-                         ids=["leaky_relu", "prelu(per channel)", "prelu", "rrelu"])
-def test_leaky_units_never_die_even_on_very_negative_inputs(module):
-    pre = torch.full((4, 3, 2, 2), -1e3)
-    assert not dead_units(pre, module).any()  # leaky's 0.01 is not below 0.01 * 1: alive by a hair
-
-
-def test_prelu_unit_dies_once_its_learned_slope_shrinks_below_a_hundredth():
-    prelu = prelu_per_channel()
-    with torch.no_grad():
-        prelu.weight[0] = 0.005
-    assert dead_units(torch.full((4, 3), -1.0), prelu).tolist() == [True, False, False]
-
-
-def test_exponential_units_die_far_enough_below_zero():
-    # ELU's slope alpha*exp(x) falls below 1% of alpha past x = ln(0.01) = -4.6: exp(-5) = 0.0067.
-    pre = torch.tensor([[-5.0, -4.0, -30.0],
-                        [-6.0, -50.0, 0.5]])
-    assert dead_units(pre, nn.ELU()).tolist() == [True, False, False]
-    assert dead_units(pre, nn.ELU(alpha=2.0)).tolist() == [True, False, False]  # the 1% scales with alpha
-    assert dead_units(pre, nn.SELU()).tolist() == [True, False, False]
-    assert dead_units(pre, nn.CELU()).tolist() == [True, False, False]
-    assert dead_units(pre, nn.Softplus()).tolist() == [True, False, False]  # sigmoid(x) < 0.01 past -4.6
-    assert dead_units(pre, nn.GELU()).tolist() == [True, True, False]  # Phi(x) + x phi(x) vanishes fast
-
-
-def test_conv_channel_is_dead_only_if_every_example_and_position_is():
-    pre = -torch.rand(3, 2, 4, 4)  # ReLU: all dead...
-    pre[2, 1, 3, 0] = 0.5  # ...but for one position of one example in channel 1
-    assert dead_units(pre, nn.ReLU()).tolist() == [True, False]
-    assert dead_units(pre, nn.ReLU()).dtype == torch.bool
-
-
-@pytest.mark.parametrize("name", ACTIVATIONS)
-def test_density_range_holds_typical_outputs_including_the_negative_ones(name):
-    row = ACTIVATIONS[name]
-    low, high = row.density_range
-    assert low < high
-    outputs = row.module().eval()(torch.linspace(-8, 8, 1601))
-    assert low <= outputs.min().item() and outputs.max().item() <= high
-    if row.bounds is not None:
-        assert row.density_range == row.bounds

@@ -10,6 +10,7 @@ from cnnlab.train.models import build_model
 from cnnlab.instruments.probes import (
     Probes,
     activation_layers,
+    dead_units,
     effective_rank,
     histogram,
     saturation_fraction,
@@ -51,12 +52,66 @@ def test_histogram_of_a_constant_tensor_puts_everything_in_one_bucket():
     assert values[:2] == [0.0, 0.0] and values[4:] == [100, 0, 0, 0, 0]
 
 
-def test_histogram_counts_exactly_beyond_float32_integer_range(monkeypatch):
-    import cnnlab.instruments.probes as probes
-
-    monkeypatch.setattr(probes, "HISTC_CHUNK", 7)  # stands in for 2**24: the chunks must add up
+def test_histogram_counts_exactly_beyond_float32_integer_range():
     x = torch.arange(100.0)
-    assert histogram(x, bins=10).tolist()[4:] == [10] * 10
+    assert histogram(x, bins=10, chunk=7).tolist()[4:] == [10] * 10  # 7 stands in for 2**24: the chunks add up
+
+
+# --- dead units: the slope of the activation, from its row ------------------------------------------
+def prelu_per_channel():
+    prelu = nn.PReLU(3)
+    with torch.no_grad():
+        prelu.weight.copy_(torch.tensor([0.1, -0.5, 2.0]))  # a negative and a steeper-than-1 slope too
+    return prelu
+
+
+def test_relu_unit_is_dead_when_never_positive_over_the_batch():
+    pre = torch.tensor([[-1.0, -2.0, 0.0],
+                        [-0.5, 3.0, 0.0],
+                        [-4.0, -1.0, 0.0]])  # unit 0 always negative, unit 1 positive once, unit 2 always 0
+    assert dead_units(pre, nn.ReLU()).tolist() == [True, False, True]
+
+
+def test_saturated_sigmoid_and_tanh_units_are_dead():
+    pre = torch.tensor([[-11.0, -12.0, 15.0],
+                        [-20.0, 0.1, 11.0]])
+    assert dead_units(pre, nn.Sigmoid()).tolist() == [True, False, True]  # s(1 - s) < 0.0025 past |x| = 6
+    pre = torch.tensor([[-4.0, 3.5, -0.2],
+                        [-5.0, 2.0, 4.0]])
+    assert dead_units(pre, nn.Tanh()).tolist() == [True, False, False]  # 1 - tanh^2 < 0.01 past |x| = 3
+
+
+@pytest.mark.parametrize("module", [nn.LeakyReLU(), prelu_per_channel(), nn.PReLU(), nn.RReLU()],
+                         ids=["leaky_relu", "prelu(per channel)", "prelu", "rrelu"])
+def test_leaky_units_never_die_even_on_very_negative_inputs(module):
+    pre = torch.full((4, 3, 2, 2), -1e3)
+    assert not dead_units(pre, module).any()  # leaky's 0.01 is not below 0.01 * 1: alive by a hair
+
+
+def test_prelu_unit_dies_once_its_learned_slope_shrinks_below_a_hundredth():
+    prelu = prelu_per_channel()
+    with torch.no_grad():
+        prelu.weight[0] = 0.005
+    assert dead_units(torch.full((4, 3), -1.0), prelu).tolist() == [True, False, False]
+
+
+def test_exponential_units_die_far_enough_below_zero():
+    # ELU's slope alpha*exp(x) falls below 1% of alpha past x = ln(0.01) = -4.6: exp(-5) = 0.0067.
+    pre = torch.tensor([[-5.0, -4.0, -30.0],
+                        [-6.0, -50.0, 0.5]])
+    assert dead_units(pre, nn.ELU()).tolist() == [True, False, False]
+    assert dead_units(pre, nn.ELU(alpha=2.0)).tolist() == [True, False, False]  # the 1% scales with alpha
+    assert dead_units(pre, nn.SELU()).tolist() == [True, False, False]
+    assert dead_units(pre, nn.CELU()).tolist() == [True, False, False]
+    assert dead_units(pre, nn.Softplus()).tolist() == [True, False, False]  # sigmoid(x) < 0.01 past -4.6
+    assert dead_units(pre, nn.GELU()).tolist() == [True, True, False]  # Phi(x) + x phi(x) vanishes fast
+
+
+def test_conv_channel_is_dead_only_if_every_example_and_position_is():
+    pre = -torch.rand(3, 2, 4, 4)  # ReLU: all dead...
+    pre[2, 1, 3, 0] = 0.5  # ...but for one position of one example in channel 1
+    assert dead_units(pre, nn.ReLU()).tolist() == [True, False]
+    assert dead_units(pre, nn.ReLU()).dtype == torch.bool
 
 
 def test_update_ratio_is_log10_of_step_size_over_weight_size():

@@ -1,6 +1,5 @@
 """Runs that survive: exact resume after SIGKILL, requeued sweep jobs, refused resumes."""
 
-import io
 import json
 import signal
 import subprocess
@@ -10,8 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-from rich.console import Console
 
 from cnnlab.train.checkpoint import load_checkpoint
 from cnnlab.config import validate
@@ -36,7 +33,7 @@ def reference(tmp_path_factory) -> Path:
     """The same run, never interrupted."""
     run_dir = tmp_path_factory.mktemp("reference")
     cfg = compose_config(*RUN)
-    train(validate(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True), console=Console(file=io.StringIO()))
+    assert train(validate(cfg), run_dir).error is None
     return run_dir
 
 

@@ -1,22 +1,17 @@
 """What a run writes for TensorBoard, read back by TensorBoard's own reader; the HPARAMS tab as
 TensorBoard's hparams plugin computes it for the dashboard."""
 
-import io
-import os
-import signal
-
 import pytest
 import torch
-from omegaconf import OmegaConf
-from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from cnnlab.train import loop as trainer
-from cnnlab.config import validate
+from cnnlab.config import role, validate
 from cnnlab.instruments.probes import Measurement, histogram
-from cnnlab.train.tblog import DEFINING_HPARAMS, HPARAMS_FILE, NOT_HPARAMS, flat_hparams, write_hparams_start, write_probe
+from cnnlab.train.tblog import DEFINING_HPARAMS, HPARAMS_FILE, flat_hparams, write_hparams_start, write_probe
+from cnnlab.train.loop import Diverged, Interrupted, SilentProgress
+from cnnlab.train.stops import StopRequest
 from tests.helpers import TINY, TINY_MLP, TINY_TRAINER, compose_config
 
 SUCCESS, FAILURE, UNKNOWN = api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE, api_pb2.STATUS_UNKNOWN
@@ -54,12 +49,6 @@ def read_records(path):
     from tensorboard.compat.proto.event_pb2 import Event
 
     return [Event.FromString(record) for record in RawEventFileLoader(str(path)).Load()]
-
-
-def resume(run_dir, *overrides):
-    cfg = compose_config(*TINY, *overrides)
-    return trainer.train(validate(cfg), run_dir, OmegaConf.to_container(cfg), Console(file=io.StringIO()),
-                         resume=True)
 
 
 def test_a_probe_is_written_as_scalars_and_histograms_under_its_tags(tmp_path):
@@ -100,8 +89,9 @@ def test_the_hparams_record_has_typed_values_the_defining_settings_first_and_no_
     names = [info.name for info in infos]
     assert names[:8] == list(DEFINING_HPARAMS) and names[8:] == sorted(names[8:])
     assert [info.name for info in infos if info.differs] == list(DEFINING_HPARAMS)  # what TensorBoard sorts on
-    assert {"dataset.root", "dataset.download", "trainer.threads", "trainer.device"} <= set(flat_hparams(run))
-    assert not set(NOT_HPARAMS) & set(names)
+    not_hparams = {"dataset.root", "dataset.download", "trainer.threads", "trainer.device"}  # config.role says so
+    assert not_hparams <= set(flat_hparams(run)) and not not_hparams & set(names)
+    assert all(role(name).hparam for name in names)
     start = content[metadata.SESSION_START_INFO_TAG].session_start_info.hparams
     assert set(start) == set(names)  # a map: no order
     batchnorm = next(info for info in infos if info.name == "model.batchnorm")
@@ -133,45 +123,32 @@ def test_a_completed_run_is_one_successful_row_with_its_settings_and_metrics(tin
 
 
 def test_a_diverged_run_is_a_failure(tiny_run, tmp_path):
-    with pytest.raises(trainer.Diverged):
-        tiny_run("optimizer=sgd", "optimizer.lr=1e10", "trainer.batch_size=100")
+    assert isinstance(tiny_run("optimizer=sgd", "optimizer.lr=1e10", "trainer.batch_size=100").result.error, Diverged)
     assert status(tmp_path) == FAILURE
 
 
-def test_an_interrupted_run_is_unknown_until_its_resume_completes_it(tiny_run, monkeypatch, tmp_path):
-    step = trainer.train_step
-
-    def stopped_at_step_3(state, *args):
-        if state.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return step(state, *args)
-
-    monkeypatch.setattr(trainer, "train_step", stopped_at_step_3)
-    with pytest.raises(trainer.Interrupted):
-        tiny_run("trainer.epochs=2")
+def test_an_interrupted_run_is_unknown_until_its_resume_completes_it(tiny_run, tmp_path):
+    assert isinstance(tiny_run("trainer.epochs=2", stop=StopRequest(at_step=3)).result.error, Interrupted)
     assert status(tmp_path) == UNKNOWN  # not over: it may resume
-    monkeypatch.setattr(trainer, "train_step", step)
-    assert resume(tmp_path / "run", "trainer.epochs=2")["status"] == "completed"
+    assert tiny_run("trainer.epochs=2", resume=True).metrics["status"] == "completed"
     assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 3  # the record and one per process
     assert status(tmp_path) == SUCCESS
 
 
-def test_a_completed_run_resumed_for_more_epochs_shows_how_its_last_process_ended(run_cli, monkeypatch, tmp_path):
+class BrokenTerminal(SilentProgress):
+    def end_epoch(self, epoch, step, summary):
+        raise RuntimeError("the terminal went away")
+
+
+def test_a_completed_run_resumed_for_more_epochs_shows_how_its_last_process_ended(run_cli, tiny_run, tmp_path):
     assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0
     assert run_cli("train", "resume=run")[0] == 0  # nothing to do: the record stays as it is
     assert status(tmp_path) == SUCCESS
 
-    test = trainer.test
-
-    def broken_test(state):
-        raise RuntimeError("the test set went missing")
-
-    monkeypatch.setattr(trainer, "test", broken_test)
-    with pytest.raises(RuntimeError):
-        resume(tmp_path / "run", "trainer.epochs=2")  # the success of epoch 1 no longer stands
+    with pytest.raises(RuntimeError):  # the success of epoch 1 no longer stands
+        tiny_run("trainer.epochs=2", resume=True, progress=BrokenTerminal())
     assert status(tmp_path) == FAILURE
 
-    monkeypatch.setattr(trainer, "test", test)
     assert run_cli("train", "resume=run", "trainer.epochs=3")[0] == 0
     _, sessions = hparams_tab(tmp_path)
     session, hparams = sessions["run"]

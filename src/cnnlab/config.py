@@ -2,7 +2,8 @@
 
 The YAML files under configs/ hold the default values; these classes give each setting its type,
 SCHEMAS says which class checks which option, and one checker per section says which values are
-valid. This module must not import torch: config errors answer fast.
+valid. The schemas of datasets and activations live in their rows (cnnlab.datasets,
+cnnlab.activations). This module must not import torch: config errors answer fast.
 """
 
 from __future__ import annotations
@@ -17,49 +18,22 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from cnnlab.activations import (
+    ACTIVATIONS,
+    ActivationConfig,
+    AlphaActivationConfig,
+    GELUConfig,
+    LeakyReLUConfig,
+    RReLUConfig,
+    SoftplusConfig,
+)
+from cnnlab.datasets import DATASETS, DatasetConfig, FakeDatasetConfig, ImageFolderConfig
 from cnnlab.errors import UserError
 
 # The names of models.INITIALISERS, here so that validating a config needs no torch.
 INIT_SCHEMES = ("default", "kaiming", "xavier", "lecun", "orthogonal")
-# The image sizes of the torchvision datasets (fake and imagefolder set theirs with dataset.image_size),
-# here so that a ConvNet too deep for its images is refused before any work starts.
-IMAGE_SIZES = {"mnist": 28, "fashion_mnist": 28, "cifar10": 32}
 # torch.manual_seed and torch.Generator.manual_seed take seeds in [0, 2**64 - 1].
 MAX_SEED = 2**64 - 1
-
-
-# --- dataset -------------------------------------------------------------------------------------
-@dataclass
-class DatasetConfig:
-    name: str = MISSING
-    val_fraction: float = MISSING  # share of the training split held out for validation
-    split_seed: int = MISSING  # seed of that split; fixed so that seed sweeps share one split
-    augment: bool = MISSING  # random crop (padding 4) + horizontal flip, in bulk on the device
-
-
-@dataclass
-class TorchvisionDatasetConfig(DatasetConfig):
-    root: str = MISSING  # where torchvision looks for (and downloads) the files
-    download: bool = MISSING  # download missing files
-
-
-@dataclass
-class ImageFolderConfig(DatasetConfig):
-    path: str = MISSING  # PATH/CLASS/IMAGE, or PATH/{train,val,test}/CLASS/IMAGE
-    image_size: int = MISSING  # images are resized to image_size x image_size
-    channels: int = MISSING  # 1 (greyscale) or 3 (RGB)
-    max_memory_mb: int = MISSING  # decoded size up to which the images are held in memory
-    num_workers: int = MISSING  # DataLoader workers when the images are streamed
-
-
-@dataclass
-class FakeDatasetConfig(DatasetConfig):
-    train_size: int = MISSING
-    test_size: int = MISSING
-    image_size: int = MISSING
-    channels: int = MISSING
-    num_classes: int = MISSING
-    noise: float = MISSING  # per-pixel noise relative to the class pattern
 
 
 # --- model ---------------------------------------------------------------------------------------
@@ -80,45 +54,6 @@ class MLPConfig(ModelConfig):
 class ConvNetConfig(ModelConfig):
     channels: list[int] = field(default_factory=lambda: MISSING)  # conv block widths
     fc_hidden: int = MISSING  # width of the hidden fully connected layer
-
-
-# --- activation: the parameter names are those of the torch.nn modules ----------------------------
-@dataclass
-class ActivationConfig:
-    name: str = MISSING
-
-
-@dataclass
-class LeakyReLUConfig(ActivationConfig):
-    negative_slope: float = MISSING
-
-
-@dataclass
-class PReLUConfig(ActivationConfig):
-    per_channel: bool = MISSING  # one learned slope per channel/unit instead of one per layer
-    init: float = MISSING  # initial slope
-
-
-@dataclass
-class RReLUConfig(ActivationConfig):
-    lower: float = MISSING
-    upper: float = MISSING
-
-
-@dataclass
-class AlphaActivationConfig(ActivationConfig):
-    alpha: float = MISSING
-
-
-@dataclass
-class GELUConfig(ActivationConfig):
-    approximate: str = MISSING  # "none" or "tanh"
-
-
-@dataclass
-class SoftplusConfig(ActivationConfig):
-    beta: float = MISSING
-    threshold: float = MISSING
 
 
 # --- optimizer and schedule ----------------------------------------------------------------------
@@ -233,31 +168,12 @@ class RunConfig:
 
 
 # Which schema checks which option of each config group. The names are the interface: they are
-# the YAML file names under configs/ and the keys of the builders' tables (ACTIVATIONS, ...).
+# the YAML file names under configs/ and the keys of the builders' tables. Datasets and activations
+# bring their own (cnnlab.datasets.DATASETS, cnnlab.activations.ACTIVATIONS).
 SCHEMAS: dict[str, dict[str, type]] = {
-    "dataset": {
-        "mnist": TorchvisionDatasetConfig,
-        "fashion_mnist": TorchvisionDatasetConfig,
-        "cifar10": TorchvisionDatasetConfig,
-        "imagefolder": ImageFolderConfig,
-        "fake": FakeDatasetConfig,
-    },
+    "dataset": {name: row.schema for name, row in DATASETS.items()},
     "model": {"mlp": MLPConfig, "convnet": ConvNetConfig},
-    "activation": {
-        "relu": ActivationConfig,
-        "leaky_relu": LeakyReLUConfig,
-        "prelu": PReLUConfig,
-        "rrelu": RReLUConfig,
-        "elu": AlphaActivationConfig,
-        "selu": ActivationConfig,
-        "celu": AlphaActivationConfig,
-        "gelu": GELUConfig,
-        "silu": ActivationConfig,
-        "mish": ActivationConfig,
-        "softplus": SoftplusConfig,
-        "sigmoid": ActivationConfig,
-        "tanh": ActivationConfig,
-    },
+    "activation": {name: row.schema for name, row in ACTIVATIONS.items()},
     "optimizer": {"sgd": SGDConfig, "adam": AdamConfig, "adamw": AdamConfig, "rmsprop": RMSpropConfig},
     "scheduler": {
         "none": SchedulerConfig,
@@ -508,13 +424,10 @@ def _check_findings(f: FindingsConfig) -> None:
     _require(0 < f.edge_of_stability <= 2, "findings.edge_of_stability", f.edge_of_stability, "must be in (0, 2]")
 
 
-
-
-
-
 def image_size(d: DatasetConfig) -> int:
-    """The side of the dataset's (square) images, as the model sees them."""
-    return d.image_size if isinstance(d, (ImageFolderConfig, FakeDatasetConfig)) else IMAGE_SIZES[d.name]
+    """The side of the dataset's (square) images, as the model sees them: its row's, or dataset.image_size."""
+    known = DATASETS[d.name].image_size
+    return d.image_size if known is None else known
 
 
 def _check_model_fits_images(m: ModelConfig, d: DatasetConfig) -> None:
@@ -525,7 +438,7 @@ def _check_model_fits_images(m: ModelConfig, d: DatasetConfig) -> None:
     if size >> blocks > 0:
         return
     most = size.bit_length() - 1  # floor(log2(size))
-    if not isinstance(d, (ImageFolderConfig, FakeDatasetConfig)):
+    if DATASETS[d.name].image_size is not None:
         images, fix = f"the {size}x{size} images of dataset {d.name}", f"Use at most {most} blocks for this dataset."
     elif most == 0:
         images, fix = f"{size}x{size} images (dataset.image_size={size})", f"Set dataset.image_size to at least {2**blocks}."

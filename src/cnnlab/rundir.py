@@ -53,15 +53,18 @@ def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     replace_atomically(Path(run_dir) / METRICS_FILE, lambda file: file.write(text.encode()))
 
 
-def record_config(run_dir: Path, config: dict[str, Any]) -> None:
+def record_config(run_dir: Path, settings: dict[str, Any]) -> None:
     """Keep a resumed run's record of its config (.hydra/config.yaml) true when the resume changed
-    a setting (a longer run, say); called once the resume has been accepted."""
+    a setting (a longer run, say); called once the resume has been accepted. `settings` is
+    config.as_dict(run); what the record holds besides the run's settings (`resume`) stays as it is."""
     from omegaconf import OmegaConf
 
     path = Path(run_dir) / ".hydra" / "config.yaml"
-    if not config or not path.is_file():
+    if not settings or not path.is_file():
         return
-    if OmegaConf.to_container(OmegaConf.load(path), resolve=True) != config:
+    recorded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    config = {**recorded, **settings}  # in the record's order
+    if config != recorded:
         text = OmegaConf.to_yaml(OmegaConf.create(config))
         replace_atomically(path, lambda file: file.write(text.encode()))
 

@@ -1,7 +1,9 @@
 """What the probes log, one row per statistic: its TensorBoard tag prefix, the level it is measured
-at, its Custom Scalars chart, its `cnnlab inspect` column, whether it turns non-finite when a layer
-blows up, and whether `cnnlab compare` draws it. The TensorBoard layout, inspect's columns,
-compare's series and the findings' lists are all derived from these rows. No torch here.
+at, its kind (scalar, histogram, image), its Custom Scalars chart, its `cnnlab inspect` column,
+whether it turns non-finite when a layer blows up, and whether `cnnlab compare` draws it. The
+TensorBoard layout, inspect's columns, compare's series and the findings' lists are all derived
+from these rows, and the probes make every tag with `tag`. No torch here. Adding a statistic is
+its computation in instruments/probes.py and its row here.
 
 Tags are `PREFIX/LAYER` (`dead_fraction/act02_relu`, `grad_norm/layer01_linear`) or, for a statistic
 of the whole network, `PREFIX` or `PREFIX/WHAT` (`gradient_noise_scale`, `sharpness/top_eigenvalue`).
@@ -17,18 +19,25 @@ from dataclasses import dataclass
 ACTIVATION, WEIGHT, NETWORK = "activation", "weight", "network"
 LEVELS = (ACTIVATION, WEIGHT, NETWORK)
 LAYER_START = {ACTIVATION: "act", WEIGHT: "layer"}  # how the names of each level's layers start
+# What a statistic is in TensorBoard: a scalar per probe, a histogram per probe, or an image.
+SCALAR, HISTOGRAM, IMAGE = "scalar", "histogram", "image"
 
 
 @dataclass(frozen=True)
 class Statistic:
     level: str  # ACTIVATION: per activation layer; WEIGHT: per weight layer; NETWORK: one for the network
-    chart: str  # the title of its chart in TensorBoard's Custom Scalars tab
+    chart: str  # the title of its chart in TensorBoard's Custom Scalars tab (a scalar's), or what it shows
     meaning: str  # one line: what it measures
     column: tuple[str, str] | None = None  # (title, number format) of its `cnnlab inspect` column; None: none
     blows_up: bool = False  # turns NaN/inf when a layer's weights or inputs blow up (the findings read it so)
     compared: bool = False  # `cnnlab compare` reads it for its figures
+    kind: str = SCALAR  # SCALAR, HISTOGRAM or IMAGE
+    # What the tags of a NETWORK statistic end in (`sharpness/top_eigenvalue`); none: the tag is the prefix.
+    parts: tuple[str, ...] = ()
 
 
+# In the order of their charts. A layer-level statistic's tags end in the layer's name, or in
+# `all` (dead_fraction: every layer together) or `total` (grad_norm: every parameter, from the loop).
 STATISTICS: dict[str, Statistic] = {
     "dead_fraction": Statistic(ACTIVATION, "dead fraction", "share of units whose slope is ~0 on every probe image",
                                column=("dead fraction", ".3f"), compared=True),
@@ -38,19 +47,30 @@ STATISTICS: dict[str, Statistic] = {
                           column=("act mean", ".3g"), blows_up=True, compared=True),
     "act_std": Statistic(ACTIVATION, "activation std", "standard deviation of the layer's outputs",
                          column=("act std", ".3g"), blows_up=True, compared=True),
-    "effective_rank": Statistic(ACTIVATION, "effective rank", "exp of the entropy of the outputs' singular values",
-                                column=("eff. rank", ".1f"), blows_up=True, compared=True),
-    "revived_fraction": Statistic(ACTIVATION, "revived fraction", "share of units dead at the last probe, alive now"),
-    "prelu_slope": Statistic(ACTIVATION, "PReLU slope", "mean learned negative slope of a PReLU layer"),
     "grad_norm": Statistic(WEIGHT, "gradient norm", "L2 norm of the layer's weight gradient (`total`: all)",
                            column=("grad norm", ".3g"), blows_up=True),
     "update_ratio": Statistic(WEIGHT, "update ratio (log10)", "log10 of |weight update| / |weight|",
                               column=("update ratio (log10)", ".2f"), blows_up=True),
+    "prelu_slope": Statistic(ACTIVATION, "PReLU slope", "mean learned negative slope of a PReLU layer"),
+    "revived_fraction": Statistic(ACTIVATION, "revived fraction", "share of units dead at the last probe, alive now"),
+    "effective_rank": Statistic(ACTIVATION, "effective rank", "exp of the entropy of the outputs' singular values",
+                                column=("eff. rank", ".1f"), blows_up=True, compared=True),
     "gradient_snr": Statistic(WEIGHT, "gradient SNR", "mean^2 / variance of the per-example gradients",
                               column=("gradient SNR", ".3g")),
     "gradient_noise_scale": Statistic(NETWORK, "gradient noise scale", "tr(Sigma) / |G|^2 (McCandlish et al. 2018)"),
     "sharpness": Statistic(NETWORK, "sharpness and stability limit",
-                           "top Hessian eigenvalue of the loss, and the optimizer's stability limit", compared=True),
+                           "top Hessian eigenvalue of the loss, and the optimizer's stability limit", compared=True,
+                           parts=("top_eigenvalue", "stability_limit")),
+    "activations": Statistic(ACTIVATION, "activation histograms", "the layer's outputs on the probe batch",
+                             kind=HISTOGRAM),
+    "preactivations": Statistic(ACTIVATION, "pre-activation histograms", "the layer's inputs on the probe batch",
+                                kind=HISTOGRAM),
+    "weights": Statistic(WEIGHT, "weight histograms", "the layer's weights", kind=HISTOGRAM),
+    "prelu_slopes": Statistic(ACTIVATION, "PReLU slope histograms", "a per-channel PReLU layer's learned slopes",
+                              kind=HISTOGRAM),
+    "activation_density": Statistic(ACTIVATION, "activation density (also density/LAYER.png)",
+                                    "the layer's output values against probe step, log(1 + count) as colour",
+                                    kind=IMAGE),
 }
 
 # The training curves, logged by the loop rather than the probes: the first charts, and what
@@ -59,10 +79,11 @@ TRAINING_CHARTS = {"loss": r"(train|val|test)/loss", "accuracy": r"(train|val|te
 TRAINING_COMPARED = ("train/loss", "val/")
 
 
-def tag(prefix: str, layer: str) -> str:
-    """`dead_fraction`, `act02_relu` -> `dead_fraction/act02_relu`; the prefix must be a row."""
+def tag(prefix: str, layer: str = "") -> str:
+    """`dead_fraction`, `act02_relu` -> `dead_fraction/act02_relu`; `gradient_noise_scale` alone -> itself.
+    The prefix must be a row: every tag the probes write is made here."""
     assert prefix in STATISTICS, prefix
-    return f"{prefix}/{layer}"
+    return f"{prefix}/{layer}" if layer else prefix
 
 
 def split_tag(tag_: str) -> tuple[str, str]:
@@ -78,11 +99,12 @@ def layer_depth(name: str) -> int:
 
 
 def prefixes(level: str | None = None, *, column: bool = False, blows_up: bool = False,
-             compared: bool = False) -> tuple[str, ...]:
-    """The prefixes of the rows at `level` (any level if None) that have each property asked for."""
+             compared: bool = False, kind: str = SCALAR) -> tuple[str, ...]:
+    """The prefixes of the `kind` rows at `level` (any level if None) that have each property asked for."""
     return tuple(prefix for prefix, row in STATISTICS.items()
-                 if (level is None or row.level == level) and (row.column is not None or not column)
-                 and (row.blows_up or not blows_up) and (row.compared or not compared))
+                 if row.kind == kind and (level is None or row.level == level)
+                 and (row.column is not None or not column) and (row.blows_up or not blows_up)
+                 and (row.compared or not compared))
 
 
 def columns(level: str) -> tuple[tuple[str, str, str], ...]:
@@ -91,10 +113,16 @@ def columns(level: str) -> tuple[tuple[str, str, str], ...]:
 
 
 def custom_scalars_layout() -> dict[str, dict[str, list]]:
-    """TensorBoard's Custom Scalars layout: the training curves first, then one chart per statistic."""
+    """TensorBoard's Custom Scalars layout: the training curves first, then one chart per scalar
+    statistic, of all its tags (every layer of it)."""
     training = {chart: ["Multiline", [pattern]] for chart, pattern in TRAINING_CHARTS.items()}
-    layers = {row.chart: ["Multiline", [rf"{prefix}(/.*)?"]] for prefix, row in STATISTICS.items()}
+    layers = {STATISTICS[prefix].chart: ["Multiline", [_tags_pattern(prefix)]] for prefix in prefixes()}
     return {"training": training, "layers": layers}
+
+
+def _tags_pattern(prefix: str) -> str:
+    row = STATISTICS[prefix]
+    return prefix if row.level == NETWORK and not row.parts else rf"{prefix}/.*"
 
 
 def compared_tags() -> tuple[str, ...]:

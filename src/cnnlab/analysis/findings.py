@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import bisect
 import math
-import re
 import statistics
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from cnnlab.config import FindingsConfig
+from cnnlab.statistics import layer_depth, prefixes, split_tag
+from cnnlab.status import Status
 
 WARNING, INFO = "warning", "info"
 
@@ -28,8 +29,6 @@ INIT_FOR = {**{name: "kaiming" for name in RELU_FAMILY}, "selu": "lecun", "sigmo
 INIT_SOURCE = {"kaiming": "He et al. 2015", "lecun": "Klambauer et al. 2017", "xavier": "Glorot & Bengio 2010"}
 # Earlier points a running median needs before a jump over it means anything.
 MIN_HISTORY = 3
-# Per-layer statistics that turn NaN/inf when a layer's weights or inputs blow up.
-BLOWUP_PREFIXES = ("act_mean", "act_std", "effective_rank", "saturation", "grad_norm", "update_ratio")
 
 
 @dataclass
@@ -61,21 +60,35 @@ class RunFacts:
     lr: float
     momentum: float  # 0.0 where the optimizer has none
     grad_clip: Optional[float]
-    status: str  # running, completed, diverged, interrupted, failed
+    status: str  # metrics.json's status (a Status), "unknown" without one
     diverged_step: Optional[int]
 
 
+def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
+    section = config.get(name)
+    return section if isinstance(section, dict) else {}
+
+
+def run_facts(config: dict[str, Any], *, num_classes: int, steps_per_epoch: int, metrics: dict[str, Any]) -> RunFacts:
+    """What the findings need to know about a run besides its series: from its config as plain
+    containers (.hydra/config.yaml, or config.as_dict(run)) and its metrics.json. Lenient with an
+    older or partial config: what it lacks is taken as the defaults (init `default`, no BatchNorm,
+    no momentum, no clipping)."""
+    model, optimizer = _section(config, "model"), _section(config, "optimizer")
+    return RunFacts(
+        num_classes=num_classes, steps_per_epoch=steps_per_epoch,
+        activation=str(_section(config, "activation").get("name", "")), init=str(model.get("init", "default")),
+        batchnorm=bool(model.get("batchnorm", False)), optimizer=str(optimizer.get("name", "")),
+        lr=float(optimizer.get("lr", 0.0)), momentum=float(optimizer.get("momentum", 0.0) or 0.0),
+        grad_clip=_section(config, "trainer").get("grad_clip"), status=str(metrics.get("status", "unknown")),
+        diverged_step=metrics.get("diverged_step"))
+
+
 # --- reading series --------------------------------------------------------------------------------
-def _depth(name: str) -> int:
-    """act03_fc, layer03_conv -> 3; names without a number sort last."""
-    match = re.match(r"(?:act|layer)(\d+)", name)
-    return int(match.group(1)) if match else 10**9
-
-
 def _layers(series: Series, prefix: str) -> list[str]:
     """The layers with a `prefix/<layer>` tag, in depth order (not `all`, `total`)."""
-    names = [tag[len(prefix) + 1:] for tag in series if tag.startswith(prefix + "/")]
-    return sorted((n for n in names if n not in ("all", "total")), key=lambda n: (_depth(n), n))
+    names = [layer for of, layer in map(split_tag, series) if of == prefix and layer]
+    return sorted((n for n in names if n not in ("all", "total")), key=lambda n: (layer_depth(n), n))
 
 
 def _finite(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -283,17 +296,18 @@ def not_learning(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[F
 
 def diverged(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Finding]:
     """The run stopped on a NaN/inf; name the layer whose statistics blew up first, when the probes saw it."""
-    if facts.status != "diverged":
+    if facts.status != Status.DIVERGED:
         return []
     first: Optional[tuple[int, int, str]] = None  # (step, depth, layer)
+    blows_up = prefixes(blows_up=True)  # the statistics that turn NaN/inf when a layer blows up
     for tag, points in series.items():
-        prefix, _, layer = tag.partition("/")
-        if prefix not in BLOWUP_PREFIXES or layer in ("", "all", "total"):
+        prefix, layer = split_tag(tag)
+        if prefix not in blows_up or layer in ("", "all", "total"):
             continue
         for step, value in points:
             # log10 of a zero update is -inf: a frozen layer, not a blown-up one.
             if math.isnan(value) or (math.isinf(value) and not (prefix == "update_ratio" and value < 0)):
-                first = min(first or (step, _depth(layer), layer), (step, _depth(layer), layer))
+                first = min(first or (step, layer_depth(layer), layer), (step, layer_depth(layer), layer))
                 break
     at = f" at step {facts.diverged_step}" if facts.diverged_step is not None else ""
     where = f"; the first layer whose statistics became non-finite is {first[2]} (step {first[0]})" if first else ""

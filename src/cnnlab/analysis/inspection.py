@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,17 +18,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from omegaconf import OmegaConf
+
+from cnnlab import statistics
+from cnnlab.analysis.findings import Finding, RunFacts, diagnose, run_facts
+from cnnlab.config import FindingsConfig, with_todays_defaults
 from cnnlab.errors import UserError, one_line
 from cnnlab.rundir import METRICS_FILE, _json_safe, locked_by, read_run_metrics
+from cnnlab.status import Status
 
 Series = dict[str, list[tuple[int, float]]]  # tag -> (step, value) in step order, as cnnlab.analysis.findings takes it
-
-# Per-layer columns: (tag prefix, column title, number format). Tags a run did not log show "-".
-ACTIVATION_COLUMNS = (("dead_fraction", "dead fraction", ".3f"), ("saturation", "saturation", ".3f"),
-                      ("act_mean", "act mean", ".3g"), ("act_std", "act std", ".3g"),
-                      ("effective_rank", "eff. rank", ".1f"))
-WEIGHT_COLUMNS = (("grad_norm", "grad norm", ".3g"), ("update_ratio", "update ratio (log10)", ".2f"),
-                  ("gradient_snr", "gradient SNR", ".3g"))
 TEN_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10}
 
 
@@ -41,7 +39,7 @@ class Inspection:
     metrics: dict[str, Any]
     config: dict[str, Any]  # .hydra/config.yaml; {} without one
     series: Series
-    findings: list = field(default_factory=list)  # cnnlab.analysis.findings.Finding
+    findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was missing or guessed
 
 
@@ -134,50 +132,39 @@ def _steps_per_epoch(inspection: Inspection) -> int:
     return 1 + max((points[-1][0] for points in inspection.series.values() if points), default=0)
 
 
-def run_facts(inspection: Inspection):
-    """RunFacts as the trainer builds them, from the run's config and metrics.json."""
-    from cnnlab.analysis.findings import RunFacts
-
-    cfg, metrics, notes = inspection.config, inspection.metrics, inspection.notes
-    model, optimizer = cfg.get("model") or {}, cfg.get("optimizer") or {}
-    return RunFacts(
-        num_classes=_num_classes(cfg.get("dataset") or {}, notes), steps_per_epoch=_steps_per_epoch(inspection),
-        activation=str((cfg.get("activation") or {}).get("name", "")), init=str(model.get("init", "default")),
-        batchnorm=bool(model.get("batchnorm", False)), optimizer=str(optimizer.get("name", "")),
-        lr=float(optimizer.get("lr", 0.0)), momentum=float(optimizer.get("momentum", 0.0) or 0.0),
-        grad_clip=(cfg.get("trainer") or {}).get("grad_clip"), status=inspection.status,
-        diverged_step=metrics.get("diverged_step"))
+def facts_of(inspection: Inspection) -> RunFacts:
+    """The run's RunFacts, as the trainer builds them, from its config and metrics.json."""
+    return run_facts(inspection.config, num_classes=_num_classes(inspection.config.get("dataset") or {},
+                                                                 inspection.notes),
+                     steps_per_epoch=_steps_per_epoch(inspection), metrics=inspection.metrics)
 
 
-def findings_config(run_config: dict[str, Any], notes: list[str]):
-    """FindingsConfig: the defaults of configs/train.yaml, then the run's own `findings` section
-    (an older run has none: it gets today's defaults)."""
-    from omegaconf import OmegaConf
+def _todays_findings(run_findings: Any) -> FindingsConfig:
+    """`run_findings` over the findings defaults of today's configs/train.yaml, typed."""
+    cfg = with_todays_defaults(OmegaConf.create({"findings": run_findings or {}}), sections=("findings",))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FindingsConfig), cfg.findings))
 
-    from cnnlab.config import config_dir
-    from cnnlab.config import FindingsConfig
 
-    merged = OmegaConf.merge(OmegaConf.structured(FindingsConfig),
-                             OmegaConf.load(config_dir() / "train.yaml").get("findings") or {})
+def findings_config(run_config: dict[str, Any], notes: list[str]) -> FindingsConfig:
+    """The run's own `findings` settings over today's defaults. An older run has none, or some this
+    version does not know: it gets today's defaults, and a note says so."""
     if "findings" not in run_config:
         notes.append("the run's config has no findings section: today's defaults are used")
-    else:
-        try:
-            merged = OmegaConf.merge(merged, run_config["findings"] or {})
-        except Exception as error:  # a key this version does not know
-            notes.append(f"the run's findings settings do not fit this version ({one_line(error, 120)}): "
-                         f"today's defaults are used")
-    return OmegaConf.to_object(merged)
+        return _todays_findings({})
+    try:
+        return _todays_findings(run_config["findings"])
+    except Exception as error:  # a key this version does not know, a value of the wrong type
+        notes.append(f"the run's findings settings do not fit this version ({one_line(error, 120)}): "
+                     f"today's defaults are used")
+        return _todays_findings({})
 
 
-def diagnose_run(inspection: Inspection) -> list:
+def diagnose_run(inspection: Inspection) -> list[Finding]:
     """The findings recomputed from the event files (not metrics.json's `findings`): a running run
     and a run older than the findings get them too, by today's rules."""
-    from cnnlab.analysis.findings import diagnose
-
     if not inspection.config or not inspection.series:
         return []
-    return diagnose(inspection.series, run_facts(inspection), findings_config(inspection.config, inspection.notes))
+    return diagnose(inspection.series, facts_of(inspection), findings_config(inspection.config, inspection.notes))
 
 
 def inspect_run(path: Path) -> Inspection:
@@ -187,29 +174,26 @@ def inspect_run(path: Path) -> Inspection:
 
 
 # --- layers --------------------------------------------------------------------------------------------
-def _depth(name: str) -> tuple[int, str]:
-    number = re.search(r"\d+", name)
-    return (int(number.group()) if number else 0, name)
-
-
-def layer_values(series: Series, prefixes: tuple[str, ...], layer_start: str) -> dict[str, dict[str, dict]]:
-    """layer -> statistic -> first and last point, for layers whose name starts with layer_start."""
+def layer_values(series: Series, level: str) -> dict[str, dict[str, dict]]:
+    """layer -> statistic -> first and last point, for the layers of `level` (statistics.ACTIVATION or
+    WEIGHT) and the statistics that have an inspect column, in depth order."""
+    prefixes = statistics.prefixes(level, column=True)
     layers: dict[str, dict[str, dict]] = {}
     for tag, points in series.items():
-        prefix, _, layer = tag.partition("/")
-        if prefix in prefixes and layer.startswith(layer_start) and points:
+        prefix, layer = statistics.split_tag(tag)
+        if prefix in prefixes and layer.startswith(statistics.LAYER_START[level]) and points:
             (first_step, first), (last_step, last) = points[0], points[-1]
             layers.setdefault(layer, {})[prefix] = {"first": first, "last": last, "first_step": first_step,
                                                     "last_step": last_step}
-    return {layer: layers[layer] for layer in sorted(layers, key=_depth)}
+    return {layer: layers[layer] for layer in sorted(layers, key=lambda name: (statistics.layer_depth(name), name))}
 
 
 def activation_layers(series: Series) -> dict[str, dict[str, dict]]:
-    return layer_values(series, tuple(c[0] for c in ACTIVATION_COLUMNS), "act")
+    return layer_values(series, statistics.ACTIVATION)
 
 
 def weight_layers(series: Series) -> dict[str, dict[str, dict]]:
-    return layer_values(series, tuple(c[0] for c in WEIGHT_COLUMNS), "layer")
+    return layer_values(series, statistics.WEIGHT)
 
 
 def _number(value: float | None, spec: str) -> str:
@@ -277,9 +261,9 @@ def to_json(inspection: Inspection) -> dict[str, Any]:
 
 def print_report(console: Console, inspection: Inspection) -> None:
     top = header(inspection)
-    styles = {"completed": "green", "running": "yellow"}
+    styles = {Status.COMPLETED: "green", Status.RUNNING: "yellow"}
     status = f"[{styles.get(top['status'], 'red')}]{escape(top['status'])}[/]"
-    if top["status"] == "running":
+    if top["status"] == Status.RUNNING:
         status += f" (process {top['writer_pid']})" if top["writer_pid"] else " (no process is writing it: killed?)"
     console.print(f"[bold]run[/] {escape(top['run'])}", highlight=False, soft_wrap=True)
     console.print(f"status {status}   epochs {_text(top['epochs'])}   steps {_text(top['steps'])}"
@@ -287,15 +271,15 @@ def print_report(console: Console, inspection: Inspection) -> None:
                   highlight=False, soft_wrap=True)
     activations, weights = activation_layers(inspection.series), weight_layers(inspection.series)
     if activations:
-        console.print(layer_table("activation layers", activations, ACTIVATION_COLUMNS))
+        console.print(layer_table("activation layers", activations, statistics.columns(statistics.ACTIVATION)))
     if weights:
-        console.print(layer_table("weight layers", weights, WEIGHT_COLUMNS))
+        console.print(layer_table("weight layers", weights, statistics.columns(statistics.WEIGHT)))
     print_findings(console, inspection.findings)
     for note in inspection.notes:
         console.print(f"note: {note}", style="dim", markup=False, highlight=False, soft_wrap=True)
 
 
-def print_findings(console: Console, findings: list) -> None:
+def print_findings(console: Console, findings: list[Finding]) -> None:
     if not findings:
         console.print("findings: none", highlight=False)
         return

@@ -25,7 +25,10 @@ def compare_command(args: list[str]) -> int:
     parser.add_argument("--tune", metavar="KEY", help="a setting that differs (e.g. optimizer.lr): for each "
                         "configuration, its value with the best mean validation accuracy, and the test accuracy there")
     options = parser.parse_args(args)
-    from cnnlab.analysis.compare import find_runs, make_figures, print_summary, sweep_dirs, tune, write_summary
+    from cnnlab.analysis.figures import make_figures
+    from cnnlab.analysis.folders import find_runs, sweep_dirs
+    from cnnlab.analysis.summary import print_summary, write_summary
+    from cnnlab.analysis.tuning import tune
     from cnnlab.cli.console import console
 
     single = Path(options.paths[0])
@@ -53,8 +56,8 @@ def activations_command(args: list[str]) -> int:
     options = parser.parse_args(args)
     from rich.table import Table
 
+    from cnnlab.activations import ACTIVATIONS
     from cnnlab.cli.console import console
-    from cnnlab.train.models import ACTIVATIONS
 
     table = Table(title="activation=NAME", title_justify="left")
     for column in ("name", "formula", "range", "settings (default)", "typical use"):

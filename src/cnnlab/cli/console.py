@@ -45,6 +45,7 @@ class TrainingProgress:
     def __init__(self, epochs: int, console: Console, job: str | None = None):
         self.console = console
         self.epochs = epochs
+        self.job = job
         self.prefix = f"{job} " if job else ""
         self.live = self.console.is_terminal  # the trainer reads running values only for a bar someone sees
         self.progress = Progress(
@@ -65,6 +66,13 @@ class TrainingProgress:
 
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
+
+    def started(self, description: str) -> None:
+        """The run's one line once it is set up ("cnnlab: mlp + relu on mnist (...), ..."); a sweep's
+        job names itself first ("cnnlab: job #3 (activation=elu): mlp + relu ...")."""
+        if self.job:
+            description = f"cnnlab: {self.job}: {description.removeprefix('cnnlab: ')}"
+        self.console.print(description, highlight=False, markup=False, soft_wrap=True)
 
     def start_epoch(self, epoch: int, steps: int, completed: int = 0) -> None:
         self.task = self.progress.add_task(escape(f"{self.prefix}epoch {epoch}/{self.epochs}"), total=steps,
@@ -111,6 +119,13 @@ def summary_table(metrics: dict[str, Any], run_dir: str) -> Table:
     for name, value in rows:
         table.add_row(name, escape(value))
     return table
+
+
+def findings_view(findings: list, findings_error: str | None) -> Panel | Text:
+    """The findings panel, or the line that says why there are no findings to show."""
+    if findings_error is not None:
+        return Text(f"cnnlab: the findings could not be computed: {findings_error}")
+    return findings_panel(findings)
 
 
 def findings_panel(findings: list) -> Panel | Text:

@@ -1,13 +1,15 @@
-"""One Hydra job: its config made ready (resumed or new, validated once), trained, and its outcome
-told: a rejected config, a divergence, a stop, a failure, each with its message and status."""
+"""One Hydra job: its config made ready (resumed or new, validated once), trained, and its result
+shown (a single run's summary table and findings, a sweep job's one line), then how it ended: a
+rejected config, a divergence, a stop, a failure, each with its message and status."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cnnlab.cli.console import print_error
 from cnnlab.cli.folders import threads_per_job
@@ -16,6 +18,11 @@ from cnnlab.config import RunConfig
 from cnnlab.errors import UserError
 from cnnlab.status import Status
 from cnnlab.train.resume import prepare_job
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from cnnlab.train.loop import RunResult
 
 
 @dataclass
@@ -66,9 +73,9 @@ def run_job(cfg: DictConfig, validated: dict[str, RunConfig] | None = None) -> S
     ready = ready_config(cfg, job, validated if validated is not None else {})
     if isinstance(ready, Status):
         return ready
-    run, cfg, resume = ready
+    run, resume = ready
     try:
-        return train_and_tell(run, cfg, job, resume)
+        return train_and_tell(run, job, resume)
     except Exception as error:
         if not job.multirun:
             raise
@@ -78,11 +85,10 @@ def run_job(cfg: DictConfig, validated: dict[str, RunConfig] | None = None) -> S
         return Status.FAILED
 
 
-def ready_config(cfg: DictConfig, job: Job,
-                 validated: dict[str, RunConfig]) -> tuple[RunConfig, DictConfig, bool] | Status:
-    """(the run's typed config, its config, whether it resumes), or the job's status when there is
-    nothing to run: it has ended already, or its config is rejected (recorded as `invalid` in a
-    folder that holds no run). A config the check before Hydra validated is not validated again."""
+def ready_config(cfg: DictConfig, job: Job, validated: dict[str, RunConfig]) -> tuple[RunConfig, bool] | Status:
+    """(the run's typed config, whether it resumes), or the job's status when there is nothing to
+    run: it has ended already, or its config is rejected (recorded as `invalid` in a folder that
+    holds no run). A config the check before Hydra validated is not validated again."""
     from cnnlab.config import validate
     from cnnlab.rundir import CHECKPOINT_DIR, write_metrics
 
@@ -99,21 +105,45 @@ def ready_config(cfg: DictConfig, job: Job,
         return Status.INVALID
     if run.trainer.threads is None and job.n_jobs is not None:
         run.trainer.threads = threads_per_job(job.n_jobs, os.cpu_count() or 1)
-    return run, cfg, resume
+    return run, resume
 
 
-def train_and_tell(run: RunConfig, cfg: DictConfig, job: Job, resume: bool) -> Status:
-    """Train (torch: only once the config is known to be good) and tell how the run ended."""
-    from cnnlab.cli.console import console
-    from cnnlab.train.loop import Diverged, Interrupted, train
+def train_and_tell(run: RunConfig, job: Job, resume: bool) -> Status:
+    """Train (torch: only once the config is known to be good), show the result, and tell the error
+    that ended the run if one did. Parallel jobs share the terminal: plain lines, never a live bar."""
+    from cnnlab.cli.console import TrainingProgress, console, job_line
+    from cnnlab.rundir import read_metrics_or_none
+    from cnnlab.train.loop import train
 
-    # Parallel jobs share the terminal: they print plain lines, never a live bar.
     output = console(live=job.n_jobs is None)
     try:
-        config = OmegaConf.to_container(cfg, resolve=True)
-        return Status(train(run, job.run_dir, config, console=output, resume=resume, job=job.label)["status"])
-    except (UserError, Diverged, Interrupted) as error:
-        return tell_error(error, job)
+        result = train(run, job.run_dir, resume=resume,
+                       progress=TrainingProgress(run.trainer.epochs, output, job.label))
+    except BaseException:  # a crash (metrics.json says failed), a second Ctrl-C: a sweep's job still ends with its line
+        if job.label is not None:
+            say(output, job_line(job.label, read_metrics_or_none(job.run_dir) or {}, str(job.run_dir)))
+        raise
+    show_result(output, result, job, findings=run.findings.enabled)
+    return result.status if result.error is None else tell_error(result.error, job)
+
+
+def show_result(output: Console, result: RunResult, job: Job, findings: bool) -> None:
+    """A single run ends with its summary table and findings (a failed run: its findings, before the
+    error message); a sweep's job with one line, whatever its outcome (the jobs of a joblib sweep
+    interleave, and the sweep's summary follows)."""
+    from cnnlab.cli.console import findings_view, job_line, summary_table
+
+    view = findings_view(result.findings, result.findings_error) if findings and result.description else None
+    if job.label is not None:
+        say(output, job_line(job.label, result.metrics, str(job.run_dir)))
+    elif result.error is None:
+        output.print(summary_table(result.metrics, str(job.run_dir)))
+    if job.label is None and view is not None:
+        output.print(view)
+
+
+def say(output: Console, line: str) -> None:
+    output.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def tell_error(error: BaseException, job: Job) -> Status:

@@ -61,7 +61,8 @@ def sweep_jobs(sweep_dir: Path) -> list[tuple[Path, dict[str, str]]]:
 def summarise_sweep(sweep_dir: Path) -> int:
     """The table of every job (`missing`: never started), summary.csv and summary.json in the sweep
     directory; the exit code."""
-    from cnnlab.analysis.compare import find_runs, print_summary, write_summary
+    from cnnlab.analysis.folders import find_runs
+    from cnnlab.analysis.summary import print_summary, write_summary
     from cnnlab.cli.console import console
 
     try:  # every job, as the command line listed them; those not started as `missing`

@@ -23,16 +23,17 @@ COLORMAP = "viridis"  # perceptually uniform; empty buckets get its darkest colo
 HISTC_CHUNK = 2**24
 
 
-def density_column(output: Tensor, low: float, high: float, bins: int) -> Tensor:
+def density_column(output: Tensor, low: float, high: float, bins: int, chunk: int = HISTC_CHUNK) -> Tensor:
     """Counts (float64, [bins]) of `output`'s values in `bins` even buckets over [low, high], on the
-    device, no host sync. Values beyond the range count in the edge buckets; NaN is not counted."""
+    device, no host sync, `chunk` elements at a time. Values beyond the range count in the edge
+    buckets; NaN is not counted."""
     if not low < high:
         raise ValueError(f"the range [{low}, {high}] is empty: low must be below high")
     x = output.detach().flatten().float()
     counts = torch.zeros(bins, dtype=torch.float64, device=x.device)
     with histc_allowed(x.device):
-        for chunk in x.split(HISTC_CHUNK):  # clamping per chunk: no copy of the whole tensor
-            counts += torch.histc(chunk.clamp(low, high), bins=bins, min=low, max=high).double()
+        for part in x.split(chunk):  # clamping per chunk: no copy of the whole tensor
+            counts += torch.histc(part.clamp(low, high), bins=bins, min=low, max=high).double()
     return counts
 
 

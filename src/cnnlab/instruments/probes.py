@@ -14,16 +14,28 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from cnnlab.activations import ACTIVATIONS, Activation
 from cnnlab.config import ProbesConfig
-from cnnlab.instruments.density import density_column, histc_allowed
+from cnnlab.instruments.density import HISTC_CHUNK, density_column, histc_allowed
 from cnnlab.instruments.gradients import gradient_noise_scale, gradient_snr, per_example_gradients, top_hessian_eigenvalue
-from cnnlab.train.models import ACTIVATION_MODULES, ACTIVATIONS_BY_MODULE, BOUNDS_BY_MODULE, dead_units
+from cnnlab.statistics import tag
 
 # An output within this distance of an asymptote counts as saturated: there the derivative of
 # sigmoid is below 0.0099 (4% of its peak) and that of tanh below 0.02 (2% of its peak).
 SATURATION_MARGIN = 0.01
-# histc counts in float32, which stops counting one by one past 2**24: histogram larger tensors in chunks.
-HISTC_CHUNK = 2**24
+# A unit is dead when its slope stays below this fraction of its activation's largest slope on every
+# example and position: almost no gradient flows back through it. LeakyReLU's default leak of 0.01 is
+# exactly at the limit, and so counts as alive.
+DEAD_SLOPE_FRACTION = 0.01
+
+# The activations' rows by their torch.nn class: what the probes know about a module of the network.
+ACTIVATIONS_BY_MODULE: dict[type[nn.Module], Activation] = {getattr(nn, row.module): row
+                                                             for row in ACTIVATIONS.values()}
+
+
+def activation_row(module: nn.Module) -> Activation:
+    """The row of cnnlab.activations.ACTIVATIONS that an activation module of the network is."""
+    return ACTIVATIONS_BY_MODULE[type(module)]
 
 
 # --- statistics: tensors in, tensors out, no host synchronisation ---------------------------------
@@ -61,16 +73,26 @@ def saturation_fraction(output: Tensor, low: float, high: float, margin: float =
     return ((output <= low + margin) | (output >= high - margin)).float().mean()
 
 
-def histogram(x: Tensor, bins: int) -> Tensor:
+def dead_units(pre: Tensor, module: nn.Module) -> Tensor:
+    """One bool per unit (dim 1 of the pre-activations `pre`, [N, C] or [N, C, H, W]): True where
+    |f'(pre)| < DEAD_SLOPE_FRACTION * max |f'| for every example and position. Stays on the device."""
+    row = activation_row(module)
+    slope = row.derivative(pre, module).abs()
+    others = [dim for dim in range(pre.dim()) if dim != 1]
+    return slope.amax(dim=others) < DEAD_SLOPE_FRACTION * row.max_derivative(module)
+
+
+def histogram(x: Tensor, bins: int, chunk: int = HISTC_CHUNK) -> Tensor:
     """[min, max, sum, sum of squares, count of bucket 1..bins], float64, buckets spread evenly over
-    [min, max]: every element is counted once, and the range needs no trip to the host."""
+    [min, max]: every element is counted once (histc counts `chunk` elements at a time), and the
+    range needs no trip to the host."""
     x = x.detach().flatten().float()
     low, high = torch.aminmax(x)  # one pass for both
     scaled = torch.sub(x, low).div_((high - low).clamp_min(torch.finfo(torch.float32).tiny))  # in [0, 1]
     counts = torch.zeros(bins, dtype=torch.float64, device=x.device)
     with histc_allowed(x.device):
-        for chunk in scaled.split(HISTC_CHUNK):
-            counts += torch.histc(chunk, bins=bins, min=0.0, max=1.0).double()
+        for part in scaled.split(chunk):
+            counts += torch.histc(part, bins=bins, min=0.0, max=1.0).double()
     squares = torch.linalg.vector_norm(x).square()  # no temporary the size of x
     moments = torch.stack([low, high, x.sum(), squares]).double()
     return torch.cat([moments, counts])
@@ -103,7 +125,7 @@ def activation_layers(model: nn.Module) -> list[Layer]:
             kind = "conv"
         elif isinstance(module, nn.Linear):
             kind = "fc"
-        elif isinstance(module, ACTIVATION_MODULES):
+        elif isinstance(module, tuple(ACTIVATIONS_BY_MODULE)):
             layers.append(Layer(f"act{len(layers) + 1:02d}_{kind}", module))
     return layers
 
@@ -194,13 +216,13 @@ class Probes:
         of the weights to measure the step by."""
         for layer in self.weights:
             norm = gradient_norm(list(layer.module.parameters()))
-            self._pending.append(Measurement("scalar", f"grad_norm/{layer.name}", norm))
+            self._pending.append(Measurement("scalar", tag("grad_norm", layer.name), norm))
         self._weights_before = [layer.module.weight.detach().clone() for layer in self.weights]
 
     def after_update(self) -> None:
         for layer, before in zip(self.weights, self._weights_before):
             ratio = update_ratio(before, layer.module.weight.detach())
-            self._pending.append(Measurement("scalar", f"update_ratio/{layer.name}", ratio))
+            self._pending.append(Measurement("scalar", tag("update_ratio", layer.name), ratio))
         self._weights_before = []
 
     def measure(self, step: int) -> list[Measurement]:
@@ -233,30 +255,30 @@ class Probes:
             found.extend(self._layer_statistics(name, module, pre, output, dead))
             self._dead_before[name] = dead
             if self.cfg.density:
-                low, high = ACTIVATIONS_BY_MODULE[type(module)].density_range
+                low, high = activation_row(module).density_range
                 self.density[name].append(density_column(output, low, high, self.cfg.bins))
 
         with forward_hooks([layer.module for layer in self.activations], record):
             self.model(self.images)
         if dead_counts:
-            found.append(Measurement("scalar", "dead_fraction/all", torch.stack(dead_counts).sum() / sum(units)))
+            found.append(Measurement("scalar", tag("dead_fraction", "all"), torch.stack(dead_counts).sum() / sum(units)))
         return found
 
     def _layer_statistics(self, name: str, module: nn.Module, pre: Tensor, output: Tensor,
                           dead: Tensor) -> list[Measurement]:
-        found = [Measurement("scalar", f"act_mean/{name}", output.mean()),
-                 Measurement("scalar", f"act_std/{name}", output.std()),
-                 Measurement("scalar", f"dead_fraction/{name}", dead.float().mean()),
-                 Measurement("scalar", f"effective_rank/{name}", centred_gram(output), finish=rank_of_gram)]
+        found = [Measurement("scalar", tag("act_mean", name), output.mean()),
+                 Measurement("scalar", tag("act_std", name), output.std()),
+                 Measurement("scalar", tag("dead_fraction", name), dead.float().mean()),
+                 Measurement("scalar", tag("effective_rank", name), centred_gram(output), finish=rank_of_gram)]
         before = self._dead_before.get(name)
         if before is not None:
-            found.append(Measurement("scalar", f"revived_fraction/{name}", (before & ~dead).float().mean()))
-        bounds = BOUNDS_BY_MODULE.get(type(module))
+            found.append(Measurement("scalar", tag("revived_fraction", name), (before & ~dead).float().mean()))
+        bounds = activation_row(module).bounds
         if bounds is not None:
-            found.append(Measurement("scalar", f"saturation/{name}", saturation_fraction(output, *bounds)))
+            found.append(Measurement("scalar", tag("saturation", name), saturation_fraction(output, *bounds)))
         if self.cfg.histograms:
-            found.append(Measurement("histogram", f"activations/{name}", histogram(output, self.cfg.bins)))
-            found.append(Measurement("histogram", f"preactivations/{name}", histogram(pre, self.cfg.bins)))
+            found.append(Measurement("histogram", tag("activations", name), histogram(output, self.cfg.bins)))
+            found.append(Measurement("histogram", tag("preactivations", name), histogram(pre, self.cfg.bins)))
         return found
 
     def _gradient_noise(self) -> list[Measurement]:
@@ -265,17 +287,17 @@ class Probes:
         found = []
         for layer in self.weights:
             flat = torch.cat([grads[name].flatten(1) for name in self._parameter_names[layer.name]], dim=1)
-            found.append(Measurement("scalar", f"gradient_snr/{layer.name}", gradient_snr(flat)))
-        found.append(Measurement("scalar", "gradient_noise_scale", gradient_noise_scale(grads)))
+            found.append(Measurement("scalar", tag("gradient_snr", layer.name), gradient_snr(flat)))
+        found.append(Measurement("scalar", tag("gradient_noise_scale"), gradient_noise_scale(grads)))
         return found
 
     def _sharpness(self) -> list[Measurement]:
         generator = torch.Generator(device=self.images.device).manual_seed(0)  # the same start vector every time
         top = top_hessian_eigenvalue(self.model, self.images, self.labels, self.cfg.sharpness_iterations, generator)
-        found = [Measurement("scalar", "sharpness/top_eigenvalue", top)]
+        found = [Measurement("scalar", tag("sharpness", "top_eigenvalue"), top)]
         if self.stability_limit is not None:
             limit = torch.tensor(self.stability_limit(), dtype=torch.float64, device=self.images.device)
-            found.append(Measurement("scalar", "sharpness/stability_limit", limit))
+            found.append(Measurement("scalar", tag("sharpness", "stability_limit"), limit))
         return found
 
     def _weight_statistics(self) -> list[Measurement]:
@@ -283,12 +305,12 @@ class Probes:
         for layer in self.activations:
             if isinstance(layer.module, nn.PReLU):
                 slopes = layer.module.weight.detach()
-                found.append(Measurement("scalar", f"prelu_slope/{layer.name}", slopes.mean()))
+                found.append(Measurement("scalar", tag("prelu_slope", layer.name), slopes.mean()))
                 if self.cfg.histograms and slopes.numel() > 1:
-                    found.append(Measurement("histogram", f"prelu_slopes/{layer.name}", histogram(slopes, bins)))
+                    found.append(Measurement("histogram", tag("prelu_slopes", layer.name), histogram(slopes, bins)))
         if self.cfg.histograms:
             for layer in self.weights:
-                found.append(Measurement("histogram", f"weights/{layer.name}", histogram(layer.module.weight, bins)))
+                found.append(Measurement("histogram", tag("weights", layer.name), histogram(layer.module.weight, bins)))
         return found
 
     def density_columns(self) -> dict[str, Tensor]:

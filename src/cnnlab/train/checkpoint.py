@@ -12,16 +12,16 @@ import pickle
 import time
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from cnnlab.errors import UserError, one_line
 from cnnlab.rundir import best_checkpoint, last_checkpoint, replace_atomically
+from cnnlab.status import Status
+from cnnlab.train.state import TrainState
 
-if TYPE_CHECKING:
-    from cnnlab.train.loop import TrainState
-
+# What every last.pt holds (resume.load_resumable refuses one without them: a best.pt copied over it, say).
 LAST_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "batch", "rng", "log", "metrics")
 
 
@@ -90,7 +90,7 @@ def save_best(state: TrainState, val_acc: float) -> None:
 
 def restore(state: TrainState, saved: dict[str, Any]) -> None:
     """Put every piece of training state back as the checkpoint holds it, counters included; a
-    checkpoint that closed its epoch continues with the next one. resume.check_fits(saved, state) first."""
+    checkpoint that closed its epoch continues with the next one. resume.check_fits first."""
     try:
         state.model.load_state_dict(saved["model"])
         state.optimizer.load_state_dict(saved["optimizer"])
@@ -112,4 +112,4 @@ def restore(state: TrainState, saved: dict[str, Any]) -> None:
                         f"{one_line(error, 300)}") from None
     if state.batch >= len(state.data.train):
         state.epoch, state.batch = state.epoch + 1, 0
-    state.metrics.update(saved["metrics"], status="running")
+    state.metrics.update(saved["metrics"], status=Status.RUNNING.value)

@@ -3,7 +3,7 @@
 torchvision reads (and downloads) MNIST, Fashion-MNIST, CIFAR-10 and folders of images. After that
 everything happens in bulk on the device: shuffling with randperm, augmentation, normalisation.
 Only image folders too large for `dataset.max_memory_mb` are streamed from disk by a DataLoader.
-LOADERS has one loader per dataset name; load_data turns what it loads into batches.
+LOADERS has one loader per kind of dataset (cnnlab.datasets); load_data turns what it loads into batches.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cnnlab.config import DatasetConfig, FakeDatasetConfig, ImageFolderConfig, TorchvisionDatasetConfig
+from cnnlab.datasets import DATASETS, DatasetConfig, FakeDatasetConfig, ImageFolderConfig, TorchvisionDatasetConfig
 from cnnlab.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
@@ -306,12 +306,6 @@ class Data:
 
 
 # --- loading -------------------------------------------------------------------------------------
-def _torchvision_classes():
-    from torchvision import datasets
-
-    return {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
-
-
 def expected_files(dataset_class: type, root: Path) -> tuple[Path, list[str]]:
     """The folder torchvision reads and the files it needs there."""
     from torchvision import datasets
@@ -324,7 +318,9 @@ def expected_files(dataset_class: type, root: Path) -> tuple[Path, list[str]]:
 
 
 def load_torchvision(cfg: TorchvisionDatasetConfig) -> Splits:
-    dataset_class = _torchvision_classes()[cfg.name]
+    from torchvision import datasets
+
+    dataset_class = getattr(datasets, DATASETS[cfg.name].torchvision_class)
     root = Path(cfg.root).expanduser()
     try:
         train = dataset_class(str(root), train=True, download=cfg.download)
@@ -551,13 +547,8 @@ def load_fake(cfg: FakeDatasetConfig) -> Splits:
     return Splits(train=draw(cfg.train_size), val=None, test=draw(cfg.test_size), classes=classes)
 
 
-LOADERS = {
-    "mnist": load_torchvision,
-    "fashion_mnist": load_torchvision,
-    "cifar10": load_torchvision,
-    "imagefolder": load_imagefolder,
-    "fake": load_fake,
-}
+# One loader per kind of dataset (cnnlab.datasets.DATASETS says which kind each dataset is).
+LOADERS = {"torchvision": load_torchvision, "imagefolder": load_imagefolder, "fake": load_fake}
 
 
 def split_off(data: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -593,7 +584,7 @@ def _sample_for_stats(files: FileSet, count: int = 256) -> ImageSet:
 
 
 def load_data(cfg: DatasetConfig, batch_size: int, eval_batch_size: int, device: torch.device, seed: int) -> Data:
-    splits = LOADERS[cfg.name](cfg)
+    splits = LOADERS[DATASETS[cfg.name].loader](cfg)
     train, val = (splits.train, splits.val) if splits.val is not None else split_off(
         splits.train, cfg.val_fraction, cfg.split_seed)
     test = splits.test

@@ -1,8 +1,10 @@
-"""The training loop: `setup` builds a run's state, `train` runs it, one explicit loop.
+"""The training loop, one explicit loop read top to bottom: `setup` builds a run's state,
+`train_step` and `train_epoch` advance it, `end_epoch` validates and checkpoints, `test` ends it,
+and `train` runs the whole of it and returns a RunResult. It prints nothing: what it shows while it
+trains goes to a Progress, what it ends with is the result.
 
-What a run is made of (model, optimizer, data, probes, logging window, counters) is one TrainState,
-built fresh or from a checkpoint by `setup`; `train_epoch` and `train_step` advance it. Writing and
-restoring checkpoints is checkpoint.py's, when to probe is probes.py's, TensorBoard is tblog.py's.
+The state's parts are state.py's, writing and restoring checkpoints is checkpoint.py's, whether a
+checkpoint may be resumed is resume.py's, when to probe is probes.py's, TensorBoard is tblog.py's.
 """
 
 from __future__ import annotations
@@ -10,300 +12,114 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
-import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.tensorboard import SummaryWriter
 
-from cnnlab.train.checkpoint import restore, save_best, save_last
-from cnnlab.train.resume import check_fits, load_resumable
-from cnnlab.train.stops import StopRequest
-from cnnlab.config import RunConfig
-from cnnlab.train.data import Batches, Data, load_data
+from cnnlab.analysis.findings import Finding, diagnose, run_facts
+from cnnlab.config import RunConfig, as_dict
 from cnnlab.errors import UserError, one_line
-from cnnlab.analysis.findings import Finding, RunFacts, Series, diagnose
-from cnnlab.instruments.gradients import stability_limit
+from cnnlab.instruments.probes import Probes, gradient_norm
+from cnnlab.rundir import clear_unfinished, record_config, run_lock, write_metrics
+from cnnlab.status import Status
+from cnnlab.train.checkpoint import restore, save_best, save_last
+from cnnlab.train.data import load_data
 from cnnlab.train.models import build_model
 from cnnlab.train.optim import build_optimizer, build_scheduler
-from cnnlab.instruments.probes import Probes, gradient_norm
-from cnnlab.cli.console import TrainingProgress, findings_panel, job_line, summary_table
-from cnnlab.cli.console import console as default_console
-from cnnlab.rundir import clear_unfinished, record_config, run_lock, write_metrics
-from cnnlab.train.tblog import write_density, write_findings, write_hparams_end, write_hparams_start, write_layout, write_probe
+from cnnlab.train.resume import check_fits, load_resumable
+from cnnlab.train.state import (
+    Diverged,
+    NonfiniteWatch,
+    Precision,
+    TrainingLog,
+    TrainState,
+    evaluate,
+    fitting_in_memory,
+    new_metrics,
+    resolve_device,
+    seed_everything,
+    sgd_stability_limit,
+)
+from cnnlab.train.stops import StopRequest
+from cnnlab.train.tblog import write_density, write_findings, write_hparams_end, write_hparams_start, write_layout
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a run's own folder cannot be written: the user's to fix
+
+@dataclass
+class RunResult:
+    """How a run ended, for the command to show: train() itself prints nothing."""
+
+    status: Status
+    metrics: dict[str, Any]  # what metrics.json says
+    findings: list[Finding]  # at the end of the run; [] when findings are off
+    findings_error: str | None  # why the findings could not be computed, else None
+    description: str  # "cnnlab: mlp + relu on mnist (..), N parameters, cpu, run directory X[; resuming ..]"; "" if setup did not finish
+    error: BaseException | None  # the Diverged / Interrupted / UserError that ended the run, else None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(
-                f"trainer.device={name!r} asks for CUDA, but no CUDA device is available here. "
-                f"Use trainer.device=cpu, or auto to take a GPU only when there is one."
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(
-                f"trainer.device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}."
-            )
-    return device
+class Progress(Protocol):
+    """What a run shows while it trains (cli.console.TrainingProgress draws it as a bar). The loop
+    calls started() once, after setup, then enters the context for the epochs."""
+
+    live: bool  # a bar someone watches: the loop then reads the epoch so far ~20 times an epoch
+
+    def __enter__(self) -> Progress: ...
+    def __exit__(self, *exc) -> None: ...
+    def started(self, description: str) -> None: ...
+    def start_epoch(self, epoch: int, steps: int, completed: int = 0) -> None: ...
+    def advance(self) -> None: ...
+    def update(self, loss: float, acc: float, images_per_second: float) -> None: ...
+    def end_epoch(self, epoch: int, step: int, summary: dict[str, Any]) -> None: ...
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    if deterministic:
-        # cuBLAS needs a fixed workspace to be deterministic; harmless on the CPU.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.manual_seed(seed)  # the CPU and every CUDA device
-    torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.benchmark = not deterministic
+class SilentProgress:
+    """The Progress of a run that shows nothing."""
 
+    live = False
 
-class Precision:
-    """trainer.amp: autocast to bf16 or fp16; fp16 also needs a gradient scaler against underflow."""
+    def __enter__(self) -> SilentProgress:
+        return self
 
-    def __init__(self, amp: str, device: torch.device):
-        if amp == "fp16" and device.type != "cuda":
-            raise UserError(f"trainer.amp=fp16 needs a CUDA device (this run is on {device}); use trainer.amp=bf16 "
-                            f"or none.")
-        self.device_type = device.type
-        self.dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    def __exit__(self, *exc) -> None:
+        pass
 
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()  # entering a disabled autocast costs a few µs every step
-        return torch.autocast(self.device_type, dtype=self.dtype)
+    def started(self, description: str) -> None:
+        pass
 
+    def start_epoch(self, epoch: int, steps: int, completed: int = 0) -> None:
+        pass
 
-FLOAT32 = Precision("none", torch.device("cpu"))
+    def advance(self) -> None:
+        pass
 
+    def update(self, loss: float, acc: float, images_per_second: float) -> None:
+        pass
 
-class RunningSums:
-    """Loss and correct predictions summed on the device, so a step never waits for the host."""
-
-    def __init__(self, device: torch.device):
-        self.loss = torch.zeros((), device=device)
-        self.correct = torch.zeros((), dtype=torch.int64, device=device)
-        self.count = 0
-
-    def add(self, loss: Tensor, logits: Tensor, labels: Tensor) -> None:
-        self.loss.add_(loss.detach(), alpha=len(labels))
-        self.correct.add_((logits.detach().argmax(dim=1) == labels).sum())
-        self.count += len(labels)
-
-    def take(self, *extra: Tensor) -> tuple[float, float, list[float]]:
-        """(mean loss, accuracy, extra values), in one transfer to the host; then start afresh."""
-        values = torch.stack([self.loss, self.correct.to(self.loss.dtype), *extra]).tolist()
-        count = self.count
-        self.loss.zero_()
-        self.correct.zero_()
-        self.count = 0
-        return values[0] / count, values[1] / count, values[2:]
-
-    def peek(self) -> tuple[float, float]:
-        """(summed loss, correct predictions) so far, in one transfer to the host; they keep adding up."""
-        loss, correct = torch.stack([self.loss, self.correct.to(self.loss.dtype)]).tolist()
-        return loss, correct
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, precision: Precision = FLOAT32) -> tuple[float, float]:
-    """(mean loss, accuracy) in eval mode; the model's mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    loss_sum: Tensor | float = 0.0
-    correct: Tensor | int = 0
-    count = 0
-    for images, labels in batches:
-        with precision.autocast():
-            logits = model(images).float()
-        loss_sum = loss_sum + F.cross_entropy(logits, labels, reduction="sum")
-        correct = correct + (logits.argmax(dim=1) == labels).sum()
-        count += len(labels)
-    model.train(was_training)
-    loss_sum, correct = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).tolist()
-    return loss_sum / count, correct / count
-
-
-class Diverged(Exception):
-    def __init__(self, step: int, what: str = "the loss or the gradients"):
-        super().__init__(f"{what} became non-finite (NaN or inf) at step {step}")
-        self.step = step
+    def end_epoch(self, epoch: int, step: int, summary: dict[str, Any]) -> None:
+        pass
 
 
 class Interrupted(Exception):
+    """A stop request (SIGINT, SIGTERM, or StopRequest's at_step/during) ended the run after a step."""
+
     def __init__(self, signum: int, step: int):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
         self.signum, self.step = signum, step
 
 
-class NonfiniteWatch:
-    """Stops the run at the first step whose loss or gradient norm is not finite. On the CPU each
-    step is checked at once (reading a CPU tensor costs nothing); on a GPU the first bad step is
-    kept on the device and read only when the loop talks to the host anyway."""
-
-    def __init__(self, device: torch.device):
-        self.every_step = device.type == "cpu"
-        self.first = torch.full((), -1, dtype=torch.int64, device=device)
-
-    def update(self, step: int, finite: Tensor) -> None:
-        if self.every_step:
-            if not finite:
-                raise Diverged(step)
-        else:
-            self.first = torch.where((self.first < 0) & ~finite, step, self.first)
-
-    def check(self, now: bool) -> None:
-        if now and not self.every_step:
-            first = int(self.first)
-            if first >= 0:
-                raise Diverged(first)
-
-    @staticmethod
-    def check_weights(parameters: list[nn.Parameter], step: int) -> None:
-        """Before a checkpoint or an evaluation: the last update can make the weights non-finite
-        with a finite loss (a huge learning rate), and no later step would notice."""
-        if not bool(torch.stack([torch.isfinite(p).all() for p in parameters]).all()):
-            raise Diverged(step, "the weights")
-
-
-
-
-class TrainingLog:
-    """TensorBoard scalars every trainer.log_every steps, and probes every probes.every steps: one
-    transfer to the host each time. Throughput is timed between transfers, when the device has
-    really finished the work."""
-
-    def __init__(self, device: torch.device, writer: SummaryWriter | None = None):
-        self.writer = writer  # opened by setup once the run is known to start or resume
-        self.window = RunningSums(device)
-        self.seconds, self.images = 0.0, 0  # training time and images over the whole run
-        self.dead_fraction: dict[str, float] = {}  # of the latest probe
-        self.skipped = 0  # steps not applied for a non-finite loss (trainer.on_nonfinite=skip)
-        self.series: Series = {}  # every scalar logged so far, for the findings
-        self.start_epoch()
-
-    def start_epoch(self, keep_totals: bool = False) -> None:
-        if not keep_totals:
-            self.epoch_loss, self.epoch_correct, self.epoch_images = 0.0, 0.0, 0
-            self.epoch_seconds = 0.0  # this epoch's training time, for its own images/s
-        self.timer = time.perf_counter()  # evaluation between epochs is not training time
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": [self.epoch_loss, self.epoch_correct, self.epoch_images], "seconds": self.seconds,
-                "images": self.images, "epoch_seconds": self.epoch_seconds,
-                "dead_fraction": dict(self.dead_fraction), "skipped": self.skipped,
-                "series": {tag: list(points) for tag, points in self.series.items()},
-                # the steps since the last log: a resumed run logs exactly what an uninterrupted one would
-                "window": [self.window.loss.clone(), self.window.correct.clone(), self.window.count]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch_loss, self.epoch_correct, self.epoch_images = state["epoch"]
-        self.seconds, self.images = state["seconds"], state["images"]
-        # a checkpoint older than epoch_seconds: its epoch so far at the run's average speed
-        self.epoch_seconds = state.get("epoch_seconds", self.epoch_images * self.seconds / max(self.images, 1))
-        self.dead_fraction = dict(state["dead_fraction"])
-        self.skipped = state["skipped"]
-        self.series = {tag: [tuple(point) for point in points] for tag, points in state.get("series", {}).items()}
-        loss, correct, self.window.count = state["window"]
-        self.window.loss.copy_(loss)
-        self.window.correct.copy_(correct)
-
-    def flush(self, step: int, lr: float, grad_norm: Tensor | None, parameters: list[nn.Parameter]) -> None:
-        """Write the scalars of the steps since the last flush, and add them to the epoch's totals."""
-        images = self.window.count
-        loss, acc, (norm,) = self.window.take(grad_norm if grad_norm is not None else gradient_norm(parameters))
-        now = time.perf_counter()
-        speed = images / max(now - self.timer, 1e-9)
-        self.seconds += now - self.timer
-        self.epoch_seconds += now - self.timer
-        self.images += images
-        self.timer = now
-        self.epoch_loss += loss * images
-        self.epoch_correct += acc * images
-        self.epoch_images += images
-        for tag, value in (("train/loss", loss), ("train/acc", acc), ("grad_norm/total", norm), ("lr", lr),
-                           ("perf/images_per_second", speed)):
-            self.writer.add_scalar(tag, value, step)
-            self.series.setdefault(tag, []).append((step, value))
-
-    def running(self) -> tuple[float, float, float] | None:
-        """The epoch so far, steps since the last flush included: (mean loss, accuracy, images/s);
-        one small transfer when there are such steps, none right after a flush. Writes nothing."""
-        loss, correct, images, seconds = self.epoch_loss, self.epoch_correct, self.epoch_images, self.epoch_seconds
-        if self.window.count:
-            window_loss, window_correct = self.window.peek()
-            loss, correct, images = loss + window_loss, correct + window_correct, images + self.window.count
-            seconds += time.perf_counter() - self.timer  # read after the transfer: the device has finished
-        if not images:  # every step so far skipped (trainer.on_nonfinite=skip)
-            return None
-        return loss / images, correct / images, images / max(seconds, 1e-9)
-
-    def probe(self, step: int, probes: Probes) -> None:
-        scalars = write_probe(self.writer, step, probes.measure(step))
-        for tag, value in scalars.items():
-            self.series.setdefault(tag, []).append((step, value))
-        self.dead_fraction = {tag.split("/", 1)[1]: value for tag, value in scalars.items()
-                              if tag.startswith("dead_fraction/")}
-
-
-
-
-@dataclass
-class TrainState:
-    """Everything a run is made of, built by `setup`; the loop functions read and advance it."""
-
-    run: RunConfig
-    config: dict[str, Any]  # the composed config, kept in checkpoints to check a resume against
-    run_dir: Path
-    device: torch.device
-    model: nn.Module  # the eager module: probes and checkpoints look at it
-    step_model: nn.Module  # what steps and evaluation run: `model`, or `model` compiled (same parameters)
-    parameters: list[nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    scheduler: LRScheduler | None
-    data: Data
-    probes: Probes | None
-    precision: Precision
-    log: TrainingLog
-    watch: NonfiniteWatch
-    metrics: dict[str, Any]  # what metrics.json says about the run
-    epoch: int = 1  # the epoch in progress
-    step: int = 0  # optimizer steps taken
-    batch: int = 0  # batches of this epoch done
-    started: float = field(default_factory=time.perf_counter)  # the run's clock, for metrics' seconds
-
-    @property
-    def epochs_done(self) -> int:
-        return self.epoch - (self.batch < len(self.data.train))
-
-
-def new_metrics() -> dict[str, Any]:
-    return {
-        "status": "running", "epochs": 0, "steps": 0,
-        "train_loss": None, "train_acc": None, "val_loss": None, "val_acc": None,
-        "test_loss": None, "test_acc": None, "best_val_acc": None, "best_epoch": None,
-        "seconds": 0.0, "images_per_second": None,
-        "device": None, "threads": None, "parameters": None, "dead_fraction": None, "skipped_steps": 0,
-    }
-
-
-def setup(run: RunConfig, run_dir: Path, config: dict[str, Any], resume: bool = False,
-          metrics: dict[str, Any] | None = None) -> TrainState:
+def setup(run: RunConfig, run_dir: Path, resume: bool = False, metrics: dict[str, Any] | None = None) -> TrainState:
     """Build a run's state: fresh, or with `resume` exactly as run_dir's last checkpoint left it.
     A resume touches nothing in run_dir until the checkpoint has proved to fit this run."""
     t = run.trainer
     device = resolve_device(t.device)
+    config = as_dict(run)
     saved = load_resumable(run_dir, config, device) if resume else None
     seed_everything(t.seed, t.deterministic)
     if t.threads is not None:
@@ -331,7 +147,7 @@ def setup(run: RunConfig, run_dir: Path, config: dict[str, Any], resume: bool = 
         precision=Precision(t.amp, device), log=TrainingLog(device), watch=NonfiniteWatch(device),
         metrics=new_metrics() if metrics is None else metrics)
     if saved is not None:
-        check_fits(saved, state)
+        check_fits(saved, state.model.state_dict(), run_dir)
         restore(state, saved)
     state.metrics.update(device=str(device), threads=torch.get_num_threads(),
                          parameters=sum(p.numel() for p in parameters))
@@ -345,15 +161,6 @@ def setup(run: RunConfig, run_dir: Path, config: dict[str, Any], resume: bool = 
         if probes is not None and probes.due(0):
             state.log.probe(0, probes)  # before any update
     return state
-
-
-def sgd_stability_limit(optimizer: torch.optim.Optimizer) -> Callable[[], float] | None:
-    """For SGD, the sharpness above which gradient descent cannot be stable at the current learning
-    rate, 2(1 + momentum)/lr (Cohen et al. 2021); other optimizers have no such simple limit."""
-    if not isinstance(optimizer, torch.optim.SGD):
-        return None
-    group = optimizer.param_groups[0]
-    return lambda: stability_limit(group["lr"], group["momentum"])
 
 
 def train_step(state: TrainState, images: Tensor, labels: Tensor, probe: bool = False) -> tuple[Tensor | None, Tensor]:
@@ -402,7 +209,7 @@ def train_step(state: TrainState, images: Tensor, labels: Tensor, probe: bool = 
     return grad_norm, finite
 
 
-def train_epoch(state: TrainState, progress: TrainingProgress, stop: StopRequest | None = None) -> None:
+def train_epoch(state: TrainState, progress: Progress, stop: StopRequest | None = None) -> None:
     """The rest of epoch state.epoch (all of it, unless a resume starts mid-epoch): step, log,
     probe, checkpoint every trainer.checkpoint_every steps. A non-finite loss raises Diverged
     before any checkpoint could keep it; a stop request ends the epoch early with a checkpoint."""
@@ -418,6 +225,8 @@ def train_epoch(state: TrainState, progress: TrainingProgress, stop: StopRequest
         lr = state.optimizer.param_groups[0]["lr"]
         grad_norm, finite = train_step(state, images, labels, probe)
         state.step, state.batch = state.step + 1, state.batch + 1
+        if stop is not None:
+            stop.reached(state.step)
         if t.on_nonfinite == "skip" and not finite:
             log.skipped += 1
         else:
@@ -444,13 +253,13 @@ def train_epoch(state: TrainState, progress: TrainingProgress, stop: StopRequest
         show_epoch_so_far(progress, log)
 
 
-def show_epoch_so_far(progress: TrainingProgress, log: TrainingLog) -> None:
+def show_epoch_so_far(progress: Progress, log: TrainingLog) -> None:
     so_far = log.running()
     if so_far is not None:
         progress.update(*so_far)
 
 
-def end_epoch(state: TrainState, progress: TrainingProgress) -> None:
+def end_epoch(state: TrainState, progress: Progress) -> None:
     """Validate, keep the best weights, checkpoint, and record the epoch in metrics.json."""
     state.watch.check(now=True)  # never evaluate or checkpoint a diverged model
     state.watch.check_weights(state.parameters, state.step)
@@ -483,33 +292,25 @@ def end_epoch(state: TrainState, progress: TrainingProgress) -> None:
     })
 
 
-def run_facts(state: TrainState) -> RunFacts:
-    """What the findings need to know about the run besides its series."""
-    run, metrics = state.run, state.metrics
-    return RunFacts(
-        num_classes=state.data.num_classes, steps_per_epoch=len(state.data.train), activation=run.activation.name,
-        init=run.model.init, batchnorm=run.model.batchnorm, optimizer=run.optimizer.name, lr=run.optimizer.lr,
-        momentum=float(getattr(run.optimizer, "momentum", 0.0)), grad_clip=run.trainer.grad_clip,
-        status=metrics["status"], diverged_step=metrics.get("diverged_step"))
-
-
 def find(state: TrainState) -> list[Finding]:
     """The findings so far, also into metrics.json's `findings`."""
-    found = diagnose(state.log.series, run_facts(state), state.run.findings)
+    facts = run_facts(state.config, num_classes=state.data.num_classes, steps_per_epoch=len(state.data.train),
+                      metrics=state.metrics)
+    found = diagnose(state.log.series, facts, state.run.findings)
     state.metrics["findings"] = [finding.to_dict() for finding in found]
     return found
 
 
-def report_findings(state: TrainState):
+def report_findings(state: TrainState) -> tuple[list[Finding], str | None]:
     """At the end of a run, however it ended: the findings into metrics.json and TensorBoard (text
-    `findings`); returns the terminal's panel. A fault here must not cost the run its results."""
+    `findings`); (them, None), or ([], why) when they could not be computed: a fault here must not
+    cost the run its results."""
     try:
         found = find(state)
         write_findings(state.log.writer, state.step, found)
-        panel = findings_panel(found)
     except Exception as error:  # noqa: BLE001 - the run's own outcome matters more
-        panel = f"cnnlab: the findings could not be computed: {one_line(error, 200)}"
-    return panel
+        return [], one_line(error, 200)
+    return found, None
 
 
 def test(state: TrainState) -> None:
@@ -522,106 +323,108 @@ def test(state: TrainState) -> None:
     state.metrics.update(test_loss=test_loss, test_acc=test_acc)
 
 
-def ending(error: BaseException, state: TrainState | None) -> dict[str, Any]:
-    """What metrics.json says about a run that `error` ended: its status, and how far it got."""
-    if isinstance(error, Diverged):
-        status = {"status": "diverged", "diverged_step": error.step}
-    elif isinstance(error, (Interrupted, KeyboardInterrupt, SystemExit)):  # SystemExit: a launcher's own handler
-        status = {"status": "interrupted"}
-    else:
-        status = {"status": "failed"}
-    progress = {"epochs": state.epochs_done, "steps": state.step} if state is not None else {}
-    return {**status, **progress, "error": one_line(error)}
-
-
-def fitting_in_memory(build):
-    """build(), with running out of memory told as what it is: a setting too large for this machine."""
+def train(run: RunConfig, run_dir: Path, *, resume: bool = False, progress: Progress | None = None,
+          stop: StopRequest | None = None) -> RunResult:
+    """Train, validate every epoch, test once at the end; everything lands in run_dir, which this
+    process holds for itself meanwhile. With resume, continue from run_dir's last checkpoint exactly
+    where it was written. SIGINT/SIGTERM at any point stop the run cleanly (see StopRequest).
+    A run that completed, diverged, was stopped or failed with a UserError returns its RunResult;
+    any other error propagates once metrics.json says `failed`, and a second Ctrl-C propagates."""
+    run_dir = Path(run_dir)
     try:
-        return build()
-    except (RuntimeError, MemoryError) as error:
-        if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and "alloc" not in str(error).lower():
+        with run_lock(run_dir), (stop or StopRequest()) as stop:
+            if not resume:
+                clear_unfinished(run_dir)  # what a run killed before its first checkpoint left here
+            return run_to_the_end(run, run_dir, resume, progress or SilentProgress(), stop)
+    except UserError as error:  # run_to_the_end returns its own: another process holds run_dir, untouched
+        return RunResult(Status.FAILED, {"status": Status.FAILED.value, "error": str(error)}, [], None, "", error)
+
+
+def run_to_the_end(run: RunConfig, run_dir: Path, resume: bool, progress: Progress, stop: StopRequest) -> RunResult:
+    """The run from setup to its test, and what metrics.json says however it ends."""
+    started = time.perf_counter()
+    metrics, state, description, error = new_metrics(), None, "", None
+    if not resume:
+        write_metrics(run_dir, metrics)
+    try:
+        state = setup(run, run_dir, resume, metrics)
+        state.started = started - metrics["seconds"]  # a resumed run adds to the time it had spent
+        description = describe(state, resume)
+        stop.reached("setup")
+        if stop.signum is not None:  # asked to stop while it was starting
+            raise Interrupted(stop.signum, state.step)
+        if resume:
+            record_config(run_dir, state.config)
+        write_metrics(run_dir, metrics)
+        progress.started(description)
+        with progress:
+            run_epochs(state, progress, stop)
+        stop.reached("test")
+        test(state)  # a stop request now waits for this last, short evaluation: the run is complete
+        metrics["status"] = Status.COMPLETED.value
+    except BaseException as caught:
+        metrics.update(ending(caught, state))
+        error = reported(caught, run_dir)
+        if error is None:
             raise
-        raise UserError(f"The model does not fit in memory ({one_line(error, 200)}). Make it smaller: "
-                        f"model.hidden, or model.channels and model.fc_hidden.") from None
+    finally:
+        found, findings_error = finish(run, run_dir, state, metrics, resume, started)
+    return RunResult(Status(metrics["status"]), metrics, found, findings_error, description, error)
 
 
-DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+def run_epochs(state: TrainState, progress: Progress, stop: StopRequest) -> None:
+    """Every epoch left, from where the state is (a resume may start mid-epoch)."""
+    epochs = state.run.trainer.epochs
+    while state.epoch <= epochs:
+        progress.start_epoch(state.epoch, len(state.data.train), completed=state.batch)
+        train_epoch(state, progress, stop)
+        end_epoch(state, progress)
+        if stop.signum is not None and state.epoch < epochs:  # asked to stop during the last step
+            raise Interrupted(stop.signum, state.step)
+        state.epoch, state.batch = state.epoch + 1, 0
 
 
-def describe(state: TrainState, resumed: bool, job: str | None = None) -> str:
+def finish(run: RunConfig, run_dir: Path, state: TrainState | None, metrics: dict[str, Any], resume: bool,
+           started: float) -> tuple[list[Finding], str | None]:
+    """However the run ended: its time, its findings, metrics.json, and TensorBoard's files closed."""
+    metrics["seconds"] = round(time.perf_counter() - (state.started if state is not None else started), 3)
+    found, findings_error = [], None
+    if state is not None and run.findings.enabled:
+        found, findings_error = report_findings(state)
+    # A refused resume leaves the run's files as they were; on a full disk, this may fail too.
+    if state is not None or not resume:
+        with contextlib.suppress(OSError):
+            write_metrics(run_dir, metrics)
+    if state is not None:
+        with contextlib.suppress(OSError):
+            state.log.writer.close()
+            write_hparams_end(run_dir, metrics["status"])
+    return found, findings_error
+
+
+def describe(state: TrainState, resumed: bool) -> str:
     run, sizes = state.run, " / ".join(f"{count:,} {name}" for name, count in state.data.sizes.items() if count)
-    whose = f"{job}: " if job else ""
-    return (f"cnnlab: {whose}{run.model.name} + {run.activation.name} on {run.dataset.name} ({sizes}), "
+    return (f"cnnlab: {run.model.name} + {run.activation.name} on {run.dataset.name} ({sizes}), "
             f"{state.metrics['parameters']:,} parameters, {state.device}, run directory {state.run_dir}"
             + (f"; resuming at epoch {state.epoch}, step {state.step}" if resumed else ""))
 
 
-def train(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Console | None = None,
-          resume: bool = False, job: str | None = None) -> dict[str, Any]:
-    """Train, validate every epoch, test once at the end; everything lands in run_dir, which this
-    process holds for itself meanwhile. With resume, continue from run_dir's last checkpoint exactly
-    where it was written. SIGINT/SIGTERM at any point stop the run cleanly (see StopRequest).
-    A run ends with a summary table and its findings; a sweep's job (`job` names it in every line
-    it prints) ends with one line, whatever its outcome."""
-    console = console or default_console()
-    run_dir = Path(run_dir)
-    with run_lock(run_dir), StopRequest() as stop:
-        if not resume:
-            clear_unfinished(run_dir)  # what a run killed before its first checkpoint left here
-        return run_to_the_end(run, run_dir, config, console, resume, stop, job)
+def ending(error: BaseException, state: TrainState | None) -> dict[str, Any]:
+    """What metrics.json says about a run that `error` ended: its status, and how far it got."""
+    if isinstance(error, Diverged):
+        status = {"status": Status.DIVERGED.value, "diverged_step": error.step}
+    elif isinstance(error, (Interrupted, KeyboardInterrupt, SystemExit)):  # SystemExit: a launcher's own handler
+        status = {"status": Status.INTERRUPTED.value}
+    else:
+        status = {"status": Status.FAILED.value}
+    progress = {"epochs": state.epochs_done, "steps": state.step} if state is not None else {}
+    return {**status, **progress, "error": one_line(error)}
 
 
-def run_to_the_end(run: RunConfig, run_dir: Path, config: dict[str, Any], console: Console, resume: bool,
-                   stop: StopRequest, job: str | None) -> dict[str, Any]:
-    started = time.perf_counter()
-    metrics, state = new_metrics(), None
-    if not resume:
-        write_metrics(run_dir, metrics)
-    try:
-        state = setup(run, run_dir, config, resume, metrics)
-        state.started = started - metrics["seconds"]  # a resumed run adds to the time it had spent
-        if stop.signum is not None:  # asked to stop while it was starting
-            raise Interrupted(stop.signum, state.step)
-        if resume:
-            record_config(run_dir, config)
-        write_metrics(run_dir, metrics)
-        console.print(describe(state, resume, job), highlight=False, markup=False, soft_wrap=True)
-        epochs = run.trainer.epochs
-        with TrainingProgress(epochs, console, job) as progress:
-            while state.epoch <= epochs:
-                progress.start_epoch(state.epoch, len(state.data.train), completed=state.batch)
-                train_epoch(state, progress, stop)
-                end_epoch(state, progress)
-                if stop.signum is not None and state.epoch < epochs:  # asked to stop during the last step
-                    raise Interrupted(stop.signum, state.step)
-                state.epoch, state.batch = state.epoch + 1, 0
-        test(state)  # a stop request now waits for this last, short evaluation: the run is complete
-        metrics["status"] = "completed"
-    except BaseException as error:
-        metrics.update(ending(error, state))
-        if isinstance(error, OSError) and error.errno in DISK_ERRORS:
-            raise UserError(f"Cannot write into {run_dir}: {one_line(error, 200)}. The last checkpoint written "
-                            f"before it is kept; free some space (or make the folder writable), then resume.") from None
-        raise
-    finally:
-        metrics["seconds"] = round(time.perf_counter() - (state.started if state is not None else started), 3)
-        panel = None
-        if state is not None and state.log.writer is not None and run.findings.enabled:
-            panel = report_findings(state)
-        if job is not None:
-            console.print(job_line(job, metrics, str(run_dir)), highlight=False, markup=False, soft_wrap=True)
-        elif panel is not None and metrics["status"] != "completed":
-            console.print(panel)  # a failed run's findings, before the error message
-        # A refused resume leaves the run's files as they were; on a full disk, this may fail too.
-        if state is not None or not resume:
-            with contextlib.suppress(OSError):
-                write_metrics(run_dir, metrics)
-        if state is not None and state.log.writer is not None:
-            with contextlib.suppress(OSError):
-                state.log.writer.close()
-                write_hparams_end(state.run_dir, metrics["status"])
-    if job is None:
-        console.print(summary_table(metrics, str(run_dir)))
-        if panel is not None:
-            console.print(panel)
-    return metrics
+def reported(error: BaseException, run_dir: Path) -> Exception | None:
+    """The error a RunResult carries for a run that `error` ended, or None for one that propagates.
+    A full or read-only disk is the user's to fix, not a crash."""
+    if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+        return UserError(f"Cannot write into {run_dir}: {one_line(error, 200)}. The last checkpoint written "
+                         f"before it is kept; free some space (or make the folder writable), then resume.")
+    return error if isinstance(error, (Diverged, Interrupted, UserError)) else None

@@ -1,6 +1,9 @@
-"""Resuming a run, in one place: which settings a resumed run may change, the resumed config
-(`resume=DIR`, or a job run again in its own folder), and the checkpoint's proof that it fits the
-run before anything is restored. Torch is imported only by the functions that load checkpoints."""
+"""Resuming a run, every decision in one place, in the order a resume meets them: whether a job
+resumes (`resume=DIR`, or a job run again in its own folder), the resumed config and the settings
+it may change (config.ROLES), then, as the trainer starts, whether run_dir's last checkpoint is
+complete, was written by this run's settings, and holds weights that fit its model. Nothing in the
+run's folder changes before all of that has passed. No torch at import: only load_resumable needs it.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +14,39 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.config import resumable_settings, role, with_todays_defaults
 from cnnlab.errors import UserError, one_line
-from cnnlab.rundir import last_checkpoint
+from cnnlab.rundir import last_checkpoint, read_metrics_or_none
+from cnnlab.status import Status
 
 if TYPE_CHECKING:
     import torch
 
-    from cnnlab.train.loop import TrainState
+# A job whose folder says it ended so is not run again: its results stand, with or without a checkpoint.
+ENDED = (Status.COMPLETED, Status.DIVERGED)
+SHOWN_SETTINGS = 6  # the differing settings a refusal names before "and N more"
+
+
+def prepare_job(cfg: DictConfig, run_dir: Path, task_overrides: list[str]) -> tuple[DictConfig, bool, Status | None]:
+    """(the config to run, whether it resumes, the status when there is nothing to run): `resume=DIR`,
+    or the same job run again in its own folder (a requeued cluster job, or a sweep rerun)."""
+    if cfg.get("resume"):
+        cfg = resumed_config(Path(cfg.resume), task_overrides)
+        metrics = read_metrics_or_none(run_dir) or {}
+        if metrics.get("status") == Status.COMPLETED and metrics.get("epochs") == cfg.trainer.epochs:
+            print(f"cnnlab: {run_dir} has completed its {cfg.trainer.epochs} epochs: nothing to do. "
+                  f"Train it for longer with trainer.epochs=N.")
+            return cfg, False, Status.COMPLETED
+        return cfg, True, None
+    status = (read_metrics_or_none(run_dir) or {}).get("status")
+    if status in ENDED:
+        print(f"cnnlab: {run_dir} already ended ({status}); its results are kept.")
+        return cfg, False, Status(status)
+    return cfg, last_checkpoint(run_dir).is_file(), None
 
 
 def resumed_config(run_dir: Path, task_overrides: list[str]) -> DictConfig:
     """The composed config of the run in run_dir, with the command line's allowed overrides. Nothing
     is written here: the run's record of its config changes only once the resume has started."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from cnnlab.rundir import read_metrics_or_none
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # a third of a second: only to resume
 
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
@@ -56,29 +78,15 @@ def resumed_config(run_dir: Path, task_overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def prepare_job(cfg: DictConfig, run_dir: Path, task_overrides: list[str]) -> tuple[DictConfig, bool, str | None]:
-    """(the config to run, whether it resumes, the status when there is nothing to run): `resume=DIR`,
-    or the same job run again in its own folder (a requeued cluster job, or a sweep rerun)."""
-    from cnnlab.rundir import last_checkpoint, read_metrics_or_none
-
-    if cfg.get("resume"):
-        cfg = resumed_config(Path(cfg.resume), task_overrides)
-        metrics = read_metrics_or_none(run_dir) or {}
-        if metrics.get("status") == "completed" and metrics.get("epochs") == cfg.trainer.epochs:
-            print(f"cnnlab: {run_dir} has completed its {cfg.trainer.epochs} epochs: nothing to do. "
-                  f"Train it for longer with trainer.epochs=N.")
-            return cfg, False, "completed"
-        return cfg, True, None
-    status = (read_metrics_or_none(run_dir) or {}).get("status")
-    if status in ("completed", "diverged"):  # with or without a checkpoint: its results stand
-        print(f"cnnlab: {run_dir} already ended ({status}); its results are kept.")
-        return cfg, False, status
-    return cfg, last_checkpoint(run_dir).is_file(), None
+def resumable(key: str) -> bool:
+    """Whether a resumed run may change the setting `key` (config.ROLES says)."""
+    return role(key).resumable
 
 
-# --- reading back ----------------------------------------------------------------------------------
-def load_resumable(run_dir: Path, config: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """run_dir's last.pt, refused unless it is complete and was written by this run's configuration."""
+# --- as the trainer starts: the checkpoint ---------------------------------------------------------
+def load_resumable(run_dir: Path, settings: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """run_dir's last.pt, refused unless it is complete and was written by this run's settings
+    (config.as_dict(run))."""
     from cnnlab.train.checkpoint import LAST_KEYS, load_checkpoint  # torch
 
     path = last_checkpoint(run_dir)
@@ -86,9 +94,10 @@ def load_resumable(run_dir: Path, config: dict[str, Any], device: torch.device) 
     missing = [key for key in LAST_KEYS if key not in saved]
     if missing:
         raise UserError(f"{path} is not a complete cnnlab checkpoint (no {', '.join(missing)}); it cannot be resumed.")
-    differs = differing_settings(saved.get("config") or {}, config)
+    differs = differing_settings(saved.get("config") or {}, settings)
     if differs:
-        shown = ", ".join(differs[:6]) + (f" and {len(differs) - 6} more" if len(differs) > 6 else "")
+        more = len(differs) - SHOWN_SETTINGS
+        shown = ", ".join(differs[:SHOWN_SETTINGS]) + (f" and {more} more" if more > 0 else "")
         raise UserError(
             f"{path} was written by a different configuration ({shown} differ) and cannot be resumed as "
             f"this run; start a new run in another directory.")
@@ -97,11 +106,11 @@ def load_resumable(run_dir: Path, config: dict[str, Any], device: torch.device) 
 
 def differing_settings(written_by: dict[str, Any], config: dict[str, Any], prefix: str = "") -> list[str]:
     """Every setting (dotted key) that shapes a run and differs between two configs; the settings
-    a resume may change (config.resumable) and `resume` itself do not count."""
+    a resume may change (resumable, `resume` itself included) do not count."""
     differs = []
     for key in sorted(set(written_by) | set(config), key=str):
         dotted = f"{prefix}{key}"
-        if resumable(dotted) or dotted == "resume":
+        if resumable(dotted):
             continue
         old, new = written_by.get(key), config.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
@@ -111,17 +120,12 @@ def differing_settings(written_by: dict[str, Any], config: dict[str, Any], prefi
     return differs
 
 
-def check_fits(saved: dict[str, Any], state: TrainState) -> None:
-    """Refuse a checkpoint whose weights do not fit this run's model, before anything is changed."""
-    expected, weights = state.model.state_dict(), saved["model"]
+def check_fits(saved: dict[str, Any], expected: dict[str, Any], run_dir: Path) -> None:
+    """Refuse a checkpoint whose weights do not fit this run's model (`expected`: its state_dict),
+    before anything is restored."""
+    weights = saved["model"]
     wrong = sorted(set(expected) ^ set(weights)) or [
         key for key in expected if tuple(weights[key].shape) != tuple(expected[key].shape)]
     if wrong:
-        raise UserError(f"{last_checkpoint(state.run_dir)} holds a different model than this run's "
+        raise UserError(f"{last_checkpoint(run_dir)} holds a different model than this run's "
                         f"({', '.join(wrong[:4])} differ); it cannot be resumed as this run.")
-
-
-
-
-def resumable(key: str) -> bool:
-    return role(key).resumable

@@ -169,10 +169,17 @@ def sigterm_as_interrupt():
 
 class StopRequest:
     """SIGINT and SIGTERM ask the loop to stop after the current step, with a checkpoint. A second
-    SIGINT stops at once. Handlers a launcher installed (submitit's, say) are left alone."""
+    SIGINT stops at once. Handlers a launcher installed (submitit's, say) are left alone.
 
-    def __init__(self):
+    at_step and during ask for a stop as a SIGTERM arriving then would: after that step, or while the
+    run starts ("setup") or runs its final test ("test"). A stop at a known point, for tests."""
+
+    POINTS = ("setup", "test")  # the parts of a run, besides its steps, where the loop calls reached()
+
+    def __init__(self, at_step: int | None = None, during: str | None = None):
+        assert during is None or during in self.POINTS, during
         self.signum: int | None = None
+        self.at = {point for point in (at_step, during) if point is not None}
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -181,6 +188,11 @@ class StopRequest:
                 if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
                     self._previous[signum] = signal.signal(signum, self._request)
         return self
+
+    def reached(self, point: int | str) -> None:
+        """The loop is at `point`: a step just taken, or one of POINTS."""
+        if point in self.at and self.signum is None:
+            self.signum = signal.SIGTERM
 
     def _request(self, signum: int, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:

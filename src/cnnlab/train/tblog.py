@@ -17,17 +17,15 @@ from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
-from cnnlab.config import INIT_SCHEMES, SCHEMAS, RunConfig
-from cnnlab.instruments.probes import Measurement, Probes
+from cnnlab.config import INIT_SCHEMES, SCHEMAS, RunConfig, role
+from cnnlab.instruments.probes import Measurement, Probes, activation_row
 from cnnlab.rundir import replace_atomically
+from cnnlab.statistics import custom_scalars_layout, tag
+from cnnlab.status import Status
 
 # --- HParams ----------------------------------------------------------------------------------------
 # The metrics the HPARAMS tab shows for each run: the last value of these scalar tags.
-HPARAM_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "train/loss", "dead_fraction/all")
-# Settings that do not change what a run computes (where its files are, how they are loaded, where
-# and how fast it runs, how often it checkpoints, that it resumed): not hyperparameters.
-NOT_HPARAMS = ("dataset.root", "dataset.path", "dataset.download", "dataset.num_workers", "dataset.max_memory_mb",
-               "trainer.device", "trainer.threads", "trainer.checkpoint_every", "resume")
+HPARAM_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "train/loss", tag("dead_fraction", "all"))
 # The settings that define a run, which a sweep varies: the first columns of the HPARAMS tab, which
 # ticks its first five. TensorBoard lists the hparams marked `differs` first, then the rest, each by name
 # (backend_context._sort_and_reduce_to_hparams_limit); so these are marked, and named in that order.
@@ -36,8 +34,8 @@ DEFINING_HPARAMS = ("activation", "model", "model.batchnorm", "model.init", "opt
 # Text settings with a fixed set of values: the HPARAMS tab filters them by ticking values.
 DISCRETE_HPARAMS = {**{group: tuple(options) for group, options in SCHEMAS.items()}, "model.init": INIT_SCHEMES}
 # metrics.json's status -> the HPARAMS tab's. An interrupted run has none (Unknown): it may resume.
-HPARAM_STATUSES = {"completed": api_pb2.STATUS_SUCCESS, "diverged": api_pb2.STATUS_FAILURE,
-                   "failed": api_pb2.STATUS_FAILURE}
+HPARAM_STATUSES = {Status.COMPLETED: api_pb2.STATUS_SUCCESS, Status.DIVERGED: api_pb2.STATUS_FAILURE,
+                   Status.FAILED: api_pb2.STATUS_FAILURE}
 # The run's HParams record (settings, metric names, end) lives in an event file of its own, named
 # to be read before the training's. TensorBoard keeps the first session start and the first session
 # end it reads in a run's folder and ignores later ones (the multiplexer's and the data server's
@@ -45,31 +43,11 @@ HPARAM_STATUSES = {"completed": api_pb2.STATUS_SUCCESS, "diverged": api_pb2.STAT
 # rewrites it.
 HPARAMS_FILE = "events.out.tfevents.0000000000.hparams"
 
-# Custom-scalars layout: every layer of one statistic on one chart.
-LAYOUT = {
-    "training": {
-        "loss": ["Multiline", [r"(train|val|test)/loss"]],
-        "accuracy": ["Multiline", [r"(train|val|test)/acc"]],
-    },
-    "layers": {
-        "dead fraction": ["Multiline", [r"dead_fraction/.*"]],
-        "saturation": ["Multiline", [r"saturation/.*"]],
-        "activation mean": ["Multiline", [r"act_mean/.*"]],
-        "activation std": ["Multiline", [r"act_std/.*"]],
-        "gradient norm": ["Multiline", [r"grad_norm/.*"]],
-        "update ratio (log10)": ["Multiline", [r"update_ratio/.*"]],
-        "PReLU slope": ["Multiline", [r"prelu_slope/.*"]],
-        "revived fraction": ["Multiline", [r"revived_fraction/.*"]],
-        "effective rank": ["Multiline", [r"effective_rank/.*"]],
-        "gradient SNR": ["Multiline", [r"gradient_snr/.*"]],
-        "gradient noise scale": ["Multiline", [r"gradient_noise_scale"]],
-        "sharpness and stability limit": ["Multiline", [r"sharpness/.*"]],
-    },
-}
 
-
+# --- probes and findings ----------------------------------------------------------------------------
 def write_layout(writer: SummaryWriter) -> None:
-    writer.add_custom_scalars(LAYOUT)
+    """Custom Scalars: the training curves, then every layer of one statistic on one chart."""
+    writer.add_custom_scalars(custom_scalars_layout())
 
 
 def write_probe(writer: SummaryWriter, step: int, measurements: list[Measurement]) -> dict[str, float]:
@@ -107,14 +85,13 @@ def write_density(writer: SummaryWriter, run_dir: Path, step: int, probes: Probe
     """Each activation layer's density image so far: into TensorBoard (`activation_density/<act>`)
     and as run_dir/density/<act>.png, replaced each time so that the file always shows the whole run."""
     from cnnlab.instruments.density import density_image, write_density_png
-    from cnnlab.train.models import ACTIVATIONS_BY_MODULE
 
     folder = Path(run_dir) / "density"
     folder.mkdir(exist_ok=True)
     modules = {layer.name: layer.module for layer in probes.activations}
     for name, columns in probes.density_columns().items():
-        low, high = ACTIVATIONS_BY_MODULE[type(modules[name])].density_range
-        writer.add_image(f"activation_density/{name}", density_image(columns), step, dataformats="HWC")
+        low, high = activation_row(modules[name]).density_range
+        writer.add_image(tag("activation_density", name), density_image(columns), step, dataformats="HWC")
         write_density_png(folder / f"{name}.png", columns, probes.density_steps, low, high,
                           title=f"{name}: output value against probe step")
 
@@ -151,9 +128,9 @@ def flat_hparams(run: RunConfig) -> dict[str, bool | str | int | float]:
 
 def hparam_values(run: RunConfig) -> dict[str, bool | str | int | float]:
     """The settings the HPARAMS tab shows, in its order: DEFINING_HPARAMS, then the rest by name;
-    none of NOT_HPARAMS."""
+    none of those whose config.role says they are not hyperparameters."""
     values = flat_hparams(run)
-    keys = sorted((key for key in values if key not in NOT_HPARAMS), key=lambda key: (key not in DEFINING_HPARAMS, key))
+    keys = sorted((key for key in values if role(key).hparam), key=lambda key: (key not in DEFINING_HPARAMS, key))
     return {key: values[key] for key in keys}
 
 
@@ -198,7 +175,7 @@ def write_hparams_start(run_dir: Path, run: RunConfig) -> None:
     replace_atomically(Path(run_dir) / HPARAMS_FILE, write)
 
 
-def write_hparams_end(run_dir: Path, status: str) -> None:
+def write_hparams_end(run_dir: Path, status: Status) -> None:
     """Add the run's end to its HParams record when the run is over (not when it was interrupted).
     Appended, not rewritten: a TensorBoard open meanwhile reads it too (the data server does)."""
     path = Path(run_dir) / HPARAMS_FILE

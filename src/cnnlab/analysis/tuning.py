@@ -1,0 +1,50 @@
+"""`cnnlab compare --tune KEY`: each configuration at the value of KEY with the best mean
+validation accuracy over its seeds, and its test accuracy there against the best configuration's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cnnlab.analysis.names import SEED_KEY, differing, name_keys, short_keys
+from cnnlab.analysis.runs import Run
+from cnnlab.analysis.stats import completed_spread, spread, versus_best
+from cnnlab.errors import UserError
+
+
+def _tuned_key(runs: list[Run], key: str) -> str:
+    """The setting `key` names (in full, or by its last part), if it differs; else UserError naming those that do."""
+    keys = [k for k in differing(runs) if k != SEED_KEY]
+    matches = [k for k in keys if k == key] or [k for k in keys if k.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1 and key != SEED_KEY:
+        return matches[0]
+    named = [k for k in name_keys(runs) if k != SEED_KEY]
+    why = ("picking the luckiest seed is not a fair comparison" if key == SEED_KEY else
+           f"{key} could be {' or '.join(matches)}" if matches else
+           f"{key} has one value in these runs (or none), so there is nothing to tune")
+    settings = f"settings that differ: {', '.join(named)}" if named else "no setting differs between these runs"
+    raise UserError(f"--tune {key}: {why}; {settings}.")
+
+
+def tune(runs: list[Run], key: str) -> dict[str, Any]:
+    """For each configuration (the runs alike in every named setting but `key` and the seed): the
+    value of `key` with the best mean validation accuracy over its completed seeds, that value's
+    validation and test accuracy, and the test accuracy against the best configuration's."""
+    key = _tuned_key(runs, key)
+    keys = [k for k in name_keys(runs) if k not in (key, SEED_KEY)]
+    short = short_keys(name_keys(runs))
+    configurations: dict[str, dict[str, list[Run]]] = {}
+    for run in runs:
+        name = ", ".join(f"{short[k]}={run.settings[k]}" for k in keys if k in run.settings) or "all"
+        name = f"{name} ({run.rerun})" if run.rerun else name
+        configurations.setdefault(name, {}).setdefault(run.settings.get(key, "-"), []).append(run)
+    tuned = {}
+    for name, candidates in configurations.items():
+        validation = {value: completed_spread(members, "val_acc") for value, members in candidates.items()}
+        scored = [value for value, accuracy in validation.items() if accuracy.mean is not None]
+        chosen = max(scored, key=lambda value: validation[value].mean) if scored else None
+        tuned[name] = {"chosen": chosen, "tried": list(candidates),
+                       "val_acc": validation[chosen] if chosen is not None else spread([]),
+                       "test_acc": completed_spread(candidates.get(chosen, []), "test_acc")}
+    for name, verdict in versus_best({name: entry["test_acc"] for name, entry in tuned.items()}).items():
+        tuned[name]["vs_best"] = verdict
+    return {"key": key, "configurations": tuned}

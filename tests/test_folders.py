@@ -1,0 +1,52 @@
+"""Finding runs: run and sweep folders in or below the paths given, a sweep's jobs not started yet,
+runs whose files cannot be read."""
+
+from __future__ import annotations
+
+import pytest
+
+from cnnlab.analysis.folders import find_runs
+from cnnlab.errors import UserError
+from tests.fake_runs import configured, names, write_run
+
+
+def test_jobs_not_started_are_named_by_their_overrides_like_the_started_ones(tmp_path):
+    configured(tmp_path / "sweep" / "activation=relu", "activation=relu", "optimizer.lr=0.1")
+    jobs = [((tmp_path / "sweep" / "activation=elu").resolve(), {"activation": "elu", "optimizer.lr": "0.10"}),
+            ((tmp_path / "sweep" / "activation=relu").resolve(), {"activation": "relu", "optimizer.lr": "0.1"})]
+    runs = find_runs([str(tmp_path / "sweep")], jobs=jobs)
+    assert [(r.name, r.status) for r in runs] == [("activation=elu", "missing"), ("activation=relu", "completed")]
+
+
+def test_compare_searches_sub_folders_but_not_inside_runs_nor_its_own_figures(tmp_path, run_cli):
+    outputs = tmp_path / "outputs"
+    configured(outputs / "2026-11-26" / "10-00-00")
+    configured(outputs / "2026-11-26" / "10-05-00", "optimizer.lr=0.01")
+    configured(outputs / "multirun" / "2026-11-26" / "11-00-00" / "activation=elu", "activation=elu")
+    write_run(outputs / "2026-11-26" / "10-00-00" / "checkpoints" / "inner")  # inside a run: not a run of its own
+    assert names(outputs) == ["activation=relu, lr=0.001", "activation=relu, lr=0.01", "activation=elu, lr=0.001"]
+    code, out, err = run_cli("compare", "outputs")
+    assert code == 0, err
+    assert (outputs / "summary.json").is_file() and (outputs / "figures").is_dir()
+    assert len(find_runs([str(outputs)])) == 3  # figures/ (TensorBoard events only) is not a run
+    with pytest.raises(UserError, match="No run directories in or below"):
+        find_runs([str(tmp_path / "outputs" / "figures")])
+
+
+@pytest.mark.parametrize("file, text, problem", [
+    ("metrics.json", "[1, 2]", "holds a JSON list"),
+    ("metrics.json", '"done"', "holds a JSON str"),
+    ("metrics.json", '{"status": "compl', "cannot be read"),
+    ("overrides.yaml", "- a=1\n  - b: [", "cannot be read"),
+    ("overrides.yaml", "activation: relu\n", "holds a dict"),
+    ("config.yaml", "- relu\n", "holds a list"),
+])
+def test_a_run_with_malformed_files_is_skipped_with_a_warning_naming_the_file(tmp_path, file, text, problem):
+    write_run(tmp_path / "sweep" / "good")
+    bad = write_run(tmp_path / "sweep" / "bad", overrides="- activation=elu\n")
+    (bad / file if file == "metrics.json" else bad / ".hydra" / file).write_text(text)
+    warnings = []
+    runs = find_runs([str(tmp_path / "sweep")], warn=warnings.append)
+    assert [run.path.name for run in runs] == ["good"]
+    (warning,) = warnings
+    assert f"{bad.name}" in warning and file in warning and problem in warning
