@@ -12,6 +12,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from cnnlab.analysis.summary import format_number  # one format for every table cell
+
 
 def console(stderr: bool = False, live: bool = True) -> Console:
     """A rich console for cnnlab's output. When the output is not a terminal (a pipe, a file, a
@@ -27,15 +29,6 @@ def print_error(message: str, job: str = "", outcome: str = "failed") -> None:
     """One red line on stderr: `cnnlab: error: ...`, or for a sweep's job `cnnlab: job #3 (...) failed: ...`."""
     prefix = f"cnnlab: job {job} {outcome}: " if job else "cnnlab: error: "
     Console(stderr=True).print(prefix + message, style="red", markup=False, highlight=False, soft_wrap=True)
-
-
-def format_number(value: Any, digits: int = 4) -> str:
-    """A table cell: '-' for missing, four decimals for floats."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 class TrainingProgress:

@@ -30,7 +30,7 @@ def train_command(args: list[str], job: Task | None = None) -> int:
     args = expand_home(args)
     parsed = parse_arguments(args)
     if parsed.help:  # cnnlab's own: the settings with their comments (--hydra-help is Hydra's)
-        return print_train_help(parsed.config_dir)
+        return show_help(parsed.config_dir)
     sweep_dir = None
     try:
         validated = check_config_before_hydra(args)
@@ -50,11 +50,12 @@ def train_command(args: list[str], job: Task | None = None) -> int:
     return exit_code_of(statuses)
 
 
-def print_train_help(user_config_dir: str | None) -> int:
-    from cnnlab.cli.trainhelp import print_train_help as print_help
+def show_help(user_config_dir: str | None) -> int:
+    """`cnnlab train --help`: every setting with its default and comment, from the YAML files."""
+    from cnnlab.cli.trainhelp import print_train_help
 
     try:
-        print_help([*([Path(user_config_dir)] if user_config_dir else []), config_dir()])
+        print_train_help([*([Path(user_config_dir)] if user_config_dir else []), config_dir()])
         sys.stdout.flush()
     except BrokenPipeError:  # `| head`, or a pager closed early: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
