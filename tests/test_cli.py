@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cnnlab import cli
+from cnnlab.cli.folders import JOB_DIR_BYTES, check_writable, expand_home, job_dir, name_jobs_by_swept_overrides
+from cnnlab.cli.precheck import check_config_before_hydra
 from cnnlab.config import config_dir
 from cnnlab.train.checkpoint import load_checkpoint
 from tests.helpers import TINY, TINY_MLP, TINY_TRAINER, read_scalars, write_image_folder, write_mnist
@@ -193,12 +194,12 @@ def test_code_in_any_job_of_a_sweep_or_in_an_override_is_refused(run_cli, tmp_pa
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "submitit_slurm"])
 def test_hydras_own_launchers_pass_the_check(launcher):
-    cli.check_config_before_hydra(["-m", f"hydra/launcher={launcher}", "activation=relu,elu"])
+    check_config_before_hydra(["-m", f"hydra/launcher={launcher}", "activation=relu,elu"])
 
 
 def test_every_named_experiment_passes_the_check():
     for experiment in sorted(path.stem for path in (config_dir() / "experiment").glob("*.yaml")):
-        cli.check_config_before_hydra(["-m", f"experiment={experiment}", "trainer.seed=0,1"])
+        check_config_before_hydra(["-m", f"experiment={experiment}", "trainer.seed=0,1"])
 
 
 def test_a_config_file_that_is_not_valid_yaml_is_named(run_cli, tmp_path):
@@ -235,27 +236,27 @@ def test_a_sweep_over_paths_gets_one_flat_folder_per_job(run_cli, tmp_path):
 
 
 def test_job_folder_names_are_single_safe_bounded_and_unique():
-    assert cli._job_dir("activation=elu,trainer.seed=1", 3) == "activation=elu,trainer.seed=1"  # unchanged
-    assert cli._job_dir("", 3) == "job3"
+    assert job_dir("activation=elu,trainer.seed=1", 3) == "activation=elu,trainer.seed=1"  # unchanged
+    assert job_dir("", 3) == "job3"
     names = ["dataset.path=/a/b", "dataset.path=/a_b", "dataset.path=_a_b", ".hidden=1", "x=" + "é" * 200,
              "x=" + "é" * 199 + "e", "x=line\nbreak", "x=" + "a" * 300, "x=" + "a" * 299]
-    folders = [cli._job_dir(name, 0) for name in names]
+    folders = [job_dir(name, 0) for name in names]
     assert len(set(folders)) == len(names)
     for folder in folders:
         assert "/" not in folder and "\n" not in folder and not folder.startswith(".")
-        assert len(folder.encode()) <= cli.JOB_DIR_BYTES
+        assert len(folder.encode()) <= JOB_DIR_BYTES
     assert folders[0].startswith("dataset.path=_a_b-") and folders[2] == "dataset.path=_a_b"
 
 
 def test_shared_overrides_are_left_out_of_job_names_whatever_their_prefix():
-    args = cli.name_jobs_by_swept_overrides(["-m", "activation=relu,elu", "+preset=selu_lecun", "dataset.root=/d"])
+    args = name_jobs_by_swept_overrides(["-m", "activation=relu,elu", "+preset=selu_lecun", "dataset.root=/d"])
     assert args[-1] == "hydra.job.config.override_dirname.exclude_keys=['preset','dataset.root']"
 
 
 # --- overrides Hydra cannot read, settings that do not exist, `~`, and rejected runs that leave nothing --
 def test_a_value_starting_with_tilde_is_expanded_in_every_override_and_item(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
-    args = cli.expand_home(["-m", "dataset.path=~/a,~/b", "model.hidden=[1]", "x=[~/c, ~]", "resume=~/run",
+    args = expand_home(["-m", "dataset.path=~/a,~/b", "model.hidden=[1]", "x=[~/c, ~]", "resume=~/run",
                             "y='~/quoted'", "z=a~/b", "~trainer.grad_clip", "--config-dir", "w=~/dir"])
     assert args == ["-m", f"dataset.path={tmp_path}/a,{tmp_path}/b", "model.hidden=[1]", f"x=[{tmp_path}/c, {tmp_path}]",
                     f"resume={tmp_path}/run", "y='~/quoted'", "z=a~/b", "~trainer.grad_clip", "--config-dir", "w=~/dir"]
@@ -317,8 +318,8 @@ def test_a_rejected_run_leaves_no_folder_behind(run_cli, tmp_path):
 
 def test_checking_that_an_output_folder_can_be_written_leaves_no_folder(tmp_path):
     (tmp_path / "kept").mkdir()
-    cli.check_writable("hydra.run.dir", tmp_path / "a" / "b" / "c")
-    cli.check_writable("hydra.run.dir", tmp_path / "kept")
+    check_writable("hydra.run.dir", tmp_path / "a" / "b" / "c")
+    check_writable("hydra.run.dir", tmp_path / "kept")
     assert [path.name for path in tmp_path.iterdir()] == ["kept"] and not list((tmp_path / "kept").iterdir())
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnlab import cli
+from cnnlab.cli.train_command import train_command
 from cnnlab.train.checkpoint import load_checkpoint
 from cnnlab.errors import UserError
 from cnnlab.rundir import run_lock
@@ -309,12 +309,12 @@ def test_a_best_checkpoint_copied_over_the_last_one_is_refused_naming_what_it_la
     assert code == 1 and "not a complete cnnlab checkpoint" in err and "optimizer" in err
 
 
-def test_sigterm_while_hydra_starts_a_single_run_ends_it_with_a_message_and_130(run_cli, monkeypatch):
+def test_sigterm_while_hydra_starts_a_single_run_ends_it_with_a_message_and_130(capsys, monkeypatch, tmp_path):
     def preempted_at_start(cfg):
         os.kill(os.getpid(), signal.SIGTERM)  # before the trainer's own handler exists
         raise AssertionError("SIGTERM should have interrupted the command")
 
-    monkeypatch.setattr(cli, "run_job", preempted_at_start)
-    code, _, err = run_cli("train", *TINY, "hydra.run.dir=run")
-    assert code == 130 and "stopped at once by a signal" in err
+    monkeypatch.chdir(tmp_path)
+    code = train_command([*TINY, "hydra.run.dir=run"], job=preempted_at_start)
+    assert code == 130 and "stopped at once by a signal" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the command's handler is gone again

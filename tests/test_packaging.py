@@ -22,7 +22,7 @@ def test_wheel_ships_every_config_and_the_installed_package_finds_them(tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}  # the wheel's copy comes first on the path
-    found = subprocess.run([sys.executable, "-c", "import cnnlab.cli as c; print(c.__file__); print(c.config_dir())"],
+    found = subprocess.run([sys.executable, "-c", "import cnnlab.config as c; print(c.__file__); print(c.config_dir())"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert found[0].startswith(str(target)) and found[1] == str(target / "cnnlab" / "configs")
     result = subprocess.run([sys.executable, "-m", "cnnlab", "train", "activation=selu", "--cfg", "job"],

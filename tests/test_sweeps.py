@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from cnnlab.cli import config_dir, threads_per_job
-from cnnlab.config import validate
+from cnnlab.cli.folders import threads_per_job
+from cnnlab.config import config_dir, validate
 from tests.helpers import TINY, TINY_DATA, TINY_MLP, TINY_TRAINER, write_mnist
 
 
@@ -194,21 +194,20 @@ def test_an_experiment_sweep_runs_its_presets(tmp_path):
     assert composed["preset=relu_kaiming"]["model"]["hidden"] == [16, 16, 16]  # the command line wins
 
 
-def test_each_job_names_itself_on_its_epoch_lines_and_ends_with_one_line_not_a_table(run_cli, monkeypatch, tmp_path):
-    from cnnlab.analysis.findings import Finding
-
-    found = Finding("dying_relu", "warning", "act01_fc", 8, 0.5, "half of act01_fc's units never fire", "lower the lr")
-    monkeypatch.setattr("cnnlab.train.loop.diagnose", lambda series, facts, cfg: [found])
+def test_each_job_names_itself_on_its_lines_and_ends_with_one_line_not_a_table(run_cli, tmp_path):
     code, out, err = run_cli("train", "-m", "activation=relu,elu", *TINY, "trainer.epochs=2", "hydra.sweep.dir=sweep")
     assert code == 0, err
     lines = out.splitlines()
     for num, name in enumerate(["activation=relu", "activation=elu"]):
         job = f"job #{num} ({name})"
+        assert any(line.startswith(f"cnnlab: {job}: mlp + {name.partition('=')[2]} on fake (") for line in lines)
         epochs = [line for line in lines if line.startswith(f"{job} epoch ")]
         assert [line.split("  ")[0] for line in epochs] == [f"{job} epoch 1/2", f"{job} epoch 2/2"]
         assert all("img/s (epoch) " in line for line in epochs)
         metrics = json.loads((tmp_path / "sweep" / name / "metrics.json").read_text())
+        warned = dict.fromkeys(f["kind"] for f in metrics["findings"] if f["severity"] == "warning")  # see test_console
         [end] = [line for line in lines if line.startswith(f"{job}: ")]
         assert end == (f"{job}: completed  val_acc {metrics['val_acc']:.4f}  test_acc {metrics['test_acc']:.4f}  "
-                       f"seconds {metrics['seconds']:.1f}  warnings dying_relu  {tmp_path / 'sweep' / name}")
+                       f"seconds {metrics['seconds']:.1f}  " + (f"warnings {','.join(warned)}  " if warned else "")
+                       + str(tmp_path / "sweep" / name))
     assert "cnnlab run:" not in out and "Findings" not in out  # no table or panel per job

@@ -1,4 +1,5 @@
-"""What a run shows in the terminal: a rich progress bar, or plain lines when output is not a terminal."""
+"""What the commands show in the terminal: a run's progress (a rich bar, or plain lines when output is
+not a terminal), its summary table, findings panel and a sweep job's one line, and error lines."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from cnnlab.analysis.summary import format_number  # one format for every table cell
+
 
 def console(stderr: bool = False, live: bool = True) -> Console:
     """A rich console for cnnlab's output. When the output is not a terminal (a pipe, a file, a
@@ -22,13 +25,10 @@ def console(stderr: bool = False, live: bool = True) -> Console:
     return Console(stderr=stderr, width=max(terminal.width, 1000), force_terminal=False)
 
 
-def format_number(value: Any, digits: int = 4) -> str:
-    """A table cell: '-' for missing, four decimals for floats."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+def print_error(message: str, job: str = "", outcome: str = "failed") -> None:
+    """One red line on stderr: `cnnlab: error: ...`, or for a sweep's job `cnnlab: job #3 (...) failed: ...`."""
+    prefix = f"cnnlab: job {job} {outcome}: " if job else "cnnlab: error: "
+    Console(stderr=True).print(prefix + message, style="red", markup=False, highlight=False, soft_wrap=True)
 
 
 class TrainingProgress:
@@ -38,6 +38,7 @@ class TrainingProgress:
     def __init__(self, epochs: int, console: Console, job: str | None = None):
         self.console = console
         self.epochs = epochs
+        self.job = job
         self.prefix = f"{job} " if job else ""
         self.live = self.console.is_terminal  # the trainer reads running values only for a bar someone sees
         self.progress = Progress(
@@ -58,6 +59,13 @@ class TrainingProgress:
 
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
+
+    def started(self, description: str) -> None:
+        """The run's one line once it is set up ("cnnlab: mlp + relu on mnist (...), ..."); a sweep's
+        job names itself first ("cnnlab: job #3 (activation=elu): mlp + relu ...")."""
+        if self.job:
+            description = f"cnnlab: {self.job}: {description.removeprefix('cnnlab: ')}"
+        self.console.print(description, highlight=False, markup=False, soft_wrap=True)
 
     def start_epoch(self, epoch: int, steps: int, completed: int = 0) -> None:
         self.task = self.progress.add_task(escape(f"{self.prefix}epoch {epoch}/{self.epochs}"), total=steps,
@@ -104,6 +112,13 @@ def summary_table(metrics: dict[str, Any], run_dir: str) -> Table:
     for name, value in rows:
         table.add_row(name, escape(value))
     return table
+
+
+def findings_view(findings: list, findings_error: str | None) -> Panel | Text:
+    """The findings panel, or the line that says why there are no findings to show."""
+    if findings_error is not None:
+        return Text(f"cnnlab: the findings could not be computed: {findings_error}")
+    return findings_panel(findings)
 
 
 def findings_panel(findings: list) -> Panel | Text:

@@ -96,69 +96,85 @@ def print_train_help(folders: list[Path]) -> None:
     packaged = folders[-1]
     folders = [folder for folder in folders if folder.is_dir()]
     width = max(60, shutil.get_terminal_size().columns) - 1
-
-    def paragraph(text: str, indent: str = "", more: str = "") -> str:
-        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent + more)
-
-    def settings_block(rows: list[tuple[str, str, str]], indent: str) -> list[str]:
-        """`key: value  # comment` rows, comments aligned and wrapped."""
-        shown = [f"{indent}{key}: {value}" for key, value, _ in rows]
-        column = min(max(map(len, shown), default=0), len(indent) + 34) + 2
-        if width - column < 30:
-            column = len(indent) + 4
-        lines = []
-        for text, (_, _, comment) in zip(shown, rows):
-            if not comment:
-                lines.append(text)
-                continue
-            wrapped = textwrap.wrap(" ".join(comment.split()), max(20, width - column - 2))
-            start = text.ljust(column) if len(text) + 2 <= column else None
-            if start is None:
-                lines.append(text)
-                start = " " * column
-            lines += [start + "# " + wrapped[0], *(" " * column + "# " + more for more in wrapped[1:])]
-        return lines
-
     train = read_config_doc(next(folder / "train.yaml" for folder in folders if (folder / "train.yaml").is_file()))
-    out = [paragraph(part) if not part.startswith(("usage", "  ")) else part
-           for part in TRAIN_HELP.split("\n")]
     groups = []
     for group, default, about in train.defaults:
         options: dict[str, Path] = {}
         for folder in reversed(folders):  # the first folder's file wins, as in Hydra
             options.update({path.stem: path for path in sorted((folder / group).glob("*.yaml"))})
         groups.append((group, default, about, dict(sorted(options.items()))))
+    out = [paragraph(part, width) if not part.startswith(("usage", "  ")) else part
+           for part in TRAIN_HELP.split("\n")]
     out += ["groups (GROUP=OPTION):"]
     out += [paragraph(f"{group}: {', '.join(options)}" + (f" (default {default})" if default != "null" else ""),
-                      "  ", "    ") for group, default, _, options in groups]
+                      width, "  ", "    ") for group, default, _, options in groups]
     for group, default, about, options in groups:
-        chosen = f"default {default}" if default != "null" else "none by default"
-        out += ["", paragraph(f"{group}=NAME: {about or group} ({chosen})", "", "    ")]
-        bundles = False
-        for name, path in options.items():
-            doc = read_config_doc(path)
-            header = " ".join(line for line in doc.header if not line.startswith("cnnlab "))  # not the usage lines
-            where = "" if path.parent.parent == packaged else f" [{path}]"
-            if doc.global_package:  # a bundle across groups (a preset, an experiment): its first sentence
-                bundles = True
-                first = re.split(r"(?<=[.!?])\s+(?=[A-Z])", header, maxsplit=1)[0]
-                out.append(paragraph(f"{name}: {first}{where}", "  ", "      "))
-                continue
-            out.append(paragraph(f"{name}: {header}{where}", "  ", "      "))
-            rows = [(key, value, comment) for key, (value, comment) in doc.settings.items()
-                    if "." not in key and value and not (key == "name" and value == name)]
-            out += settings_block(rows, "      ")
-        if bundles:
-            out.append(paragraph(f"The whole description of each is at the top of its file, "
-                                 f"{packaged / group}/NAME.yaml.", "  ", "  "))
+        out += group_help(group, default, about, options, packaged, width)
+    out += sections_help(train, width)
+    out += ["", paragraph(TRAIN_HELP_FOOTER.format(where=packaged), width)]
+    print("\n".join(out))
+
+
+def paragraph(text: str, width: int, indent: str = "", more: str = "") -> str:
+    return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent + more)
+
+
+def settings_block(rows: list[tuple[str, str, str]], indent: str, width: int) -> list[str]:
+    """`key: value  # comment` rows, comments aligned and wrapped."""
+    shown = [f"{indent}{key}: {value}" for key, value, _ in rows]
+    column = min(max(map(len, shown), default=0), len(indent) + 34) + 2
+    if width - column < 30:
+        column = len(indent) + 4
+    lines = []
+    for text, (_, _, comment) in zip(shown, rows):
+        if not comment:
+            lines.append(text)
+            continue
+        wrapped = textwrap.wrap(" ".join(comment.split()), max(20, width - column - 2))
+        start = text.ljust(column) if len(text) + 2 <= column else None
+        if start is None:
+            lines.append(text)
+            start = " " * column
+        lines += [start + "# " + wrapped[0], *(" " * column + "# " + more for more in wrapped[1:])]
+    return lines
+
+
+def group_help(group: str, default: str, about: str, options: dict[str, Path], packaged: Path,
+               width: int) -> list[str]:
+    """One group: each option's description and settings (a bundle across groups: its first sentence)."""
+    chosen = f"default {default}" if default != "null" else "none by default"
+    out = ["", paragraph(f"{group}=NAME: {about or group} ({chosen})", width, "", "    ")]
+    bundles = False
+    for name, path in options.items():
+        doc = read_config_doc(path)
+        header = " ".join(line for line in doc.header if not line.startswith("cnnlab "))  # not the usage lines
+        where = "" if path.parent.parent == packaged else f" [{path}]"
+        if doc.global_package:  # a bundle across groups (a preset, an experiment): its first sentence
+            bundles = True
+            first = re.split(r"(?<=[.!?])\s+(?=[A-Z])", header, maxsplit=1)[0]
+            out.append(paragraph(f"{name}: {first}{where}", width, "  ", "      "))
+            continue
+        out.append(paragraph(f"{name}: {header}{where}", width, "  ", "      "))
+        rows = [(key, value, comment) for key, (value, comment) in doc.settings.items()
+                if "." not in key and value and not (key == "name" and value == name)]
+        out += settings_block(rows, "      ", width)
+    if bundles:
+        out.append(paragraph(f"The whole description of each is at the top of its file, "
+                             f"{packaged / group}/NAME.yaml.", width, "  ", "  "))
+    return out
+
+
+def sections_help(train: ConfigDoc, width: int) -> list[str]:
+    """train.yaml's own sections (trainer, probes, findings) and top-level settings (resume)."""
+    out = []
     for section, (value, about) in train.settings.items():
         if "." in section or section in ("defaults", "hydra"):
             continue
         if value:  # a top-level setting (resume)
-            out += ["", *settings_block([(section, value, about)], "")]
+            out += ["", *settings_block([(section, value, about)], "", width)]
             continue
         rows = [(key.partition(".")[2], child, comment) for key, (child, comment) in train.settings.items()
                 if key.startswith(f"{section}.") and "." not in key.partition(".")[2]]
-        out += ["", paragraph(f"{section}.KEY=VALUE: {about or section}", "", "  "), *settings_block(rows, "  ")]
-    out += ["", paragraph(TRAIN_HELP_FOOTER.format(where=packaged))]
-    print("\n".join(out))
+        out += ["", paragraph(f"{section}.KEY=VALUE: {about or section}", width, "", "  "),
+                *settings_block(rows, "  ", width)]
+    return out

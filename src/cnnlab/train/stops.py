@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from cnnlab.status import Status
+
 
 # Stopping a sweep. Jobs in this process (the basic launcher) stop as a single run does. joblib's
 # workers do not see a signal sent to the sweep, and one that died of a signal would break joblib's
@@ -64,7 +66,7 @@ def stoppable(task, stop_file: Path):
 
     parent = os.getpid()
 
-    def job(cfg: DictConfig) -> str:
+    def job(cfg: DictConfig) -> Any:
         from hydra.core.hydra_config import HydraConfig
 
         if os.getpid() == parent:  # the basic launcher: SIGTERM, like SIGINT, stops the job as it stops a single run
@@ -83,10 +85,10 @@ def stoppable(task, stop_file: Path):
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             if stop_file.exists():
-                return "not started"  # its folder has no metrics.json: the summary says `missing`
+                return Status.MISSING  # not started: its folder has no metrics.json, and the summary says so
             return task(cfg)
         except KeyboardInterrupt:  # raised by run_job to end the sweep: here the parent ends it
-            return "interrupted"
+            return Status.INTERRUPTED
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # idle, it must outlive a late SIGTERM
 

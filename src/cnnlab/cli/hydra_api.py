@@ -1,0 +1,42 @@
+"""What cnnlab needs from Hydra that Hydra 1.3 does not make public: the only module that imports
+`hydra._internal`. Each use is one small function that says which public API is missing, so that
+a Hydra upgrade is checked here, and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def parse_arguments(args: list[str]) -> argparse.Namespace:
+    """Hydra's reading of `cnnlab train`'s arguments (overrides, -m, --cfg, --config-dir, --help...),
+    unknown flags left to Hydra. Missing public API: the parser hydra.main uses is not exported."""
+    from hydra._internal.utils import get_args_parser
+
+    parsed, _ = get_args_parser().parse_known_args(args)
+    return parsed
+
+
+def config_loader(config_path: str, prepend: list[str]) -> Any:
+    """Hydra's config loader with the search path hydra.main builds: config_path (a folder), after
+    the folders in `prepend` (--config-dir). Missing public API: hydra.compose() composes in RUN mode
+    only (a sweep's overrides need MULTIRUN) and through a global instance (initialize_config_dir)
+    that hydra.main would then find taken; it also hides Hydra's own node unless asked, and loses the
+    exceptions that say which file or setting was wrong."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+
+    search_path = create_automatic_config_search_path(__file__, __name__, config_path)
+    for folder in prepend:
+        search_path.prepend(provider="command-line", path=f"file://{folder}", anchor=SearchPathQuery(provider="schema"))
+    return ConfigLoaderImpl(config_search_path=search_path)
+
+
+def overrides_dirname(overrides: list, exclude_keys: list[str], item_sep: str, kv_sep: str) -> str:
+    """hydra.job.override_dirname of a job with these (parsed) overrides, as Hydra computes it.
+    Missing public API: Hydra sets it only inside a running job, and the summary must name the jobs
+    of a sweep that never started."""
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+
+    return get_overrides_dirname(overrides, exclude_keys, item_sep, kv_sep)

@@ -1,0 +1,113 @@
+"""`cnnlab train`: cnnlab's own --help, the config check before Hydra, the run or sweep folder, then
+Hydra runs each job while SIGINT and SIGTERM stop it cleanly; the exit code says how it went."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig
+
+from cnnlab.cli.console import print_error
+from cnnlab.cli.folders import expand_home, fix_sweep_dir, name_jobs_by_swept_overrides, place_single_run
+from cnnlab.cli.hydra_api import parse_arguments
+from cnnlab.cli.job import run_job
+from cnnlab.cli.precheck import check_config_before_hydra
+from cnnlab.cli.sweeps import exit_code_of, summarise_sweep
+from cnnlab.config import config_dir
+from cnnlab.errors import UserError
+from cnnlab.status import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Status
+from cnnlab.train.stops import SweepStop, sigterm_as_interrupt, stoppable
+
+Task = Callable[[DictConfig], Any]  # what Hydra runs for each job
+
+
+def train_command(args: list[str], job: Task | None = None) -> int:
+    """`cnnlab train ARGS`; `job` runs each job (by default run_job, given the configs the check
+    before Hydra has validated)."""
+    args = expand_home(args)
+    parsed = parse_arguments(args)
+    if parsed.help:  # cnnlab's own: the settings with their comments (--hydra-help is Hydra's)
+        return show_help(parsed.config_dir)
+    sweep_dir = None
+    try:
+        validated = check_config_before_hydra(args)
+        if parsed.multirun:
+            args = name_jobs_by_swept_overrides(args)
+            args, sweep_dir = fix_sweep_dir(args)
+        elif not (parsed.cfg or parsed.info or parsed.hydra_help):
+            args = place_single_run(args, parsed.overrides)
+    except UserError as error:
+        print_error(str(error))
+        return EXIT_USAGE
+    statuses: list[Status] = []  # of the jobs run in this process: a single run's exit code
+    task = recording_statuses(statuses, job or (lambda cfg: run_job(cfg, validated)))
+    code = run_hydra(args, task, sweep_dir, statuses)
+    if code is not None:
+        return code
+    return exit_code_of(statuses)
+
+
+def show_help(user_config_dir: str | None) -> int:
+    """`cnnlab train --help`: every setting with its default and comment, from the YAML files."""
+    from cnnlab.cli.trainhelp import print_train_help
+
+    try:
+        print_train_help([*([Path(user_config_dir)] if user_config_dir else []), config_dir()])
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`, or a pager closed early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
+
+
+def recording_statuses(statuses: list[Status], job: Task) -> Task:
+    """job for Hydra, noting each job's status in `statuses` (raised or returned) for the exit code."""
+    def recorded(cfg: DictConfig) -> Any:
+        try:
+            status = job(cfg)
+        except Exception:
+            statuses.append(Status.FAILED)
+            raise
+        except BaseException:
+            statuses.append(Status.INTERRUPTED)
+            raise
+        statuses.append(status)
+        return status
+
+    return recorded
+
+
+def run_hydra(args: list[str], task: Task, sweep_dir: Path | None, statuses: list[Status]) -> int | None:
+    """Hydra's run of `task` with these arguments: a sweep (sweep_dir) ends with its summary, and stops
+    job by job on SIGINT or SIGTERM (SweepStop); a single run stops by itself (the trainer's
+    StopRequest), and a signal while Hydra starts ends the command like Ctrl-C. The exit code, or None
+    where the jobs' statuses say it."""
+    import hydra
+
+    saved_argv = sys.argv
+    sys.argv = ["cnnlab train", *args]  # Hydra reads its arguments from sys.argv
+    stop = SweepStop(sweep_dir) if sweep_dir is not None else None
+    try:
+        with stop or sigterm_as_interrupt():
+            hydra.main(version_base=None, config_path=str(config_dir()), config_name="train")(
+                stoppable(task, stop.stop_file) if stop else task)()
+    except KeyboardInterrupt:
+        if sweep_dir is not None and sweep_dir.is_dir():
+            summarise_sweep(sweep_dir)
+        elif sweep_dir is None:
+            print_error("stopped at once by a signal (while the run was starting, or a second Ctrl-C); the "
+                        "last checkpoint, if there is one, is kept.")
+        return EXIT_INTERRUPTED
+    except SystemExit as exit:
+        if exit.code not in (0, None) and not statuses and not (sweep_dir and sweep_dir.is_dir()):
+            return EXIT_USAGE  # Hydra rejected the arguments or the config before any job ran
+        if exit.code not in (0, None) and sweep_dir is None:
+            return EXIT_FAILED
+    finally:
+        sys.argv = saved_argv
+    if sweep_dir is not None and sweep_dir.is_dir():
+        code = summarise_sweep(sweep_dir)
+        return EXIT_INTERRUPTED if stop.signum is not None and code != EXIT_OK else code
+    return None
