@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
-from cnnlab.cli import config_dir
+from cnnlab.config import config_dir
 from cnnlab.config import validate
 from cnnlab.train.data import load_data
 from cnnlab.train.models import build_model
