@@ -48,14 +48,14 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
-from cnnlab.config import config_dir
-from cnnlab.config import validate
+from cnnlab.config import config_dir, validate
 from cnnlab.train.data import load_data
 from cnnlab.train.models import build_model
 from cnnlab.train.optim import build_optimizer
 from cnnlab.instruments.probes import Probes
 from cnnlab.cli.console import TrainingProgress
-from cnnlab.train.loop import NonfiniteWatch, Precision, TrainingLog, TrainState, resolve_device, train_epoch
+from cnnlab.train.loop import train_epoch
+from cnnlab.train.state import NonfiniteWatch, Precision, TrainingLog, TrainState, resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_probes import cpu_model  # noqa: E402  (a sibling script)

@@ -37,19 +37,19 @@ def replace_atomically(path: Path, write) -> None:
         raise
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN and infinities as null: JSON has no such numbers, and a diverged run has them."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
-    text = json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n"
     replace_atomically(Path(run_dir) / METRICS_FILE, lambda file: file.write(text.encode()))
 
 

@@ -24,7 +24,7 @@ from cnnlab.analysis.findings import Finding, RunFacts, diagnose, run_facts
 from cnnlab.config import FindingsConfig, with_todays_defaults
 from cnnlab.datasets import DATASETS
 from cnnlab.errors import UserError, one_line
-from cnnlab.rundir import METRICS_FILE, _json_safe, locked_by, read_run_metrics
+from cnnlab.rundir import METRICS_FILE, json_safe, locked_by, read_run_metrics
 from cnnlab.status import Status
 
 Series = dict[str, list[tuple[int, float]]]  # tag -> (step, value) in step order, as cnnlab.analysis.findings takes it
@@ -253,7 +253,7 @@ def header(inspection: Inspection) -> dict[str, Any]:
 
 def to_json(inspection: Inspection) -> dict[str, Any]:
     layers = {**activation_layers(inspection.series), **weight_layers(inspection.series)}
-    return _json_safe({**header(inspection), "layers": layers,
+    return json_safe({**header(inspection), "layers": layers,
                        "findings": [finding.to_dict() for finding in inspection.findings],
                        "notes": inspection.notes})
 
