@@ -157,3 +157,12 @@ def test_tests_use_seams_not_private_helpers_or_patched_globals(path):
                     isinstance(target, ast.Constant) and str(target.value).startswith("cnnlab.")):
                 wrong.append(f"line {node.lineno}: {ast.unparse(node)[:80]}")
     assert not wrong
+
+
+def test_the_readme_layout_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):readme.index("### Extending cnnlab")]
+    missing = [name for name, path in modules().items()
+               if path.name != "__main__.py" and not (path.name == "__init__.py" and path.stat().st_size < 10)
+               and f" {path.name} " not in layout.replace("\n", " ").replace("/", "/ ")]
+    assert not missing
