@@ -365,10 +365,13 @@ def test_rank_collapse_fires_on_the_issues_tanh_mlp():
     assert "Daneshmand" in finding.advice
     bn_relu = diagnose(ranks(3.6), replace(tanh, activation="relu", batchnorm=True), CFG)[0].advice
     assert "batchnorm" not in bn_relu and "activation=relu" not in bn_relu and "shallower" in bn_relu
+    # a run that learns well, and a layer whose units died, are left to other findings
+    assert kinds({**ranks(3.6), **learning(0.05)}, tanh) == []
+    assert kinds({**ranks(3.6), "dead_fraction/act10_fc": probes(0.0, 0.9)}, tanh) == ["dying_units"]
 
 
 @pytest.mark.parametrize("last, widths, classes", [(40.0, (256,) * 10, 10),  # above 0.05 x 256
-                                                   (10.0, (256,) * 10, 10),  # classes - 1 = 9: collapse onto class means
+                                                   (8.4, (256,) * 10, 10),  # class means (neural collapse) read 8-10
                                                    (3.6, (256,) * 9, 10),  # widths do not match the layers
                                                    (3.6, (), 10), (1.0, (256,) * 10, 2)])
 def test_rank_collapse_is_quiet_for_a_rank_a_classifier_needs_or_unknown_widths(last, widths, classes):
@@ -426,3 +429,33 @@ def test_runs_built_to_misbehave_produce_the_right_findings_and_healthy_ones_non
         assert "diverged" in expected
     warnings = {f["kind"] for f in read_metrics(tmp_path)["findings"] if f["severity"] == "warning"}
     assert expected <= warnings if expected else warnings == set()
+
+
+def findings_of_a_real_run(tmp_path, *overrides) -> list[dict]:
+    from cnnlab.rundir import read_metrics
+    from cnnlab.train.loop import train
+
+    train(validate(compose_config(*RUN, *overrides)), tmp_path)
+    return read_metrics(tmp_path)["findings"]
+
+
+@pytest.mark.parametrize("overrides, expected, way", [
+    # the issue's run: momentum SGD at lr 0.5 kills the ReLUs; never "lr too low, try 5"
+    (["model.hidden=[64,64]", "optimizer=sgd", "optimizer.lr=0.5", "optimizer.momentum=0.9"], {"dying_units"}, "down"),
+    # Adam at lr 1e-6: update ratios -4.7 to -5.0, too small for Adam; never "try 1e-7"
+    (["optimizer=adam", "optimizer.lr=1e-6"], {"update_ratio", "not_learning"}, "up"),
+])
+def test_real_runs_are_advised_to_move_the_lr_the_right_way(overrides, expected, way, tmp_path):
+    found = findings_of_a_real_run(tmp_path, *overrides)
+    lr = float(next(o for o in overrides if o.startswith("optimizer.lr=")).split("=")[1])
+    assert expected <= {f["kind"] for f in found if f["severity"] == "warning"}
+    advised = lrs_advised([Finding(**f) for f in found])
+    assert advised and all(a < lr if way == "down" else a > lr for a in advised)
+
+
+def test_a_real_deep_batchnorm_net_has_gradients_growing_towards_the_input(tmp_path):
+    found = findings_of_a_real_run(tmp_path, "model.hidden=[16,16,16,16,16,16,16,16,16,16,16,16,16,16,16,16,16,16,16,16]",
+                                   "model.batchnorm=true", "trainer.epochs=1", "dataset.train_size=200",
+                                   "probes.histograms=false", "probes.density=false")
+    [growth] = [f for f in found if f["kind"] == "gradient_growth"]
+    assert growth["layer"] == "layer01_fc" and growth["value"] > 30  # 79x at 20 x 32 units, 108x at 20 x 16

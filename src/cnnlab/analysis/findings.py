@@ -421,18 +421,20 @@ def activation_scale(series: Series, facts: RunFacts, cfg: FindingsConfig) -> li
 
 def rank_collapse(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Finding]:
     """The last hidden layer's output spans a few directions: its effective rank is below
-    findings.rank_collapse of its width, and below classes - 1, the rank a well-trained last layer keeps
-    when its features collapse onto the class means (Papyan et al. 2020). Deep nets without
-    normalisation lose rank with depth (Daneshmand et al. 2020)."""
+    findings.rank_collapse of its width, and below half of classes - 1, the rank a well-trained last layer
+    keeps when its features collapse onto the class means (neural collapse, Papyan et al. 2020; the
+    entropy-based rank reads 8-10 there for 10 classes). Deep nets without normalisation lose rank with
+    depth (Daneshmand et al. 2020). Quiet in a run that learns well, and where dead units explain it
+    (dead_at_init, dying_units report them)."""
     layers = _layers(series, "effective_rank")
     if not layers or len(layers) != len(facts.widths) or facts.num_classes < 2:
         return []
     deep, width = layers[-1], facts.widths[-1]
     late = _finite(series[f"effective_rank/{deep}"])[-LAST_PROBES:]
-    if not late:
+    if not late or deep in _dying_layers(series, cfg) + _dead_at_step0(series, cfg):
         return []
     rank = statistics.median(v for _, v in late)
-    if rank >= min(cfg.rank_collapse * width, facts.num_classes - 1):
+    if rank >= min(cfg.rank_collapse * width, (facts.num_classes - 1) / 2) or _learning_well(series, facts, cfg):
         return []
     start = _at_step0(series, f"effective_rank/{deep}")
     since = f", from {start:.3g} at step 0" if start is not None and late[-1][0] > 0 else ""
@@ -441,7 +443,7 @@ def rank_collapse(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[
         "rank_collapse", WARNING, deep, late[-1][0], rank,
         f"{deep}, the last hidden layer: its output has an effective rank of {rank:.3g} for {width} units "
         f"(median of the last {len(late)} probes, to step {late[-1][0]}{since}), below "
-        f"{cfg.rank_collapse:g} of its width and below {facts.num_classes - 1} (classes - 1): the classifier "
+        f"{cfg.rank_collapse:g} of its width and below (classes - 1)/2 = {(facts.num_classes - 1) / 2:g}: the classifier "
         f"sees the images in a few directions only.",
         "Without normalisation, deep nets lose the rank of their representations (rank collapse, Daneshmand "
         "et al. 2020). " + _try("" if facts.batchnorm else "model.batchnorm=true",
