@@ -456,8 +456,11 @@ def update_ratio(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[F
     the threshold for too small a step depends on the optimizer (_update_ratio_low). A higher lr is
     never advised while something says the lr is too large, or layers are dead."""
     found = []
-    low = _update_ratio_low(facts, cfg)
-    for layer, median, middle, last in _update_medians(series):
+    low, medians = _update_ratio_low(facts, cfg), _update_medians(series)
+    # what else explains small steps: read once, and only when a layer has them
+    small = any(median < low for _, median, _, _ in medians)
+    excuses = (_too_large_lr(series, facts, cfg), _dead_at_step0(series, cfg)) if small else ([], [])
+    for layer, median, middle, last in medians:
         span = f"(median over the second half, steps {math.ceil(middle)}-{last}; about 10^-3 is healthy)"
         if median > cfg.update_ratio_high:
             found.append(Finding(
@@ -466,19 +469,18 @@ def update_ratio(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[F
                 "The learning rate is too high for this layer (Karpathy, CS231n). "
                 + _try(_lr_advice(facts, DOWN) or ("" if facts.grad_clip is not None else "trainer.grad_clip=1.0"))))
         elif median < low:
-            found.append(_too_small_update(series, facts, cfg, layer, (median, low, last, span)))
+            found.append(_too_small_update(facts, layer, (median, low, last, span), *excuses))
     return found
 
 
-def _too_small_update(series: Series, facts: RunFacts, cfg: FindingsConfig, layer: str,
-                      judged: tuple[float, float, int, str]) -> Finding:
-    """The finding for a layer whose updates are below `low`: a too-low lr, unless dead units or a
-    too-large lr explain them, and then the advice never raises the lr."""
+def _too_small_update(facts: RunFacts, layer: str, judged: tuple[float, float, int, str],
+                      signs: list[str], dead: list[str]) -> Finding:
+    """The finding for a layer whose updates are below `low`: a too-low lr, unless signs of a too-large
+    lr (_too_large_lr) or layers dead from step 0 explain them, and then the advice never raises the lr."""
     median, low, last, span = judged
     kin = (f": too small for {facts.optimizer}, whose step is about lr per weight, below 10^{low:g}"
            if facts.optimizer in ADAPTIVE else "")
     message = f"{layer}: each step changes its weights by only 10^{median:.1f} of their norm {span}{kin}"
-    signs, dead = _too_large_lr(series, facts, cfg), _dead_at_step0(series, cfg)
     if not signs and not dead:
         top = f"The lr ({facts.lr:g}) is at the top of {facts.optimizer}'s usual range already: look at the init."
         return Finding("update_ratio", WARNING, layer, last, median, message + ".",
