@@ -153,6 +153,11 @@ class FindingsConfig:
     update_ratio_low: float = MISSING  # log10 update/weight ratio below this: lr too low (Karpathy, CS231n)
     not_learning: float = MISSING  # loss within this relative distance of ln(classes) after an epoch (Karpathy 2019)
     edge_of_stability: float = MISSING  # sharpness / (2(1 + momentum) / lr) that reports the edge (Cohen et al. 2021)
+    update_ratio_low_adaptive: float = MISSING  # the same for Adam, AdamW, RMSprop, whose step is about lr per weight
+    loss_rise: float = MISSING  # relative rise of the training loss that says the lr is too large: no higher lr advised
+    learning_well: float = MISSING  # training loss below this x ln(classes): the run learns well, info needs no advice
+    rank_collapse: float = MISSING  # last hidden layer's effective rank below this share of its width (Daneshmand et al. 2020)
+    gradient_growth: float = MISSING  # first / last hidden layer's grad norm at the first probe above this (Yang et al. 2019)
 
 
 @dataclass
@@ -422,6 +427,13 @@ def _check_findings(f: FindingsConfig) -> None:
              f"must be below findings.update_ratio_high={f.update_ratio_high} (both log10)")
     _require(0 < f.not_learning < 1, "findings.not_learning", f.not_learning, "must be in (0, 1)")
     _require(0 < f.edge_of_stability <= 2, "findings.edge_of_stability", f.edge_of_stability, "must be in (0, 2]")
+    _require(f.update_ratio_low_adaptive < f.update_ratio_high, "findings.update_ratio_low_adaptive",
+             f.update_ratio_low_adaptive, f"must be below findings.update_ratio_high={f.update_ratio_high} (both log10)")
+    _require(f.loss_rise > 0, "findings.loss_rise", f.loss_rise, "must be > 0 (a relative rise)")
+    _require(0 < f.learning_well < 1, "findings.learning_well", f.learning_well,
+             "must be in (0, 1): a share of ln(classes), the loss of uniform guessing")
+    _require(0 < f.rank_collapse < 1, "findings.rank_collapse", f.rank_collapse, "must be in (0, 1): a share of the width")
+    _require(f.gradient_growth > 1, "findings.gradient_growth", f.gradient_growth, "must be > 1")
 
 
 def image_size(d: DatasetConfig) -> int:

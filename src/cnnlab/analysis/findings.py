@@ -36,7 +36,10 @@ class Finding:
     step: Optional[int]
     value: Optional[float]
     message: str
-    advice: str
+    advice: str  # "" when there is nothing to change
+
+    def __post_init__(self) -> None:
+        self.advice = self.advice.strip()  # a sentence whose options were all left out ends in a space
 
     def to_dict(self) -> dict:
         """JSON-safe: a value that is not a finite number becomes None."""
@@ -59,6 +62,9 @@ class RunFacts:
     grad_clip: Optional[float]
     status: str  # metrics.json's status (a Status), "unknown" without one
     diverged_step: Optional[int]
+    # Units of each activation layer, input side first (MLP: model.hidden; ConvNet: model.channels,
+    # then model.fc_hidden); () when the config does not say.
+    widths: tuple[int, ...] = ()
 
 
 def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -66,11 +72,20 @@ def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
     return section if isinstance(section, dict) else {}
 
 
+def _widths(model: dict[str, Any]) -> tuple[int, ...]:
+    """The units of the model's activation layers, input side first; () for what is not a list of widths."""
+    parts = [model.get("hidden")] if "hidden" in model else [model.get("channels"), [model.get("fc_hidden")]]
+    if not all(isinstance(part, (list, tuple)) for part in parts):
+        return ()
+    widths = [width for part in parts for width in part]
+    return tuple(widths) if all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths) else ()
+
+
 def run_facts(config: dict[str, Any], *, num_classes: int, steps_per_epoch: int, metrics: dict[str, Any]) -> RunFacts:
     """What the findings need to know about a run besides its series: from its config as plain
     containers (.hydra/config.yaml, or config.as_dict(run)) and its metrics.json. Lenient with an
     older or partial config: what it lacks is taken as the defaults (init `default`, no BatchNorm,
-    no momentum, no clipping)."""
+    no momentum, no clipping, widths unknown)."""
     model, optimizer = _section(config, "model"), _section(config, "optimizer")
     return RunFacts(
         num_classes=num_classes, steps_per_epoch=steps_per_epoch,
@@ -78,7 +93,7 @@ def run_facts(config: dict[str, Any], *, num_classes: int, steps_per_epoch: int,
         batchnorm=bool(model.get("batchnorm", False)), optimizer=str(optimizer.get("name", "")),
         lr=float(optimizer.get("lr", 0.0)), momentum=float(optimizer.get("momentum", 0.0) or 0.0),
         grad_clip=_section(config, "trainer").get("grad_clip"), status=str(metrics.get("status", "unknown")),
-        diverged_step=metrics.get("diverged_step"))
+        diverged_step=metrics.get("diverged_step"), widths=_widths(model))
 
 
 # --- reading series --------------------------------------------------------------------------------
@@ -97,8 +112,39 @@ def _at_step0(series: Series, tag: str) -> Optional[float]:
     return points[0][1] if points and points[0][0] == 0 else None
 
 
+# The learning rates a suggestion stays within, per optimizer (config.SCHEMAS' names): "try lr=X"
+# never leaves them, so the findings never offer an absurd lr (SGD at 5, Adam at 1e-7). SGD: Bengio
+# 2012 ("Practical recommendations for gradient-based training") puts useful rates below 1 and finds
+# 0.01 a good default; Adam and RMSprop move each weight by about lr per step (Kingma & Ba 2015,
+# default 1e-3), so their useful range is narrower and lower.
+LR_RANGES = {"sgd": (1e-4, 1.0), "adam": (1e-5, 1e-2), "adamw": (1e-5, 1e-2), "rmsprop": (1e-5, 1e-2)}
+# Optimizers whose step is about lr per weight whatever the gradient's size (a normalised update).
+ADAPTIVE = ("adam", "adamw", "rmsprop")
+UP, DOWN = 10.0, 0.1  # the factors a finding suggests for the learning rate
+
+
 def _lr_advice(facts: RunFacts, factor: float) -> str:
-    return f"optimizer.lr={facts.lr * factor:.3g}"
+    """`optimizer.lr=X`, X = lr x factor kept within the optimizer's LR_RANGES; "" when the range
+    leaves no room in that direction (at least a factor of 2), or the lr is unknown."""
+    if not facts.lr > 0 or factor == 1:
+        return ""
+    low, high = LR_RANGES.get(facts.optimizer, (0.0, math.inf))
+    lr = min(max(facts.lr * factor, low), high)
+    if math.log(lr / facts.lr) * math.log(factor) <= 0 or abs(math.log(lr / facts.lr)) < math.log(2) - 1e-9:
+        return ""
+    return f"optimizer.lr={lr:.3g}"
+
+
+def _options(*options: str) -> str:
+    """`a, b, or c` of the options given; empty ones are left out."""
+    given = [option for option in options if option]
+    return given[0] if len(given) == 1 else ", ".join(given[:-1]) + (f", or {given[-1]}" if given else "")
+
+
+def _try(*options: str) -> str:
+    """`Try a, b, or c.`; "" when no option is given."""
+    text = _options(*options)
+    return f"Try {text}." if text else ""
 
 
 def _init_for(activation: str) -> Optional[str]:
@@ -117,40 +163,140 @@ def _init_advice(facts: RunFacts) -> str:
     return "Try " + " and/or ".join(tips) + "." if tips else "Try a shallower or wider model."
 
 
+# --- what the series say about the learning rate -------------------------------------------------------
+# probes.update_ratio floors log10(0) at -20: at or below this, the weights did not change at all.
+NO_UPDATE = -19.0
+LAST_PROBES = 3  # the last probes (or loss logs) whose median says where a series ended
+
+
+def _dead_rise(series: Series, layer: str) -> tuple[tuple[int, float], tuple[int, float]] | None:
+    """The first and the last (step, dead fraction) of a layer, when it has two probes."""
+    points = _finite(series.get(f"dead_fraction/{layer}", []))
+    return (points[0], points[-1]) if len(points) >= 2 else None
+
+
+def _dying_layers(series: Series, cfg: FindingsConfig) -> list[str]:
+    """The layers whose dead fraction rose at least findings.dying_info."""
+    rises = [(layer, _dead_rise(series, layer)) for layer in _layers(series, "dead_fraction")]
+    return [layer for layer, rise in rises if rise and rise[1][1] - rise[0][1] >= cfg.dying_info]
+
+
+def _dead_at_step0(series: Series, cfg: FindingsConfig) -> list[str]:
+    """The layers at least findings.dead_at_init dead at step 0."""
+    return [layer for layer in _layers(series, "dead_fraction")
+            if (_at_step0(series, f"dead_fraction/{layer}") or 0.0) >= cfg.dead_at_init]
+
+
+def _loss_unstable(series: Series, cfg: FindingsConfig) -> str:
+    """How the training loss shows a too-large step, in words; "" when it does not: in the second half
+    of its logs it went back above its first value, or the median of its last third is above that of
+    an earlier third, each by more than findings.loss_rise (relative)."""
+    points = _finite(series.get("train/loss", []))
+    if len(points) < 6:
+        return ""
+    start, third = points[0][1], len(points) // 3
+    peak_step, peak = max(points[len(points) // 2:], key=lambda point: point[1])
+    if peak > (1 + cfg.loss_rise) * start:
+        return f"the training loss went back up to {peak:.3g} at step {peak_step}, above its start {start:.3g}"
+    thirds = [statistics.median(v for _, v in part) for part in (points[:third], points[third:-third], points[-third:])]
+    if thirds[2] > (1 + cfg.loss_rise) * min(thirds[:2]):
+        return f"the training loss rose from {min(thirds[:2]):.3g} to {thirds[2]:.3g} (medians of thirds of the run)"
+    return ""
+
+
+def _update_medians(series: Series) -> list[tuple[str, float, float, int]]:
+    """(layer, median log10 update ratio over the second half of the run, its first step, last step)
+    of the layers that have two points there and move at all: a layer that does not move gets no
+    gradient, which the dead-unit and gradient findings explain; no lr would."""
+    found = []
+    for layer in _layers(series, "update_ratio"):
+        points = _finite(series[f"update_ratio/{layer}"])
+        if not points:
+            continue
+        middle = (points[0][0] + points[-1][0]) / 2
+        late = [v for s, v in points if s >= middle]
+        if len(late) >= 2 and statistics.median(late) > NO_UPDATE:
+            found.append((layer, statistics.median(late), middle, points[-1][0]))
+    return found
+
+
+def _update_ratio_low(facts: RunFacts, cfg: FindingsConfig) -> float:
+    """Below this log10 update ratio the lr is too low: Adam and its kin step about lr per weight, so
+    their ratio follows the lr alone and has a threshold of its own."""
+    return cfg.update_ratio_low_adaptive if facts.optimizer in ADAPTIVE else cfg.update_ratio_low
+
+
+def _too_large_lr(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[str]:
+    """What says that the lr is too large, in words: the run diverged, units died during training,
+    the loss is unstable, a layer's update ratio is above findings.update_ratio_high. [] when nothing does."""
+    signs = ["the run diverged"] if facts.status == Status.DIVERGED else []
+    dying = _dying_layers(series, cfg)
+    if dying:
+        signs.append(f"units died during training in {', '.join(dying)}")
+    signs.append(_loss_unstable(series, cfg))
+    high = [layer for layer, median, _, _ in _update_medians(series) if median > cfg.update_ratio_high]
+    if high:
+        signs.append(f"the update ratio of {', '.join(high)} is above 10^{cfg.update_ratio_high:g}")
+    return [sign for sign in signs if sign]
+
+
+def _lr_directions(series: Series, facts: RunFacts, cfg: FindingsConfig) -> tuple[float, ...]:
+    """Which way the lr may be moved: DOWN only when something says it is too large; neither when
+    layers are dead from step 0 (no lr revives them); UP only when updates are too small; else both."""
+    if _too_large_lr(series, facts, cfg):
+        return (DOWN,)
+    if _dead_at_step0(series, cfg):
+        return ()
+    low = _update_ratio_low(facts, cfg)
+    return (UP,) if any(median < low for _, median, _, _ in _update_medians(series)) else (UP, DOWN)
+
+
+def _learning_well(series: Series, facts: RunFacts, cfg: FindingsConfig) -> float | None:
+    """The training loss (median of its last logs) when the run learns well: below findings.learning_well
+    x ln(classes), the loss of uniform guessing, steady and not diverged; None otherwise."""
+    points = _finite(series.get("train/loss", []))[-LAST_PROBES:]
+    if not points or facts.num_classes < 2 or facts.status == Status.DIVERGED or _loss_unstable(series, cfg):
+        return None
+    loss = statistics.median(v for _, v in points)
+    return loss if loss <= cfg.learning_well * math.log(facts.num_classes) else None
+
+
 # --- the rules ---------------------------------------------------------------------------------------
 def dead_at_init(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Finding]:
     """A layer mostly dead before any update: no gradient reaches its units (Lu et al. 2019)."""
     found = []
-    for layer in _layers(series, "dead_fraction"):
+    for layer in _dead_at_step0(series, cfg):
         dead = _at_step0(series, f"dead_fraction/{layer}")
-        if dead is not None and dead >= cfg.dead_at_init:
-            fix = "activation=leaky_relu, " if facts.activation == "relu" else ""
-            found.append(Finding(
-                "dead_at_init", WARNING, layer, 0, dead,
-                f"{layer}: {dead:.0%} of its units are dead at initialisation (step 0): no gradient flows through them.",
-                f"Deep narrow nets die at initialisation (Lu et al. 2019). Try {fix}model.init={_init_for(facts.activation) or 'kaiming'}, "
-                f"model.batchnorm=true, or a wider/shallower model."))
+        fix = "activation=leaky_relu, " if facts.activation == "relu" else ""
+        found.append(Finding(
+            "dead_at_init", WARNING, layer, 0, dead,
+            f"{layer}: {dead:.0%} of its units are dead at initialisation (step 0): no gradient flows through them.",
+            f"Deep narrow nets die at initialisation (Lu et al. 2019). Try {fix}model.init={_init_for(facts.activation) or 'kaiming'}, "
+            f"model.batchnorm=true, or a wider/shallower model."))
     return found
 
 
 def dying_units(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Finding]:
-    """Units that die during training, typically ReLUs pushed negative by large updates (Lu et al. 2019)."""
+    """Units that die during training, typically ReLUs pushed negative by large updates (Lu et al. 2019).
+    In a run that learns well, a rise below findings.dying_warning is a note with no advice: nothing
+    that works should be changed for it."""
     found = []
-    for layer in _layers(series, "dead_fraction"):
-        points = _finite(series[f"dead_fraction/{layer}"])
-        if len(points) < 2:
+    learning_well = _learning_well(series, facts, cfg)
+    for layer in _dying_layers(series, cfg):
+        (first_step, first), (last_step, last) = _dead_rise(series, layer)
+        severity = WARNING if last - first >= cfg.dying_warning else INFO
+        message = f"{layer}: the dead fraction rose from {first:.0%} (step {first_step}) to {last:.0%} (step {last_step})."
+        if severity == INFO and learning_well is not None:
+            found.append(Finding(
+                "dying_units", INFO, layer, last_step, last,
+                f"{message} The run learns well (training loss {learning_well:.3g}, against "
+                f"{math.log(facts.num_classes):.3g} for guessing): nothing to change for it.", ""))
             continue
-        (first_step, first), (last_step, last) = points[0], points[-1]
-        rise = last - first
-        if rise < cfg.dying_info:
-            continue
-        severity = WARNING if rise >= cfg.dying_warning else INFO
-        fix = ", activation=leaky_relu" if facts.activation == "relu" else ""
+        fix = "activation=leaky_relu" if facts.activation == "relu" else ""
         found.append(Finding(
-            "dying_units", severity, layer, last_step, last,
-            f"{layer}: the dead fraction rose from {first:.0%} (step {first_step}) to {last:.0%} (step {last_step}).",
-            f"Units die when large updates push their inputs where the activation is flat (Lu et al. 2019). "
-            f"Try {_lr_advice(facts, 0.1)}{fix}, or model.batchnorm=true."))
+            "dying_units", severity, layer, last_step, last, message,
+            "Units die when large updates push their inputs where the activation is flat (Lu et al. 2019). "
+            + _try(_lr_advice(facts, DOWN), fix, "" if facts.batchnorm else "model.batchnorm=true")))
     return found
 
 
@@ -168,7 +314,7 @@ def saturation(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Fin
                 f"{layer}: {share:.0%} of its outputs are saturated (median of the last {len(points)} probes, "
                 f"to step {points[-1][0]}).",
                 f"Saturated units pass almost no gradient (Glorot & Bengio 2010). {_init_advice(facts)} "
-                f"Or {_lr_advice(facts, 0.1)}, or a ReLU-family activation (activation=leaky_relu)."))
+                f"Or {_options(_lr_advice(facts, DOWN), 'a ReLU-family activation (activation=leaky_relu)')}."))
     return found
 
 
@@ -195,6 +341,35 @@ def vanishing_gradients(series: Series, facts: RunFacts, cfg: FindingsConfig) ->
         f"{_init_advice(facts)} Bounded activations vanish most: activation=relu or leaky_relu.")]
 
 
+def gradient_growth(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Finding]:
+    """At the start of training the gradient grows towards the input: the first weight layer's gradient
+    norm over the last hidden layer's, at the first probe with gradients, is above findings.gradient_growth.
+    Deep BatchNorm nets do this at initialisation (Yang et al. 2019)."""
+    hidden = [name for name in _layers(series, "grad_norm") if not name.endswith("classifier")]
+    if len(hidden) < 2:
+        return []
+    first, top = hidden[0], hidden[-1]
+    firsts, tops = _finite(series[f"grad_norm/{first}"]), dict(_finite(series[f"grad_norm/{top}"]))
+    if not firsts or not tops.get(firsts[0][0], 0) > 0 or firsts[0][0] > facts.steps_per_epoch:
+        return []
+    step, norm = firsts[0]
+    ratio = norm / tops[step]
+    if ratio <= cfg.gradient_growth:
+        return []
+    cause = ("Deep BatchNorm nets make gradients explode towards the input at initialisation, by a factor "
+             "per layer (Yang et al. 2019, 'A Mean Field Theory of Batch Normalization')" if facts.batchnorm else
+             "The initialisation amplifies the gradient on its way down (He et al. 2015; Pascanu et al. 2013)")
+    init = _init_for(facts.activation)
+    return [Finding(
+        "gradient_growth", WARNING, first, step, ratio,
+        f"{first}: at step {step}, the first probe with gradients, its gradient norm {norm:.3g} is {ratio:.3g}x "
+        f"that of {top} {tops[step]:.3g}: the gradient grows towards the input.",
+        f"{cause}. " + _try("a shallower model", "" if facts.grad_clip is not None else "trainer.grad_clip=1.0",
+                            f"model.init={init}" if init and init != facts.init else "",
+                            "model.batchnorm=false (or fewer BatchNorm layers)" if facts.batchnorm else "",
+                            _lr_advice(facts, DOWN)))]
+
+
 def exploding_gradients(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Finding]:
     """A jump of the global gradient norm over its running median, or clipping on most steps (Pascanu et al. 2013)."""
     points = _finite(series.get("grad_norm/total", []))
@@ -204,12 +379,13 @@ def exploding_gradients(series: Series, facts: RunFacts, cfg: FindingsConfig) ->
         if len(earlier) >= MIN_HISTORY:
             median = statistics.median(earlier)
             if median > 0 and value >= cfg.exploding_factor * median:
-                clip = "" if facts.grad_clip is not None else ", trainer.grad_clip=1.0"
                 found.append(Finding(
                     "exploding_gradients", WARNING, None, step, value,
                     f"The global gradient norm jumped to {value:.3g} at step {step}, {value / median:.0f}x its "
                     f"running median {median:.3g}.",
-                    f"Exploding gradients (Pascanu et al. 2013). Try {_lr_advice(facts, 0.1)}{clip}, or model.batchnorm=true."))
+                    "Exploding gradients (Pascanu et al. 2013). " + _try(
+                        _lr_advice(facts, DOWN), "" if facts.grad_clip is not None else "trainer.grad_clip=1.0",
+                        "" if facts.batchnorm else "model.batchnorm=true")))
                 break
         bisect.insort(earlier, value)
     if facts.grad_clip is not None and points:
@@ -220,8 +396,8 @@ def exploding_gradients(series: Series, facts: RunFacts, cfg: FindingsConfig) ->
                 "exploding_gradients", WARNING, None, clipped[0], len(clipped) / len(points),
                 f"Clipping was active on {len(clipped)} of {len(points)} logged steps: the gradient norm (median "
                 f"{median:.3g}) exceeds trainer.grad_clip={facts.grad_clip:g}.",
-                f"Clipping on most steps does the learning rate's job (Pascanu et al. 2013). Try {_lr_advice(facts, 0.1)}, "
-                f"or trainer.grad_clip={median * 2:.3g} so that it only catches spikes."))
+                "Clipping on most steps does the learning rate's job (Pascanu et al. 2013). "
+                + _try(_lr_advice(facts, DOWN), f"trainer.grad_clip={median * 2:.3g} so that it only catches spikes")))
     return found
 
 
@@ -243,41 +419,85 @@ def activation_scale(series: Series, facts: RunFacts, cfg: FindingsConfig) -> li
         f"The initialisation does not fit the activation (He et al. 2015). {_init_advice(facts)}")]
 
 
-# probes.update_ratio floors log10(0) at -20: at or below this, the weights did not change at all.
-NO_UPDATE = -19.0
+def rank_collapse(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Finding]:
+    """The last hidden layer's output spans a few directions: its effective rank is below
+    findings.rank_collapse of its width, and below half of classes - 1, the rank a well-trained last layer
+    keeps when its features collapse onto the class means (neural collapse, Papyan et al. 2020; the
+    entropy-based rank reads 8-10 there for 10 classes). Deep nets without normalisation lose rank with
+    depth (Daneshmand et al. 2020). Quiet in a run that learns well, and where dead units explain it
+    (dead_at_init, dying_units report them)."""
+    layers = _layers(series, "effective_rank")
+    if not layers or len(layers) != len(facts.widths) or facts.num_classes < 2:
+        return []
+    deep, width = layers[-1], facts.widths[-1]
+    late = _finite(series[f"effective_rank/{deep}"])[-LAST_PROBES:]
+    if not late or deep in _dying_layers(series, cfg) + _dead_at_step0(series, cfg):
+        return []
+    rank = statistics.median(v for _, v in late)
+    if rank >= min(cfg.rank_collapse * width, (facts.num_classes - 1) / 2) or _learning_well(series, facts, cfg):
+        return []
+    start = _at_step0(series, f"effective_rank/{deep}")
+    since = f", from {start:.3g} at step 0" if start is not None and late[-1][0] > 0 else ""
+    bounded = facts.activation in ACTIVATIONS and ACTIVATIONS[facts.activation].bounds is not None
+    return [Finding(
+        "rank_collapse", WARNING, deep, late[-1][0], rank,
+        f"{deep}, the last hidden layer: its output has an effective rank of {rank:.3g} for {width} units "
+        f"(median of the last {len(late)} probes, to step {late[-1][0]}{since}), below "
+        f"{cfg.rank_collapse:g} of its width and below (classes - 1)/2 = {(facts.num_classes - 1) / 2:g}: the classifier "
+        f"sees the images in a few directions only.",
+        "Without normalisation, deep nets lose the rank of their representations (rank collapse, Daneshmand "
+        "et al. 2020). " + _try("" if facts.batchnorm else "model.batchnorm=true",
+                                "activation=relu with model.init=kaiming (He et al. 2015)" if bounded else "",
+                                "a shallower model"))]
 
 
 def update_ratio(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Finding]:
-    """A layer's update/weight ratio far from ~1e-3 over the second half of the run (Karpathy, CS231n)."""
+    """A layer's update/weight ratio far from ~1e-3 over the second half of the run (Karpathy, CS231n);
+    the threshold for too small a step depends on the optimizer (_update_ratio_low). A higher lr is
+    never advised while something says the lr is too large, or layers are dead."""
     found = []
-    for layer in _layers(series, "update_ratio"):
-        points = _finite(series[f"update_ratio/{layer}"])
-        if not points:
-            continue
-        middle = (points[0][0] + points[-1][0]) / 2
-        late = [v for s, v in points if s >= middle]
-        if len(late) < 2:
-            continue
-        median = statistics.median(late)
-        if median <= NO_UPDATE:  # the layer does not move at all: no gradient reaches it, which the
-            continue             # dead-unit and gradient findings explain; a lower lr would not
+    low, medians = _update_ratio_low(facts, cfg), _update_medians(series)
+    # what else explains small steps: read once, and only when a layer has them
+    small = any(median < low for _, median, _, _ in medians)
+    excuses = (_too_large_lr(series, facts, cfg), _dead_at_step0(series, cfg)) if small else ([], [])
+    for layer, median, middle, last in medians:
+        span = f"(median over the second half, steps {math.ceil(middle)}-{last}; about 10^-3 is healthy)"
         if median > cfg.update_ratio_high:
             found.append(Finding(
-                "update_ratio", WARNING, layer, points[-1][0], median,
-                f"{layer}: each step changes its weights by 10^{median:.1f} of their norm (median over the second "
-                f"half, steps {math.ceil(middle)}-{points[-1][0]}); about 10^-3 is healthy.",
-                f"The learning rate is too high for this layer (Karpathy, CS231n). Try {_lr_advice(facts, 0.1)}."))
-        elif median < cfg.update_ratio_low:
-            found.append(Finding(
-                "update_ratio", WARNING, layer, points[-1][0], median,
-                f"{layer}: each step changes its weights by only 10^{median:.1f} of their norm (median over the second "
-                f"half, steps {math.ceil(middle)}-{points[-1][0]}); about 10^-3 is healthy.",
-                f"The learning rate is too low for this layer (Karpathy, CS231n). Try {_lr_advice(facts, 10)}."))
+                "update_ratio", WARNING, layer, last, median,
+                f"{layer}: each step changes its weights by 10^{median:.1f} of their norm {span}.",
+                "The learning rate is too high for this layer (Karpathy, CS231n). "
+                + _try(_lr_advice(facts, DOWN) or ("" if facts.grad_clip is not None else "trainer.grad_clip=1.0"))))
+        elif median < low:
+            found.append(_too_small_update(facts, layer, (median, low, last, span), *excuses))
     return found
 
 
+def _too_small_update(facts: RunFacts, layer: str, judged: tuple[float, float, int, str],
+                      signs: list[str], dead: list[str]) -> Finding:
+    """The finding for a layer whose updates are below `low`: a too-low lr, unless signs of a too-large
+    lr (_too_large_lr) or layers dead from step 0 explain them, and then the advice never raises the lr."""
+    median, low, last, span = judged
+    kin = (f": too small for {facts.optimizer}, whose step is about lr per weight, below 10^{low:g}"
+           if facts.optimizer in ADAPTIVE else "")
+    message = f"{layer}: each step changes its weights by only 10^{median:.1f} of their norm {span}{kin}"
+    if not signs and not dead:
+        top = f"The lr ({facts.lr:g}) is at the top of {facts.optimizer}'s usual range already: look at the init."
+        return Finding("update_ratio", WARNING, layer, last, median, message + ".",
+                       "The learning rate is too low for this layer (Karpathy, CS231n). "
+                       + (_try(_lr_advice(facts, UP)) or f"{top} {_init_advice(facts)}"))
+    why = "; ".join(signs + ([f"{', '.join(dead)} dead from step 0"] if dead else []))
+    fix = "activation=leaky_relu" if facts.activation == "relu" else ""
+    return Finding(
+        "update_ratio", WARNING, layer, last, median, f"{message}, while {why}.",
+        "The steps are small because dead units pass no gradient, not because the lr is small: a higher lr "
+        "would make it worse (Lu et al. 2019). "
+        + _try(_lr_advice(facts, DOWN) if signs else "", fix, "" if facts.batchnorm else "model.batchnorm=true"))
+
+
 def not_learning(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Finding]:
-    """After an epoch the loss still equals that of uniform guessing, ln(classes) (Karpathy 2019)."""
+    """After an epoch the loss still equals that of uniform guessing, ln(classes) (Karpathy 2019). The lr
+    is advised only in the directions the other signs allow (_lr_directions)."""
     if facts.num_classes < 2:
         return []
     late = [(s, v) for s, v in _finite(series.get("train/loss", [])) if s >= facts.steps_per_epoch][-3:]
@@ -287,13 +507,13 @@ def not_learning(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[F
     loss = statistics.median(v for _, v in late)
     if abs(loss - chance) > cfg.not_learning * chance:
         return []
+    lrs = _options(*(_lr_advice(facts, factor) for factor in _lr_directions(series, facts, cfg)))
     return [Finding(
         "not_learning", WARNING, None, late[-1][0], loss,
         f"At step {late[-1][0]}, after the first epoch, the training loss {loss:.3f} is still that of uniform "
         f"guessing, ln({facts.num_classes}) = {chance:.3f}.",
-        f"The network has learned nothing (Karpathy 2019, 'A Recipe for Training Neural Networks'). "
-        f"Try {_lr_advice(facts, 10)} or {_lr_advice(facts, 0.1)}; look for dead or saturated layers above. "
-        f"{_init_advice(facts)}")]
+        "The network has learned nothing (Karpathy 2019, 'A Recipe for Training Neural Networks'). "
+        + (f"Try {lrs}; look" if lrs else "Look") + f" for dead or saturated layers above. {_init_advice(facts)}")]
 
 
 def diverged(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Finding]:
@@ -313,11 +533,11 @@ def diverged(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Findi
                 break
     at = f" at step {facts.diverged_step}" if facts.diverged_step is not None else ""
     where = f"; the first layer whose statistics became non-finite is {first[2]} (step {first[0]})" if first else ""
-    clip = ", trainer.grad_clip=1.0" if facts.grad_clip is None else ""
     return [Finding(
         "diverged", WARNING, first[2] if first else None, facts.diverged_step, None,
         f"The run diverged{at}: the loss or a gradient became NaN/inf{where}.",
-        f"Try {_lr_advice(facts, 0.1)}{clip}, or model.batchnorm=true.")]
+        _try(_lr_advice(facts, DOWN), "" if facts.grad_clip is not None else "trainer.grad_clip=1.0",
+             "" if facts.batchnorm else "model.batchnorm=true"))]
 
 
 def edge_of_stability(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Finding]:
@@ -339,8 +559,8 @@ def edge_of_stability(series: Series, facts: RunFacts, cfg: FindingsConfig) -> l
 
 
 RULES: tuple[Callable[[Series, RunFacts, FindingsConfig], list[Finding]], ...] = (
-    dead_at_init, dying_units, saturation, vanishing_gradients, exploding_gradients,
-    activation_scale, update_ratio, not_learning, diverged, edge_of_stability,
+    dead_at_init, dying_units, saturation, vanishing_gradients, gradient_growth, exploding_gradients,
+    activation_scale, rank_collapse, update_ratio, not_learning, diverged, edge_of_stability,
 )
 
 
