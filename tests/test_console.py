@@ -53,3 +53,12 @@ def test_findings_show_as_a_panel_a_quiet_line_or_why_they_could_not_be_computed
     assert "try: lower the lr" in shown["panel"]
     assert shown["none"] == "Findings: nothing unusual in the probes.\n"
     assert shown["error"] == "cnnlab: the findings could not be computed: ValueError: boom\n"
+
+
+def test_a_finding_with_nothing_to_change_shows_no_advice_line():
+    console = recording_console()
+    note = Finding("dying_units", "info", "act03_fc", 80, 0.37, "6% -> 37% dead. The run learns well.", "")
+    advised = Finding("not_learning", "warning", None, None, None, "The loss is flat.", "Try optimizer.lr=0.01.")
+    console.print(findings_view([note, advised], None))
+    text = console.file.getvalue()
+    assert "The run learns well." in text and text.count("try:") == 1 and "try: Try optimizer.lr=0.01." in text

@@ -134,5 +134,5 @@ def findings_panel(findings: list) -> Panel | Text:
         lines.append("\n" if i else "")
         lines.append(f"{finding.severity} ", style=styles.get(finding.severity, ""))
         lines.append(f"{finding.kind}" + (f" ({where})" if where else ""), style="bold")
-        lines.append(f": {finding.message}\n  try: {finding.advice}")
+        lines.append(f": {finding.message}" + (f"\n  try: {finding.advice}" if finding.advice else ""))
     return Panel(lines, title=f"Findings ({len(findings)})", title_align="left", expand=False)
