@@ -77,7 +77,28 @@ def test_sharpness_figure_draws_the_eigenvalue_solid_and_the_stability_limit_das
     assert (eigenvalue.get_linestyle(), limit.get_linestyle()) == ("-", "--")
     assert eigenvalue.get_color() == limit.get_color() != adam.get_color()
     assert list(eigenvalue.get_xdata()) == [0, 10, 20] and list(limit.get_ydata()) == [200, 200, 200]
-    assert axis.get_yscale() == "log" and "2(1+momentum)/lr" in figure.get_suptitle()
+    assert axis.get_yscale() == "log" and "SGD's stability limit" in axis.get_title()
+
+
+def test_sharpness_figure_gives_adams_preconditioned_sharpness_a_panel_with_its_own_limit(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_events(sweep / "sgd", "0.01", {"sharpness/top_eigenvalue": [5.0, 50.0, 190.0],
+                                         "sharpness/stability_limit": [200.0, 200.0, 200.0]})
+    write_events(sweep / "adam", "0.001", {"sharpness/top_eigenvalue": [3.0, 4.0, 5.0],
+                                           "sharpness/preconditioned_eigenvalue": [900.0, 3000.0, 3700.0],
+                                           "sharpness/preconditioned_limit": [3800.0, 3800.0, 3800.0]})
+    runs = find_runs([str(sweep)])
+    scalars = {run.path: read_scalars(run, ("sharpness/",)) for run in runs}
+    figure = FIGURES["sharpness.png"](drawing(runs, scalars))
+    plt.close(figure)
+    hessian, preconditioned = figure.axes
+    assert "P^-1 H" in preconditioned.get_title() and "SGD" in hessian.get_title()
+    assert len(hessian.get_lines()) == 3  # Adam's raw sharpness (no limit), SGD's and its limit
+    eigenvalue, limit = preconditioned.get_lines()  # Adam's run alone
+    assert list(eigenvalue.get_ydata()) == [900, 3000, 3700] and list(limit.get_ydata()) == [3800] * 3
+    assert (eigenvalue.get_linestyle(), limit.get_linestyle()) == ("-", "--")
+    assert eigenvalue.get_color() == limit.get_color() == hessian.get_lines()[0].get_color()
+    assert legend_labels(figure) == ["lr=0.001", "lr=0.01"]
 
 
 def test_runs_that_never_trained_are_left_out_of_the_figures_and_listed_in_the_table(tmp_path):

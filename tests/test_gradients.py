@@ -8,10 +8,9 @@ from torch import nn
 from cnnlab.instruments.gradients import (
     gradient_noise_scale,
     gradient_snr,
+    micro_batch_moments,
+    moments_of_samples,
     per_example_gradients,
-    power_iteration,
-    stability_limit,
-    top_hessian_eigenvalue,
 )
 
 
@@ -100,21 +99,49 @@ def test_per_example_gradients_refuse_batchnorm_without_running_statistics():
         per_example_gradients(model, torch.randn(4, 4), torch.tensor([0, 1, 2, 0]))
 
 
-# --- statistics of per-example gradients ---------------------------------------------------------
-def test_gradient_snr_is_the_mean_over_parameters_of_mean_squared_over_unbiased_variance():
-    # Parameter 0: [1, 3] -> mean 2, variance 2, SNR 2. Parameter 1: [0, 2] -> mean 1, variance 2, SNR 0.5.
-    per_example = torch.tensor([[[1.0, 0.0]], [[3.0, 2.0]]])  # [N=2, 1, 2]
-    snr = gradient_snr(per_example)
+# --- statistics of per-example and micro-batch gradients -------------------------------------------
+def snr_of(samples: torch.Tensor, batch: int = 1) -> torch.Tensor:
+    mean, variance = moments_of_samples(samples)
+    return gradient_snr(mean, variance, batch, len(samples))
+
+
+def test_gradient_snr_subtracts_the_bias_var_over_n_of_the_squared_mean_and_clips_at_zero():
+    # Parameter 0: [1, 3] -> mean 2, variance 2: (4 - 2/2) / 2 = 1.5. Parameter 1: [0, 2] -> mean 1,
+    # variance 2: 1 - 2/2 = 0. The plug-in mean^2 / variance would say 2 and 0.5.
+    snr = snr_of(torch.tensor([[[1.0, 0.0]], [[3.0, 2.0]]]))  # [N=2, 1, 2]
     assert snr.dtype == torch.float64 and snr.shape == ()
-    assert snr.item() == pytest.approx((2.0 + 0.5) / 2)
+    assert snr.item() == pytest.approx((1.5 + 0.0) / 2)
+    assert snr_of(torch.tensor([[1.0], [-1.0]])).item() == 0.0  # mean 0: clipped, never negative
 
 
 def test_gradient_snr_leaves_out_parameters_whose_gradient_is_the_same_for_every_example():
-    # Columns: [1, 3, 2] (mean 2, variance 1, SNR 4); 0.1 for every example (infinite SNR, even though
+    # Columns: [1, 3, 2] (mean 2, variance 1: 4 - 1/3); 0.1 for every example (infinite SNR, even though
     # the float variance of three 0.1s need not be exactly 0); all zeros (undefined). Only the first counts.
     per_example = torch.tensor([[1.0, 0.1, 0.0], [3.0, 0.1, 0.0], [2.0, 0.1, 0.0]])
-    assert gradient_snr(per_example).item() == pytest.approx(4.0)
-    assert gradient_snr(torch.full((5, 3), 0.1)).isnan()
+    assert snr_of(per_example).item() == pytest.approx(4.0 - 1 / 3)
+    assert snr_of(torch.full((5, 3), 0.1)).isnan()
+
+
+def planted_gradients(count: int, parameters: int = 2000, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """Per-example gradients [count, parameters]: half the parameters mean 0, half mean 0.2 (std 1 all):
+    a true GSNR of 0 and 0.04, 0.02 on average."""
+    generator = torch.Generator().manual_seed(seed)
+    mean = torch.cat([torch.zeros(parameters // 2), torch.full((parameters // 2,), 0.2)])
+    return mean + torch.randn(count, parameters, generator=generator), 0.02
+
+
+def test_gradient_snr_of_planted_per_example_gradients_is_their_known_snr_where_the_plug_in_is_not():
+    samples, truth = planted_gradients(200)
+    assert snr_of(samples).item() == pytest.approx(truth, rel=0.1)
+    mean, variance = moments_of_samples(samples)
+    plug_in = (mean.square() / variance).mean().item()
+    assert plug_in > 1.2 * truth  # biased up by about 1/N = 0.005
+
+
+def test_gradient_snr_from_micro_batches_estimates_the_per_example_snr():
+    samples, truth = planted_gradients(1000)
+    micro = samples.reshape(50, 20, -1).mean(dim=1)  # 50 micro-batches of 20 examples
+    assert snr_of(micro, batch=20).item() == pytest.approx(truth, rel=0.15)
 
 
 def test_gradient_noise_scale_is_the_trace_of_the_covariance_over_the_unbiased_squared_mean_gradient():
@@ -124,100 +151,56 @@ def test_gradient_noise_scale_is_the_trace_of_the_covariance_over_the_unbiased_s
     trace = 2 + 2 + 0
     mean_norm2 = 2**2 + 1**2 + 4**2  # 21
     expected = trace / (mean_norm2 - trace / 2)  # 4 / 19
-    scale = gradient_noise_scale({"a": a, "b": b})
+    scale = gradient_noise_scale([moments_of_samples(a), moments_of_samples(b)], batch=1, samples=2)
     assert scale.dtype == torch.float64
     assert scale.item() == pytest.approx(expected)
+    # The same samples as means of micro-batches of 8: per-example covariance 8 x theirs
+    scale = gradient_noise_scale([moments_of_samples(a), moments_of_samples(b)], batch=8, samples=2)
+    assert scale.item() == pytest.approx(8 * expected)
 
 
 def test_gradient_noise_scale_is_infinite_when_the_noise_hides_the_mean_gradient():
     # Mean 0, variance 2: the unbiased |G|^2 = 0 - 2/2 is negative.
-    assert gradient_noise_scale({"w": torch.tensor([[1.0], [-1.0]])}).isinf()
+    assert gradient_noise_scale([moments_of_samples(torch.tensor([[1.0], [-1.0]]))], 1, 2).isinf()
 
 
-# --- sharpness ---------------------------------------------------------------------------------------
-def rotated(eigenvalues: list[float]) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=torch.Generator().manual_seed(1),
-                                       dtype=torch.float64))
-    return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
-
-
-@pytest.mark.parametrize("eigenvalues", [[5.0, 2.0, 1.0, 0.5], [3.0, 1.0, -0.5, -6.0]],
-                         ids=["positive", "negative_dominant"])
-def test_power_iteration_finds_the_largest_eigenvalue_of_a_symmetric_matrix_not_the_largest_in_magnitude(eigenvalues):
-    matrix = rotated(eigenvalues)
-    before = torch.get_rng_state()
-    eigenvalue = power_iteration(lambda v: matrix @ v, 4, 60, torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert eigenvalue.item() == pytest.approx(max(eigenvalues), abs=1e-3)
-    assert torch.equal(torch.get_rng_state(), before)
-
-
-def test_power_iteration_is_reproducible_from_its_generator_and_without_one():
-    matrix = torch.diag(torch.tensor([3.0, 2.9, 1.0]))  # slow convergence: the start vector shows
-    one = power_iteration(lambda v: matrix @ v, 3, 3, torch.Generator().manual_seed(7))
-    two = power_iteration(lambda v: matrix @ v, 3, 3, torch.Generator().manual_seed(7))
-    assert torch.equal(one, two)
-    assert torch.equal(power_iteration(lambda v: matrix @ v, 3, 3), power_iteration(lambda v: matrix @ v, 3, 3))
-
-
-def explicit_hessian(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    # The full Hessian of the mean cross-entropy, built block by block; BatchNorm updates copies of its buffers.
-    names = [n for n, _ in model.named_parameters()]
-    buffers = dict(model.named_buffers())
-
-    def loss_of(*params):
-        copies = {n: b.clone() for n, b in buffers.items()}
-        logits = torch.func.functional_call(model, (dict(zip(names, params)), copies), (images,))
-        return F.cross_entropy(logits, labels)
-
-    blocks = torch.autograd.functional.hessian(loss_of, tuple(p.detach() for p in model.parameters()))
-    sizes = [p.numel() for p in model.parameters()]
-    return torch.cat([torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(len(sizes))], dim=1)
-                      for i in range(len(sizes))])
-
-
-def test_top_hessian_eigenvalue_matches_the_explicit_hessian_of_a_small_linear_model():
+def plain_mlp() -> nn.Sequential:
     torch.manual_seed(0)
-    model = nn.Linear(4, 3)
-    images, labels = torch.randn(32, 4) * 2, torch.randint(0, 3, (32,))
-    expected = torch.linalg.eigvalsh(explicit_hessian(model, images, labels))[-1].item()
-
-    sharpness = top_hessian_eigenvalue(model, images, labels, 50, torch.Generator().manual_seed(0))
-    assert sharpness.shape == ()
-    assert sharpness.item() == pytest.approx(expected, rel=0.03)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
-def test_top_hessian_eigenvalue_is_the_largest_even_where_negative_curvature_dominates():
-    # In train mode this BatchNorm net's Hessian has eigenvalues from about -2.3 to 1.5.
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Tanh(), nn.Linear(3, 3)).train()
-    images, labels = torch.randn(16, 4), torch.randint(0, 3, (16,))
-    eigenvalues = torch.linalg.eigvalsh(explicit_hessian(model, images, labels))
-    assert -eigenvalues[0] > eigenvalues[-1] > 0  # what makes this case hard
-
-    sharpness = top_hessian_eigenvalue(model, images, labels, 50, torch.Generator().manual_seed(0))
-    assert sharpness.item() == pytest.approx(eigenvalues[-1].item(), rel=0.03)
-
-
-def test_top_hessian_eigenvalue_in_train_mode_leaves_buffers_grads_and_rng_untouched():
-    model = with_running_statistics(tiny_mlp(), (3, 2, 2)).train()
-    images, labels = torch.randn(8, 3, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    before = state_of(model)
-    sharpness = top_hessian_eigenvalue(model, images, labels, 5, torch.Generator().manual_seed(0))
-    assert sharpness.isfinite()
-    assert_same_state(before, state_of(model))
+def test_micro_batch_moments_of_single_images_are_those_of_the_per_example_gradients():
+    model = plain_mlp()
+    images, labels = torch.randn(16, 3, 2, 2), torch.arange(16) % 3
+    mean, variance, samples = micro_batch_moments(model, images, labels, batch=1)
+    per_example = per_example_gradients(model, images, labels)
+    assert samples == 16
+    for name, g in per_example.items():
+        expected_mean, expected_variance = moments_of_samples(g)
+        torch.testing.assert_close(mean[name], expected_mean, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(variance[name], expected_variance, rtol=1e-4, atol=1e-7)
 
 
-def test_top_hessian_eigenvalue_runs_inside_no_grad():
-    model = with_running_statistics(tiny_convnet(), (1, 4, 4)).eval()
-    with torch.no_grad():
-        sharpness = top_hessian_eigenvalue(model, torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 2, 0]), 3)
-    assert sharpness.isfinite()
-
-
-def test_stability_limit_is_two_plus_two_momentum_over_the_learning_rate():
-    # approx: 2 * 1.9 / 0.1 is 37.99999999999999 in floating point.
-    assert stability_limit(0.1, 0.9) == pytest.approx(38.0, rel=1e-12)
-    assert stability_limit(0.01, 0.0) == 200.0
+def test_micro_batch_moments_of_a_batchnorm_net_are_those_of_its_training_steps_and_touch_nothing():
+    model = tiny_mlp()  # BatchNorm and dropout: the training gradient, batch statistics and a dropout mask
+    model.train()
+    images, labels = torch.randn(32, 3, 2, 2), torch.arange(32) % 3
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(3)
+    mean, variance, samples = micro_batch_moments(model, images, labels, batch=8)
+    assert samples == 4 and all(torch.equal(model.state_dict()[k], v) for k, v in buffers.items())
+    assert all(p.grad is None for p in model.parameters())
+    twin = copy.deepcopy(model)
+    torch.manual_seed(3)  # the same dropout masks, drawn in the same order
+    steps = []
+    for part in range(4):
+        twin.zero_grad()
+        F.cross_entropy(twin(images[8 * part:8 * part + 8]), labels[8 * part:8 * part + 8]).backward()
+        steps.append({name: p.grad.flatten().double().clone() for name, p in twin.named_parameters()})
+    for name in mean:
+        expected_mean, expected_variance = moments_of_samples(torch.stack([step[name] for step in steps]))
+        torch.testing.assert_close(mean[name], expected_mean, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(variance[name], expected_variance, rtol=1e-4, atol=1e-7)
 
 
 def test_per_example_gradients_of_an_rrelu_network_use_its_evaluation_slope():

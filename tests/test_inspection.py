@@ -77,7 +77,7 @@ def row(out: str, layer: str) -> list[str]:
 
 
 # What the findings say of SCALARS: act02_fc's dead fraction rose by 0.25 (findings.dying_info is 0.2).
-DYING = "act02_fc: the dead fraction rose from 25% (step 0) to 50% (step 8)."
+DYING = "act02_fc: the dead fraction on the training images rose from 25% (step 0) to 50% (step 8)."
 
 
 def test_tables_show_each_layer_first_and_last_probe_in_depth_order(inspect, tmp_path):

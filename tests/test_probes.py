@@ -11,17 +11,20 @@ from cnnlab.instruments.probes import (
     Probes,
     activation_layers,
     dead_units,
+    dies,
     effective_rank,
     histogram,
     saturation_fraction,
     update_ratio,
     weight_layers,
 )
+from cnnlab.errors import UserError
 from cnnlab.rundir import read_metrics
-from tests.helpers import TINY_CONVNET, compose_config
+from tests.helpers import TINY_CONVNET, compose_config, read_scalars
 
-PROBES = ProbesConfig(enabled=True, every=1, batch_size=8, histograms=True, bins=10, mode="train", per_example=4,
-                      noise_every=1, sharpness_every=0, sharpness_iterations=5, density=True)
+PROBES = ProbesConfig(enabled=True, every=1, batch_size=8, histograms=True, bins=10, mode="train", per_example=8,
+                      noise_batch=2, death_examples=64, noise_every=1, sharpness_every=0, sharpness_iterations=5,
+                      sharpness_tolerance=1e-3, curvature_examples=8, density=True)
 
 
 def batch(images, classes=3):
@@ -72,27 +75,29 @@ def test_relu_unit_is_dead_when_never_positive_over_the_batch():
     assert dead_units(pre, nn.ReLU()).tolist() == [True, False, True]
 
 
-def test_saturated_sigmoid_and_tanh_units_are_dead():
-    pre = torch.tensor([[-11.0, -12.0, 15.0],
-                        [-20.0, 0.1, 11.0]])
-    assert dead_units(pre, nn.Sigmoid()).tolist() == [True, False, True]  # s(1 - s) < 0.0025 past |x| = 6
-    pre = torch.tensor([[-4.0, 3.5, -0.2],
-                        [-5.0, 2.0, 4.0]])
-    assert dead_units(pre, nn.Tanh()).tolist() == [True, False, False]  # 1 - tanh^2 < 0.01 past |x| = 3
+def test_sigmoid_and_tanh_saturate_rather_than_die():
+    # Their measure is `saturation`: no dead units are counted for them at all.
+    assert not dies(nn.Sigmoid()) and not dies(nn.Tanh())
+    assert dies(nn.ReLU()) and dies(nn.LeakyReLU()) and dies(nn.ELU())
 
 
-@pytest.mark.parametrize("module", [nn.LeakyReLU(), prelu_per_channel(), nn.PReLU(), nn.RReLU()],
-                         ids=["leaky_relu", "prelu(per channel)", "prelu", "rrelu"])
-def test_leaky_units_never_die_even_on_very_negative_inputs(module):
+@pytest.mark.parametrize("module", [nn.LeakyReLU(), nn.LeakyReLU(0.005), nn.LeakyReLU(1e-6), prelu_per_channel(),
+                                    nn.PReLU(), nn.RReLU()],
+                         ids=["leaky_relu", "leaky_relu(0.005)", "leaky_relu(1e-6)", "prelu(per channel)", "prelu",
+                              "rrelu"])
+def test_leaky_units_never_die_whatever_their_slope_even_on_very_negative_inputs(module):
     pre = torch.full((4, 3, 2, 2), -1e3)
-    assert not dead_units(pre, module).any()  # leaky's 0.01 is not below 0.01 * 1: alive by a hair
+    assert not dead_units(pre, module).any()  # no threshold on the slope: any leak lets gradient through
 
 
-def test_prelu_unit_dies_once_its_learned_slope_shrinks_below_a_hundredth():
+def test_prelu_unit_dies_only_when_its_learned_slope_is_zero_and_it_is_never_positive():
     prelu = prelu_per_channel()
     with torch.no_grad():
-        prelu.weight[0] = 0.005
-    assert dead_units(torch.full((4, 3), -1.0), prelu).tolist() == [True, False, False]
+        prelu.weight[0], prelu.weight[1] = 0.005, 0.0
+    pre = torch.full((4, 3), -1.0)
+    assert dead_units(pre, prelu).tolist() == [False, True, False]  # 0.005 and 0.0099 alike: alive
+    pre[2, 1] = 0.5
+    assert dead_units(pre, prelu).tolist() == [False, False, False]
 
 
 def test_exponential_units_die_far_enough_below_zero():
@@ -183,13 +188,13 @@ def test_a_probe_measures_every_family_for_every_layer():
     measurements = probes.measure(0)
     tags = {m.tag for m in measurements}
     for name in ("act01_conv", "act02_conv", "act03_fc"):
-        for family in ("activations", "preactivations", "act_mean", "act_std", "dead_fraction", "prelu_slope",
+        for family in ("activations", "preactivations", "act_mean", "act_std", "dead_on_batch", "prelu_slope",
                        "prelu_slopes"):
             assert f"{family}/{name}" in tags
     for name in ("layer01_conv", "layer02_conv", "layer03_fc", "layer04_classifier"):
         for family in ("grad_norm", "update_ratio", "weights"):
             assert f"{family}/{name}" in tags
-    assert "dead_fraction/all" in tags
+    assert "dead_on_batch/all" in tags and not any(tag.startswith("dead_fraction/") for tag in tags)  # on_data's
     expected_norm = torch.cat([p.grad.flatten() for p in weight_layers(model)[0].module.parameters()]).norm().item()
     measured = next(m.value for m in measurements if m.tag == "grad_norm/layer01_conv")
     assert measured.item() == pytest.approx(expected_norm, rel=1e-5)
@@ -201,10 +206,11 @@ def test_dead_fraction_all_weights_layers_by_their_units():
         model[0].bias[:5], model[0].bias[5:] = -100.0, 100.0  # 5 of 10 units dead, the rest alive
         model[2].bias[:3], model[2].bias[3:] = -1e4, 1e4  # 3 of 30 units dead
     probes = Probes(model, batch(torch.randn(16, 4), classes=2), PROBES, last_step=10)
-    dead = {m.tag: m.value.item() for m in probes.measure(0) if m.tag.startswith("dead_fraction/")}
-    assert dead["dead_fraction/act01_fc"] == pytest.approx(0.5)
-    assert dead["dead_fraction/act02_fc"] == pytest.approx(0.1)
-    assert dead["dead_fraction/all"] == pytest.approx(8 / 40)
+    for found, prefix in ((probes.on_data(), "dead_fraction"), (probes.measure(0), "dead_on_batch")):
+        dead = {m.tag: m.value.item() for m in found if m.tag.startswith(f"{prefix}/")}
+        assert dead[f"{prefix}/act01_fc"] == pytest.approx(0.5)
+        assert dead[f"{prefix}/act02_fc"] == pytest.approx(0.1)
+        assert dead[f"{prefix}/all"] == pytest.approx(8 / 40)
 
 
 def test_effective_rank_is_the_exponential_of_the_entropy_of_the_normalised_singular_values():
@@ -234,7 +240,63 @@ def test_revived_units_are_those_dead_at_the_previous_probe_and_alive_now():
         model[0].bias[9] = -100.0  # and one alive unit dies: not a revival
     second = {m.tag: m.value.item() for m in probes.measure(1) if m.kind == "scalar" and m.finish is None}
     assert second["revived_fraction/act01_fc"] == pytest.approx(2 / 10)
-    assert second["dead_fraction/act01_fc"] == pytest.approx(5 / 10)
+    assert second["dead_on_batch/act01_fc"] == pytest.approx(5 / 10)
+
+
+# --- death on the data ----------------------------------------------------------------------------
+def planted_set(count=512, rare=(300, 301, 302)):
+    """Images [count, 2] of which only `rare` have x0 > 1: the first unit of planted_relu_net is
+    positive on those alone, the second on all, the third on none."""
+    images = torch.rand(count, 2) * 0.5
+    images[list(rare), 0] = 2.0
+    return images, torch.arange(count) % 2
+
+
+def planted_relu_net(activation=nn.ReLU):
+    model = nn.Sequential(nn.Linear(2, 3), activation(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))
+        model[0].bias.copy_(torch.tensor([-1.0, 1.0, -1.0]))
+    return model
+
+
+def test_death_on_the_data_counts_a_unit_alive_that_only_a_few_images_activate_where_the_batch_misses_them():
+    probes = Probes(planted_relu_net(), planted_set(), ProbesConfig(**{**PROBES.__dict__, "death_examples": 512}),
+                    last_step=10)
+    on_data = {m.tag: m.value.item() for m in probes.on_data()}
+    on_batch = {m.tag: m.value.item() for m in probes.measure(0) if m.tag.startswith("dead_on_batch/")}
+    assert on_data["dead_fraction/act01_fc"] == pytest.approx(1 / 3)  # only the third unit is dead
+    assert on_batch["dead_on_batch/act01_fc"] == pytest.approx(2 / 3)  # the first 8 images miss the rare ones
+    fewer = Probes(planted_relu_net(), planted_set(), ProbesConfig(**{**PROBES.__dict__, "death_examples": 300}),
+                   last_step=10)
+    assert {m.tag: m.value.item() for m in fewer.on_data()}["dead_fraction/act01_fc"] == pytest.approx(2 / 3)
+
+
+def test_negative_fraction_counts_leaky_units_never_positive_over_the_data_and_none_of_them_is_dead():
+    probes = Probes(planted_relu_net(lambda: nn.LeakyReLU(0.005)), planted_set(),
+                    ProbesConfig(**{**PROBES.__dict__, "death_examples": 512}), last_step=10)
+    on_data = {m.tag: m.value.item() for m in probes.on_data()}
+    assert on_data["negative_fraction/act01_fc"] == pytest.approx(1 / 3)
+    assert on_data["dead_fraction/act01_fc"] == 0.0
+
+
+def test_death_on_the_data_runs_without_dropout_and_changes_nothing_in_training():
+    # Dropout before the layer would zero the rare images' inputs: the unit they alone activate would
+    # look dead. BatchNorm's running statistics, the modes and the RNG are as they were.
+    planted = planted_relu_net()
+    model = nn.Sequential(nn.Dropout(0.99), planted[0], planted[1], nn.BatchNorm1d(3), planted[2])
+    model.train()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    probes = Probes(model, planted_set(), ProbesConfig(**{**PROBES.__dict__, "death_examples": 512}), last_step=10)
+    torch.manual_seed(7)
+    expected_next = torch.rand(3)
+    torch.manual_seed(7)
+    found = {m.tag: m.value.item() for m in probes.on_data()}
+    assert torch.equal(torch.rand(3), expected_next)
+    assert model.training and model[0].training
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in buffers.items())
+    assert all(p.grad is None for p in model.parameters())
+    assert found["dead_fraction/act01_fc"] == pytest.approx(1 / 3)
 
 
 def test_a_sharpness_step_measures_the_top_eigenvalue_and_still_changes_nothing():
@@ -271,7 +333,7 @@ def test_a_run_writes_every_probe_family_for_every_layer_from_step_0(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tiny_run("model.channels=[4,4]", "activation=tanh", "probes.every=4", "trainer.epochs=2",
-                   "probes.per_example=8", "probes.noise_every=8", "probes.sharpness_every=8", "probes.sharpness_iterations=3",
+                   "probes.per_example=8", "probes.noise_batch=2", "probes.noise_every=8", "probes.sharpness_every=8", "probes.sharpness_iterations=3",
                    "optimizer=sgd", "optimizer.lr=0.05", "optimizer.momentum=0.5", model=TINY_CONVNET)
     metrics = run.metrics
     events = EventAccumulator(str(run.dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0,
@@ -283,9 +345,8 @@ def test_a_run_writes_every_probe_family_for_every_layer_from_step_0(tiny_run):
     for name in ("act01_conv", "act02_conv", "act03_fc"):
         for family in ("activations", "preactivations"):
             assert [e.step for e in events.Histograms(f"{family}/{name}")] == probed
-        for family in ("act_mean", "act_std", "dead_fraction", "saturation", "effective_rank"):
+        for family in ("act_mean", "act_std", "saturation", "effective_rank"):
             assert [e.step for e in events.Scalars(f"{family}/{name}")] == probed
-        assert [e.step for e in events.Scalars(f"revived_fraction/{name}")] == probed[1:]  # needs a previous probe
         images = events.Images(f"activation_density/{name}")
         assert [e.step for e in images] == [8, 16]  # at each epoch end, the whole run so far
         assert images[-1].width == len(probed) and images[-1].height == 64  # a column per probe
@@ -295,16 +356,28 @@ def test_a_run_writes_every_probe_family_for_every_layer_from_step_0(tiny_run):
         assert [e.step for e in events.Scalars(f"gradient_snr/{name}")] == [0, 8, 16]
         for family in ("grad_norm", "update_ratio"):  # these need an update: from the first probed step
             assert [e.step for e in events.Scalars(f"{family}/{name}")] == probed[1:]
-    assert [e.step for e in events.Scalars("dead_fraction/all")] == probed
     assert [e.step for e in events.Scalars("gradient_noise_scale")] == [0, 8, 16]
     assert [e.step for e in events.Scalars("sharpness/top_eigenvalue")] == [0, 8, 16]
     assert [e.value for e in events.Scalars("sharpness/stability_limit")] == pytest.approx([2 * 1.5 / 0.05] * 3)
     histogram = events.Histograms("activations/act01_conv")[0].histogram_value
     assert histogram.num == 16 * 4 * 8 * 8 and -1 <= histogram.min <= histogram.max <= 1
     assert "custom_scalars__config__" in tags["tensors"]
-    assert set(metrics["dead_fraction"]) == {"act01_conv", "act02_conv", "act03_fc", "all"}
-    assert read_metrics(run.dir)["dead_fraction"] == metrics["dead_fraction"]
-    assert metrics["dead_fraction"]["all"] == pytest.approx(events.Scalars("dead_fraction/all")[-1].value)
+    # tanh saturates rather than dies: no dead units are counted for it
+    assert not any(tag.startswith(("dead_", "revived_", "negative_")) for tag in tags["scalars"])
+    assert metrics["dead_fraction"] is None
+
+
+def test_a_run_judges_death_on_the_data_at_step_0_and_every_epoch_end_and_on_the_batch_at_every_probe(tiny_run):
+    run = tiny_run("probes.every=4", "trainer.epochs=2", "activation=leaky_relu", model=TINY_CONVNET)
+    scalars = read_scalars(run.dir)
+    assert run.metrics["steps"] == 16  # 270 training images, whole batches of 32
+    for name in ("act01_conv", "act02_fc"):
+        assert [step for step, _ in scalars[f"dead_fraction/{name}"]] == [0, 8, 16]
+        assert [step for step, _ in scalars[f"negative_fraction/{name}"]] == [0, 8, 16]
+        assert [step for step, _ in scalars[f"dead_on_batch/{name}"]] == [0, 4, 8, 12, 16]
+    assert set(run.metrics["dead_fraction"]) == {"act01_conv", "act02_fc", "all"}
+    assert read_metrics(run.dir)["dead_fraction"] == run.metrics["dead_fraction"]
+    assert run.metrics["dead_fraction"]["all"] == pytest.approx(scalars["dead_fraction/all"][-1][1])
 
 
 def test_high_learning_rate_relu_network_shows_dying_units(tiny_run):
@@ -323,3 +396,30 @@ def test_histograms_can_be_switched_off(tiny_run):
     events = EventAccumulator(str(run.dir))
     events.Reload()
     assert events.Tags()["histograms"] == [] and "dead_fraction/act01_fc" in events.Tags()["scalars"]
+
+
+def test_an_earlier_runs_probes_section_validates_and_its_32_images_give_four_micro_batches():
+    """Runs made before probes.noise_batch existed have per_example: 32 (then the default). Today's
+    noise_batch (32) fills in: they must still validate and resume, with micro-batches of 8."""
+    from omegaconf import OmegaConf
+
+    from cnnlab.config import with_todays_defaults
+    from cnnlab.instruments.gradients import gradient_snr, micro_batch_moments
+
+    earlier = OmegaConf.create({"probes": {"enabled": True, "every": 100, "batch_size": 256, "histograms": True,
+                                           "bins": 64, "mode": "train", "per_example": 32, "noise_every": 2000,
+                                           "sharpness_every": 0, "sharpness_iterations": 20, "density": True}})
+    probes_cfg = validate(OmegaConf.merge(compose_config(), with_todays_defaults(earlier, sections=("probes",)))).probes
+    assert (probes_cfg.per_example, probes_cfg.noise_batch) == (32, 32)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    images, labels = batch(torch.randn(32, 1, 4, 4))
+    found = {m.tag: m.value for m in Probes(model, (images, labels), probes_cfg, last_step=10).measure(0)}
+    mean, variance, samples = micro_batch_moments(model, images, labels, 8)
+    assert samples == 4
+    names = ["1.weight", "1.bias"]  # layer01_fc
+    expected = gradient_snr(torch.cat([mean[n] for n in names]), torch.cat([variance[n] for n in names]), 8, samples)
+    assert found["gradient_snr/layer01_fc"].item() == pytest.approx(expected.item())
+    for override in ("probes.per_example=3", "probes.noise_batch=0"):
+        with pytest.raises(UserError, match=override.split("=")[0]):
+            validate(compose_config(override))

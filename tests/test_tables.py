@@ -84,9 +84,10 @@ def test_every_dataset_row_is_filled_in_and_has_a_loader(name):
 
 # --- statistics ---------------------------------------------------------------------------------------
 ALL_PROBES = ProbesConfig(enabled=True, every=1, batch_size=8, histograms=True, bins=8, mode="train", per_example=4,
-                          noise_every=1, sharpness_every=1, sharpness_iterations=2, density=True)
-# Between them these write every statistic: PReLU's slopes need a per-channel PReLU, saturation a
-# bounded activation.
+                          noise_batch=1, death_examples=8, noise_every=1, sharpness_every=1, sharpness_iterations=2,
+                          sharpness_tolerance=1e-3, curvature_examples=8, density=True)
+# Between them these write every statistic: PReLU's slopes (and negative_fraction) need a per-channel
+# PReLU, saturation a bounded activation.
 PROBED = {"prelu": ["activation=prelu", "activation.per_channel=true"], "tanh": ["activation=tanh"]}
 
 
@@ -115,6 +116,7 @@ def probed_tags(overrides: list[str], run_dir) -> dict[str, str]:
             parameter -= 0.01 * parameter.grad
     probes.after_update()
     written |= {m.tag: m.kind for m in probes.measure(1)}
+    written |= {m.tag: m.kind for m in probes.on_data()}  # dead units on the data, at epoch ends
     writer = RecordingWriter()
     write_density(writer, run_dir, 1, probes)
     return written | {tag: IMAGE for tag in writer.tags}
@@ -135,7 +137,8 @@ def test_every_tag_the_probes_write_is_made_from_a_row(written):
             if row.level == NETWORK:
                 assert layer in row.parts if row.parts else layer == "", tag
             else:
-                assert layer.startswith(LAYER_START[row.level]) or (prefix, layer) == ("dead_fraction", "all"), tag
+                assert layer.startswith(LAYER_START[row.level]) or (
+                    (prefix, layer) in (("dead_fraction", "all"), ("dead_on_batch", "all"))), tag
 
 
 def test_every_statistic_is_written_by_some_probe_configuration(written):

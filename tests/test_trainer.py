@@ -185,7 +185,7 @@ def test_compiled_training_still_probes_every_layer(tiny_run, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="eager", **kw))
     run = tiny_run("trainer.compile=true", "probes.every=3")
     assert run.metrics["status"] == "completed"
-    steps = [step for step, _ in read_scalars(run.dir)["dead_fraction/all"]]
+    steps = [step for step, _ in read_scalars(run.dir)["dead_on_batch/all"]]
     assert steps == [0, 3, 6, 8]
     assert "model" in load_checkpoint(run.dir / "checkpoints" / "last.pt")
     assert not any(key.startswith("_orig_mod") for key in load_checkpoint(run.dir / "checkpoints" / "last.pt")["model"])

@@ -129,10 +129,14 @@ class ProbesConfig:
     histograms: bool = MISSING  # write histograms (the costliest part of a probe)
     bins: int = MISSING  # buckets per histogram
     mode: str = MISSING  # "train" or "eval": the mode the network is probed in
-    per_example: int = MISSING  # probe images (at most the batch) for gradient SNR and noise scale; 0 = off
+    per_example: int = MISSING  # training images for gradient SNR and noise scale; 0 = off
+    noise_batch: int = MISSING  # images per micro-batch gradient of the noise measures (1: per-example gradients)
+    death_examples: int = MISSING  # training images dead units are judged on, at step 0 and every epoch end
     noise_every: int = MISSING  # optimizer steps between gradient-noise measurements; 0 = off
-    sharpness_every: int = MISSING  # optimizer steps between top-Hessian-eigenvalue estimates; 0 = off
-    sharpness_iterations: int = MISSING  # power iterations (Hessian-vector products) per estimate
+    sharpness_every: int = MISSING  # optimizer steps between estimates of the training loss's Hessian eigenvalues; 0 = off
+    sharpness_iterations: int = MISSING  # most Lanczos steps (Hessian-vector products over the curvature set) per estimate
+    sharpness_tolerance: float = MISSING  # Lanczos stops when its extreme eigenvalues are this close, relative
+    curvature_examples: int = MISSING  # training images the sharpness is measured on (the whole split when smaller)
     density: bool = MISSING  # activation density images (output value against probe step)
 
 
@@ -152,7 +156,7 @@ class FindingsConfig:
     update_ratio_high: float = MISSING  # log10 update/weight ratio above this: lr too high (Karpathy, CS231n)
     update_ratio_low: float = MISSING  # log10 update/weight ratio below this: lr too low (Karpathy, CS231n)
     not_learning: float = MISSING  # loss within this relative distance of ln(classes) after an epoch (Karpathy 2019)
-    edge_of_stability: float = MISSING  # sharpness / (2(1 + momentum) / lr) that reports the edge (Cohen et al. 2021)
+    edge_of_stability: float = MISSING  # sharpness / the optimizer's stability limit that reports the edge (Cohen et al. 2021; 2022)
     update_ratio_low_adaptive: float = MISSING  # the same for Adam, AdamW, RMSprop, whose step is about lr per weight
     loss_rise: float = MISSING  # relative rise of the training loss that says the lr is too large: no higher lr advised
     learning_well: float = MISSING  # training loss below this x ln(classes): the run learns well, info needs no advice
@@ -406,11 +410,19 @@ def _check_probes(p: ProbesConfig) -> None:
     _require(p.batch_size >= 2, "probes.batch_size", p.batch_size, "must be at least 2 (statistics over a batch)")
     _require(p.bins >= 2, "probes.bins", p.bins, "must be at least 2")
     _require(p.mode in ("train", "eval"), "probes.mode", p.mode, "valid choices are train, eval")
-    _require(p.per_example == 0 or p.per_example >= 2, "probes.per_example", p.per_example,
-             "must be 0 (off) or at least 2 (a variance needs two examples)")
+    _require(p.noise_batch >= 1, "probes.noise_batch", p.noise_batch, "must be at least 1 (images per micro-batch)")
+    # Fewer than 4 x noise_batch images make smaller micro-batches (Probes._gradient_noise): four at least.
+    _require(p.per_example == 0 or p.per_example >= 4, "probes.per_example", p.per_example,
+             "must be 0 (off) or at least 4 (training images: four micro-batches of one)")
+    _require(p.death_examples >= 1, "probes.death_examples", p.death_examples, "must be at least 1 (training images)")
     _require(p.sharpness_every >= 0, "probes.sharpness_every", p.sharpness_every, "must be >= 0 (0 = off)")
     _require(p.noise_every >= 0, "probes.noise_every", p.noise_every, "must be >= 0 (0 = off)")
-    _require(p.sharpness_iterations >= 1, "probes.sharpness_iterations", p.sharpness_iterations, "must be at least 1")
+    _require(p.sharpness_iterations >= 2, "probes.sharpness_iterations", p.sharpness_iterations,
+             "must be at least 2 (Lanczos steps)")
+    _require(0 < p.sharpness_tolerance < 1, "probes.sharpness_tolerance", p.sharpness_tolerance,
+             "must be in (0, 1) (relative to the largest eigenvalue in magnitude)")
+    _require(p.curvature_examples >= 2, "probes.curvature_examples", p.curvature_examples,
+             "must be at least 2 (training images)")
 
 
 def _check_findings(f: FindingsConfig) -> None:

@@ -37,10 +37,16 @@ class Statistic:
 
 
 # In the order of their charts. A layer-level statistic's tags end in the layer's name, or in
-# `all` (dead_fraction: every layer together) or `total` (grad_norm: every parameter, from the loop).
+# `all` (dead_fraction, dead_on_batch: every layer together) or `total` (grad_norm: every parameter, from the loop).
 STATISTICS: dict[str, Statistic] = {
-    "dead_fraction": Statistic(ACTIVATION, "dead fraction", "share of units whose slope is ~0 on every probe image",
+    "dead_fraction": Statistic(ACTIVATION, "dead fraction",
+                               "share of units dead on every one of probes.death_examples training images "
+                               "(step 0 and each epoch end); not for sigmoid/tanh, which saturate",
                                column=("dead fraction", ".3f"), compared=True),
+    "dead_on_batch": Statistic(ACTIVATION, "dead fraction on the probe batch",
+                               "share of units dead on every image of the probe batch (every probe; reads high)"),
+    "negative_fraction": Statistic(ACTIVATION, "negative fraction",
+                                   "leaky ReLU/PReLU/RReLU: share of units never positive on the death_examples images"),
     "saturation": Statistic(ACTIVATION, "saturation", "share of outputs within 1% of a bounded activation's limits",
                             column=("saturation", ".3f"), blows_up=True),
     "act_mean": Statistic(ACTIVATION, "activation mean", "mean of the layer's outputs",
@@ -55,12 +61,15 @@ STATISTICS: dict[str, Statistic] = {
     "revived_fraction": Statistic(ACTIVATION, "revived fraction", "share of units dead at the last probe, alive now"),
     "effective_rank": Statistic(ACTIVATION, "effective rank", "exp of the entropy of the outputs' singular values",
                                 column=("eff. rank", ".1f"), blows_up=True, compared=True),
-    "gradient_snr": Statistic(WEIGHT, "gradient SNR", "mean^2 / variance of the per-example gradients",
+    "gradient_snr": Statistic(WEIGHT, "gradient SNR",
+                              "mean over the layer's parameters of (mean^2 - var/N) / var of the per-example gradient",
                               column=("gradient SNR", ".3g")),
     "gradient_noise_scale": Statistic(NETWORK, "gradient noise scale", "tr(Sigma) / |G|^2 (McCandlish et al. 2018)"),
     "sharpness": Statistic(NETWORK, "sharpness and stability limit",
-                           "top Hessian eigenvalue of the loss, and the optimizer's stability limit", compared=True,
-                           parts=("top_eigenvalue", "stability_limit")),
+                           "largest and smallest eigenvalues of the training loss's Hessian on the curvature set, "
+                           "the optimizer's stability limit; Adam/RMSprop: the top eigenvalue of P^-1 H and its limit",
+                           compared=True, parts=("top_eigenvalue", "min_eigenvalue", "stability_limit",
+                                                 "preconditioned_eigenvalue", "preconditioned_limit")),
     "activations": Statistic(ACTIVATION, "activation histograms", "the layer's outputs on the probe batch",
                              kind=HISTOGRAM),
     "preactivations": Statistic(ACTIVATION, "pre-activation histograms", "the layer's inputs on the probe batch",

@@ -198,13 +198,14 @@ def _dead_fraction(d: Drawing):
     cols = min(len(d.groups), math.ceil(math.sqrt(len(d.groups))))
     rows_ = math.ceil(len(d.groups) / cols)
     legend = [(split_tag(tag)[1], colour) for tag, colour in colours.items()]
-    figure, grid = _figure(d, rows_, cols, (3.4, 2.8), "dead fraction of each activation layer against step "
-                           "(mean over seeds), one panel per configuration", legend, sharey=True)
+    figure, grid = _figure(d, rows_, cols, (3.4, 2.8), "dead fraction of each activation layer on the training "
+                           "images against step (step 0 and epoch ends, mean over seeds), one panel per configuration",
+                           legend, sharey=True)
     for axis, (name, members) in zip(grid.flat, d.groups.items()):
         for tag in tags:
             if series := _series(d, members, tag):
                 steps, mean, _ = mean_curve(series)
-                axis.plot(steps, mean, color=colours[tag])
+                axis.plot(steps, mean, marker=".", color=colours[tag])  # step 0 and epoch ends: few points
         title = d.labels[name].replace("\n", " ")
         axis.set_title(_wrap(title, figure.get_figwidth() / cols, 8, lines=3), fontsize="small")
         axis.set_ylim(-0.02, 1.02)
@@ -251,25 +252,39 @@ def _activation_depth(d: Drawing):
     return figure
 
 
+# sharpness.png's panels: an eigenvalue and the limit drawn dashed beside it in the same colour.
+SHARPNESS_PANELS = (
+    ("sharpness/top_eigenvalue", "sharpness/stability_limit",
+     "top eigenvalue of the training loss's Hessian; dashed: SGD's stability limit"),
+    ("sharpness/preconditioned_eigenvalue", "sharpness/preconditioned_limit",
+     "Adam/RMSprop: top eigenvalue of P^-1 H; dashed: its stability limit"),
+)
+
+
 def _sharpness(d: Drawing):
-    """Top Hessian eigenvalue against step, and 2 / lr dashed where logged (SGD); None without sharpness."""
-    names = [name for name, members in d.groups.items() if _series(d, members, "sharpness/top_eigenvalue")]
-    if not names:
+    """The sharpness against step, each with its stability limit dashed: one panel for the Hessian's top
+    eigenvalue (SGD's limit), one for the preconditioned sharpness when an adaptive optimizer's run has
+    it (Cohen et al. 2022); None without sharpness."""
+    panels = [(top, limit, title, names) for top, limit, title in SHARPNESS_PANELS
+              if (names := [name for name, members in d.groups.items() if _series(d, members, top)])]
+    if not panels:
         return None
-    figure, axes = _figure(d, 1, 1, (12, 4.2), "sharpness: top eigenvalue of the loss Hessian against step, mean over "
-                           "seeds; dashed: the stability limit 2(1+momentum)/lr (SGD)", _entries(d, names))
-    axis = axes[0][0]
-    drawn = []
-    for name in names:
-        for tag, style in (("sharpness/top_eigenvalue", "-"), ("sharpness/stability_limit", "--")):
-            if series := _series(d, d.groups[name], tag):
-                steps, mean, _ = mean_curve(series)
-                axis.plot(steps, mean, style, marker="." if style == "-" else None, color=d.colours[name])
-                drawn.extend(mean)
-    axis.set(xlabel="step", ylabel="top eigenvalue")
-    if min(drawn) > 0:  # a negative estimate (possible early on) rules the log scale out
-        axis.set_yscale("log")
-    axis.grid(alpha=0.3)
+    shown = list(dict.fromkeys(name for *_, names in panels for name in names))
+    figure, axes = _figure(d, 1, len(panels), (12 / len(panels), 4.2), "sharpness against step, mean over seeds "
+                           "(the edge of stability: Cohen et al. 2021; 2022)", _entries(d, shown))
+    for axis, (top, limit, title, names) in zip(axes[0], panels):
+        drawn = []
+        for name in names:
+            for tag, style in ((top, "-"), (limit, "--")):
+                if series := _series(d, d.groups[name], tag):
+                    steps, mean, _ = mean_curve(series)
+                    axis.plot(steps, mean, style, marker="." if style == "-" else None, color=d.colours[name])
+                    drawn.extend(mean)
+        axis.set(xlabel="step", ylabel="eigenvalue")
+        axis.set_title(title, fontsize="small")
+        if min(drawn) > 0:  # a negative estimate (possible early on) rules the log scale out
+            axis.set_yscale("log")
+        axis.grid(alpha=0.3)
     return figure
 
 

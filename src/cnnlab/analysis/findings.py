@@ -169,10 +169,15 @@ NO_UPDATE = -19.0
 LAST_PROBES = 3  # the last probes (or loss logs) whose median says where a series ended
 
 
-def _dead_rise(series: Series, layer: str) -> tuple[tuple[int, float], tuple[int, float]] | None:
-    """The first and the last (step, dead fraction) of a layer, when it has two probes."""
-    points = _finite(series.get(f"dead_fraction/{layer}", []))
-    return (points[0], points[-1]) if len(points) >= 2 else None
+def _dead_rise(series: Series, layer: str) -> tuple[tuple[int, float], tuple[int, float], str] | None:
+    """The first and the last (step, dead fraction) of a layer and what they were measured on: the
+    training images (step 0 and epoch ends) when there are two such, else the probe batch (a run that
+    ended within its first epoch, as a diverging one may), which reads higher; None without two."""
+    for prefix, measured_on in (("dead_fraction", "on the training images"), ("dead_on_batch", "on the probe batch")):
+        points = _finite(series.get(f"{prefix}/{layer}", []))
+        if len(points) >= 2:
+            return points[0], points[-1], measured_on
+    return None
 
 
 def _dying_layers(series: Series, cfg: FindingsConfig) -> list[str]:
@@ -283,9 +288,10 @@ def dying_units(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Fi
     found = []
     learning_well = _learning_well(series, facts, cfg)
     for layer in _dying_layers(series, cfg):
-        (first_step, first), (last_step, last) = _dead_rise(series, layer)
+        (first_step, first), (last_step, last), measured_on = _dead_rise(series, layer)
         severity = WARNING if last - first >= cfg.dying_warning else INFO
-        message = f"{layer}: the dead fraction rose from {first:.0%} (step {first_step}) to {last:.0%} (step {last_step})."
+        message = (f"{layer}: the dead fraction {measured_on} rose from {first:.0%} "
+                   f"(step {first_step}) to {last:.0%} (step {last_step}).")
         if severity == INFO and learning_well is not None:
             found.append(Finding(
                 "dying_units", INFO, layer, last_step, last,
@@ -540,22 +546,43 @@ def diverged(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Findi
              "" if facts.batchnorm else "model.batchnorm=true"))]
 
 
+# The pairs the edge of stability compares, each logged at every sharpness probe: the sharpness and
+# SGD's limit on it; an adaptive optimizer's preconditioned sharpness and its limit (Cohen et al. 2022).
+EDGE_PAIRS = (("sharpness/top_eigenvalue", "sharpness/stability_limit"),
+              ("sharpness/preconditioned_eigenvalue", "sharpness/preconditioned_limit"))
+# Logged only since the sharpness is that of the training loss (curvature set, Lanczos): earlier runs
+# logged the probe batch's top eigenvalue, 9-42% above the training loss's, and 2(1 + beta)/lr for Nesterov too.
+TRAINING_LOSS_SHARPNESS = "sharpness/min_eigenvalue"
+LIMIT_FORMULAS = {"sgd": "2/lr plain, 2(1 + beta)/lr heavy ball, (2 + 2 beta)/((1 + 2 beta) lr) Nesterov",
+                  "adam": "(2 + 2 beta1)/((1 - beta1) lr)", "adamw": "(2 + 2 beta1)/((1 - beta1) lr)",
+                  "rmsprop": "2(1 + momentum)/lr"}
+
+
 def edge_of_stability(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Finding]:
-    """SGD's sharpness reaches 2(1 + momentum)/lr: training at the edge of stability (Cohen et al. 2021)."""
-    if facts.optimizer != "sgd":
+    """The sharpness reaches the optimizer's stability limit: training at the edge of stability (Cohen et
+    al. 2021; for Adam and RMSprop the preconditioned sharpness, Cohen et al. 2022). Quiet without a
+    logged limit, and for runs from before the sharpness was that of the training loss."""
+    if TRAINING_LOSS_SHARPNESS not in series:
         return []
-    limits = dict(_finite(series.get("sharpness/stability_limit", [])))
-    fallback = 2 * (1 + facts.momentum) / facts.lr if facts.lr > 0 else None
-    for step, eig in _finite(series.get("sharpness/top_eigenvalue", [])):
-        limit = limits.get(step, fallback)
-        if limit and eig >= cfg.edge_of_stability * limit:
-            return [Finding(
-                "edge_of_stability", INFO, None, step, eig / limit,
-                f"At step {step} the sharpness (top Hessian eigenvalue) {eig:.3g} reached {eig / limit:.0%} of "
-                f"the stability limit 2(1 + momentum)/lr = {limit:.3g}.",
-                f"Expected with SGD at this learning rate: sharpness rises to the limit and hovers there, and the "
-                f"loss falls non-monotonically (Cohen et al. 2021). A smaller lr ({_lr_advice(facts, 0.5)}) raises the limit.")]
+    for eigenvalue_tag, limit_tag in EDGE_PAIRS:
+        limits = dict(_finite(series.get(limit_tag, [])))
+        for step, eig in _finite(series.get(eigenvalue_tag, [])):
+            limit = limits.get(step)
+            if limit and limit > 0 and eig >= cfg.edge_of_stability * limit:
+                return [_edge_finding(step, eig, limit, eigenvalue_tag == EDGE_PAIRS[1][0], facts)]
     return []
+
+
+def _edge_finding(step: int, eig: float, limit: float, preconditioned: bool, facts: RunFacts) -> Finding:
+    what = ("the preconditioned sharpness (top eigenvalue of P^-1 H, P the optimizer's preconditioner)" if preconditioned
+            else "the sharpness (top eigenvalue of the training loss's Hessian)")
+    formula = LIMIT_FORMULAS.get(facts.optimizer, "the optimizer's")
+    source = "Cohen et al. 2022" if preconditioned else "Cohen et al. 2021"
+    return Finding(
+        "edge_of_stability", INFO, None, step, eig / limit,
+        f"At step {step} {what} {eig:.3g} reached {eig / limit:.0%} of the stability limit {limit:.3g} ({formula}).",
+        f"Expected at this learning rate: the sharpness rises to the limit and hovers there while the loss falls "
+        f"non-monotonically ({source}). A smaller lr ({_lr_advice(facts, 0.5)}) raises the limit.")
 
 
 RULES: tuple[Callable[[Series, RunFacts, FindingsConfig], list[Finding]], ...] = (

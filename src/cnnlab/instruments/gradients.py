@@ -1,6 +1,6 @@
-"""Instruments on the gradients of a fixed probe batch: per-example gradients and the statistics
-built from them (gradient signal-to-noise ratio, gradient noise scale), and sharpness (the top
-eigenvalue of the loss Hessian) with the edge-of-stability limit it is compared against.
+"""Instruments on the gradients: per-example and micro-batch gradients and the statistics built
+from them (gradient signal-to-noise ratio, gradient noise scale). Sharpness, the curvature of the
+loss, is sharpness.py's.
 
 Like the statistics in probes.py, these are functions from tensors to tensors on the model's
 device, with no host synchronisation; the loss is always the mean cross-entropy of the batch.
@@ -9,7 +9,7 @@ device, with no host synchronisation; the loss is always the mean cross-entropy 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -69,107 +69,81 @@ def rrelu_as_its_mean_slope(model: nn.Module) -> Iterator[None]:
             del module.forward  # back to the class's own forward
 
 
-def _mean_and_variance(per_example: Tensor) -> tuple[Tensor, Tensor]:
-    # Per parameter of [N, ...]: the mean and the unbiased variance, in two passes (as accurate as
-    # Tensor.var, and twice as fast over dim 0 on a CPU).
-    g = per_example.detach().flatten(1)
+def moments_of_samples(samples: Tensor) -> tuple[Tensor, Tensor]:
+    """Per parameter of gradient samples [M, ...] (one per example, or one per micro-batch): the mean
+    and the unbiased variance, float64, in two passes (as accurate as Tensor.var)."""
+    g = samples.detach().flatten(1).double()
     mean = g.mean(dim=0)
-    return mean, (g - mean).square_().sum(dim=0) / (g.shape[0] - 1)
+    variance = (g - mean).square_().sum(dim=0) / (g.shape[0] - 1)
+    # Exactly 0 where every sample is the same: the variance of equal values can round to a tiny number.
+    return mean, torch.where((g == g[:1]).all(dim=0), 0.0, variance)
 
 
-def gradient_snr(per_example: Tensor) -> Tensor:
-    """Mean over a layer's parameters of mean^2 / unbiased variance of the per-example gradient [N, ...]
-    (GSNR, Liu et al. 2020, ICLR), float64. Parameters whose gradient is the same for every example
-    have no finite SNR and are left out; NaN if all are (or if N < 2)."""
-    mean, variance = _mean_and_variance(per_example)
-    g = per_example.detach().flatten(1)
-    # Exact equality, not variance == 0: the variance of equal values can round to a tiny positive
-    # number. (variance > 0 drops differences so small that their squares underflow.)
-    varies = (g != g[:1]).any(dim=0) & (variance > 0)
-    snr = torch.where(varies, mean.square() / variance, 0.0)
-    return snr.sum(dtype=torch.float64) / varies.sum()
-
-
-def gradient_noise_scale(per_example: dict[str, Tensor]) -> Tensor:
-    """B_simple = tr(Sigma) / |G|^2 over all parameters together (McCandlish et al. 2018), float64, with
-    the unbiased |G|^2 = |mean|^2 - tr(Sigma)/N; inf when that is not positive (noise hides the mean)."""
-    moments = [_mean_and_variance(g) for g in per_example.values()]
-    trace = sum(variance.sum(dtype=torch.float64) for _, variance in moments)  # tr(Sigma)
-    mean_norm2 = sum(mean.square().sum(dtype=torch.float64) for mean, _ in moments)  # E = |G|^2 + tr(Sigma)/N
-    n = next(iter(per_example.values())).shape[0]
-    # McCandlish et al.'s App. A estimate of |G|^2 from batch sizes 1 and N; the biased |mean|^2
-    # would cap B_simple at N, the probe batch size.
-    signal = mean_norm2 - trace / n
-    return trace / signal.clamp_min(0.0)
-
-
-# --- sharpness -----------------------------------------------------------------------------------------
-def _power_steps(matvec: Callable[[Tensor], Tensor], v: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
-    # Power iteration from the unit vector v: the last Rayleigh quotient v.Av and the last v.
-    eigenvalue = torch.zeros((), device=v.device, dtype=v.dtype)
-    for _ in range(iterations):
-        av = matvec(v)
-        eigenvalue = torch.dot(v, av)
-        v = av / torch.linalg.vector_norm(av).clamp_min(torch.finfo(v.dtype).tiny)
-    return eigenvalue, v
-
-
-def power_iteration(matvec: Callable[[Tensor], Tensor], dim: int, iterations: int,
-                    generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                    dtype: torch.dtype = torch.float32) -> Tensor:
-    """The largest eigenvalue of the symmetric operator v -> matvec(v), by power iteration (Rayleigh
-    quotient). Plain power iteration finds the eigenvalue of largest magnitude; where that is negative,
-    the second half of the iterations runs on A - lambda I, whose largest eigenvalue is then the dominant one.
-    The start vector is drawn with `generator` (on its device, then moved to `device`), or with a
-    fixed seed: never from the global RNG."""
-    if generator is None:
-        generator = torch.Generator(device=device or "cpu").manual_seed(0)
-    device = device or generator.device
-    start = torch.randn(dim, generator=generator, device=generator.device, dtype=dtype).to(device)
-    start = start / torch.linalg.vector_norm(start)
-    dominant, v = _power_steps(matvec, start, iterations // 2)
-    # Selected on the device, not branched on: with a positive dominant eigenvalue the shift is 0 and the
-    # second half simply goes on from where the first stopped.
-    shift = dominant.clamp_max(0.0)
-    v = torch.where(dominant >= 0, v, start)
-    shifted, _ = _power_steps(lambda u: matvec(u) - shift * u, v, iterations - iterations // 2)
-    return shifted + shift
-
-
-def top_hessian_eigenvalue(model: nn.Module, images: Tensor, labels: Tensor, iterations: int,
-                           generator: torch.Generator | None = None) -> Tensor:
-    """Sharpness: the top eigenvalue of the Hessian of the batch's mean cross-entropy w.r.t. the trainable
-    parameters, by power iteration on Hessian-vector products (double backward), as a 0-dim tensor.
-
-    The caller picks the mode; in train mode BatchNorm uses batch statistics and dropout one fixed mask
-    (drawn inside a forked RNG). Buffers are never written (BatchNorm updates copies) and no .grad is set.
-    """
+def micro_batch_moments(model: nn.Module, images: Tensor, labels: Tensor, batch: int,
+                        chunk: int = 32) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
+    """The gradients of the mean cross-entropy of consecutive micro-batches of `batch` images, in the
+    model's current mode (train: BatchNorm normalises each micro-batch by its own statistics, as a
+    training step of that size does): name -> (mean, unbiased variance) per parameter, float64,
+    flattened, and the number of micro-batches M. `chunk` gradients at a time are stacked and merged
+    into the running moments (Chan et al.), so memory stays at `chunk` copies of the parameters.
+    Buffers are never written (BatchNorm updates copies) and no .grad is set; a training-mode
+    dropout or RReLU draws from the global RNG: the caller forks it."""
     params = trainable_parameters(model)
-    # BatchNorm's running statistics update copies, not the model's buffers.
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    device = images.device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        with torch.enable_grad():
-            logits = functional_call(model, buffers, (images,))
-            loss = F.cross_entropy(logits, labels)
-            gradients = torch.autograd.grad(loss, list(params.values()), create_graph=True,
-                                            allow_unused=True, materialize_grads=True)
-    shapes = [p.shape for p in params.values()]
-    sizes = [p.numel() for p in params.values()]
+    samples = len(images) // batch
+    count, mean, m2, first, constant = 0, {}, {}, {}, {}
+    for start in range(0, samples, chunk):
+        stacked: dict[str, list[Tensor]] = {name: [] for name in params}
+        for k in range(start, min(start + chunk, samples)):
+            part = slice(k * batch, (k + 1) * batch)
+            with torch.enable_grad():
+                loss = F.cross_entropy(functional_call(model, buffers, (images[part],)), labels[part])
+                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True, materialize_grads=True)
+            for name, g in zip(params, grads):
+                stacked[name].append(g.detach().flatten())
+        for name, parts in stacked.items():
+            g = torch.stack(parts)  # a chunk's moments in the parameters' precision, merged in float64
+            part_mean = g.mean(dim=0)
+            part_m2 = (g - part_mean).square_().sum(dim=0).double()
+            part_mean = part_mean.double()
+            first.setdefault(name, g[0])
+            constant[name] = (g == first[name]).all(dim=0) & constant.get(name, True)
+            if name not in mean:
+                mean[name], m2[name] = part_mean, part_m2
+                continue
+            total, delta = count + len(g), part_mean - mean[name]
+            mean[name] = mean[name] + delta * (len(g) / total)
+            m2[name] = m2[name] + part_m2 + delta.square() * (count * len(g) / total)
+        count += min(chunk, samples - start)
+    # Exactly 0 where every sample is the same: the variance of equal values can round to a tiny number.
+    variance = {name: torch.where(constant[name], 0.0, m2[name] / max(samples - 1, 1)) for name in m2}
+    return mean, variance, samples
 
-    def hvp(v: Tensor) -> Tensor:
-        pieces = [piece.view(shape) for piece, shape in zip(v.split(sizes), shapes)]
-        with torch.enable_grad():
-            g_dot_v = sum((g * piece).sum() for g, piece in zip(gradients, pieces))
-            hv = torch.autograd.grad(g_dot_v, list(params.values()), retain_graph=True,
-                                     allow_unused=True, materialize_grads=True)
-        return torch.cat([h.reshape(-1) for h in hv])
 
-    dtype = next(iter(params.values())).dtype
-    return power_iteration(hvp, sum(sizes), iterations, generator, device, dtype).detach()
+def gradient_snr(mean: Tensor, variance: Tensor, batch: int, samples: int) -> Tensor:
+    """GSNR (Liu et al. 2020, ICLR): per parameter, E[g]^2 / Var[g] of the per-example gradient g,
+    averaged over a layer's parameters, float64; from the mean and unbiased variance of `samples`
+    gradient samples, each the mean of `batch` examples (batch 1: per-example gradients).
+
+    Per-example variance = batch * variance. The plug-in mean^2 is biased up by variance/samples
+    (= Var[g]/N over the N = batch * samples examples): that is subtracted, and the result clipped at
+    0. 1/variance is biased up by (M-1)/(M-3) for M normal samples: multiplied back for M > 3.
+    Parameters whose gradient does not vary have no finite SNR and are left out; NaN if all are."""
+    mean, variance = mean.flatten().double(), variance.flatten().double()
+    varies = variance > 0
+    signal = (mean.square() - variance / samples).clamp_min(0.0)
+    snr = torch.where(varies, signal / (batch * variance).clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    unbias = (samples - 3) / (samples - 1) if samples > 3 else 1.0
+    return unbias * snr.sum() / varies.sum()
 
 
-def stability_limit(lr: float, momentum: float = 0.0) -> float:
-    """2(1 + momentum) / lr: the sharpness above which (heavy-ball) gradient descent on a quadratic
-    diverges, where training sits at the edge of stability (Cohen et al. 2021, ICLR)."""
-    return 2.0 * (1.0 + momentum) / lr
+def gradient_noise_scale(moments: list[tuple[Tensor, Tensor]], batch: int, samples: int) -> Tensor:
+    """B_simple = tr(Sigma) / |G|^2 over all parameters together (McCandlish et al. 2018), float64, from
+    the (mean, unbiased variance) of `samples` gradient samples of `batch` examples each. This is their
+    App. A two-batch-size estimator with B_small = batch (the norms of the samples) and B_big = batch *
+    samples (the norm of their mean): tr(Sigma) = batch * sum(variance) and the unbiased
+    |G|^2 = |mean|^2 - sum(variance) / samples. inf when that is not positive (noise hides the mean)."""
+    variance = sum(v.double().sum() for _, v in moments)
+    mean_norm2 = sum(m.double().square().sum() for m, _ in moments)
+    signal = mean_norm2 - variance / samples
+    return batch * variance / signal.clamp_min(0.0)

@@ -17,16 +17,21 @@ from torch import Tensor, nn
 from cnnlab.activations import ACTIVATIONS, Activation
 from cnnlab.config import ProbesConfig
 from cnnlab.instruments.density import HISTC_CHUNK, density_column, histc_allowed
-from cnnlab.instruments.gradients import gradient_noise_scale, gradient_snr, per_example_gradients, top_hessian_eigenvalue
+from cnnlab.instruments.gradients import gradient_noise_scale, gradient_snr, micro_batch_moments
+from cnnlab.instruments.sharpness import CurvatureSet, Preconditioner, hessian_spectrum, preconditioned_top_eigenvalue
 from cnnlab.statistics import tag
 
 # An output within this distance of an asymptote counts as saturated: there the derivative of
 # sigmoid is below 0.0099 (4% of its peak) and that of tanh below 0.02 (2% of its peak).
 SATURATION_MARGIN = 0.01
 # A unit is dead when its slope stays below this fraction of its activation's largest slope on every
-# example and position: almost no gradient flows back through it. LeakyReLU's default leak of 0.01 is
-# exactly at the limit, and so counts as alive.
+# example and position: almost no gradient flows back through it. Not for the leaky activations,
+# whose slope on the negative side is a setting (see dead_from_maxima), nor for the bounded ones,
+# which saturate rather than die (their measure is `saturation`).
 DEAD_SLOPE_FRACTION = 0.01
+# The activations with a negative-side slope of their own (a setting, learned, or drawn): never dead
+# while it is not 0; `negative_fraction` counts their units that are never on the positive side.
+LEAKY = (nn.LeakyReLU, nn.PReLU, nn.RReLU)
 
 # The activations' rows by their torch.nn class: what the probes know about a module of the network.
 ACTIVATIONS_BY_MODULE: dict[type[nn.Module], Activation] = {getattr(nn, row.module): row
@@ -73,13 +78,50 @@ def saturation_fraction(output: Tensor, low: float, high: float, margin: float =
     return ((output <= low + margin) | (output >= high - margin)).float().mean()
 
 
-def dead_units(pre: Tensor, module: nn.Module) -> Tensor:
-    """One bool per unit (dim 1 of the pre-activations `pre`, [N, C] or [N, C, H, W]): True where
-    |f'(pre)| < DEAD_SLOPE_FRACTION * max |f'| for every example and position. Stays on the device."""
-    row = activation_row(module)
-    slope = row.derivative(pre, module).abs()
+def dies(module: nn.Module) -> bool:
+    """Whether dead units are measured for this activation: not for sigmoid and tanh, which saturate
+    (their slope is tiny far out, never zero on a bounded output: `saturation` measures that)."""
+    return activation_row(module).bounds is None
+
+
+def leak(module: nn.Module) -> Tensor | float:
+    """The slope on the negative side of a leaky activation: a PReLU's learned ones (per channel or
+    one), LeakyReLU's setting, the largest of RReLU's range."""
+    if isinstance(module, nn.PReLU):
+        return module.weight.detach()
+    if isinstance(module, nn.RReLU):
+        return max(abs(module.lower), abs(module.upper))
+    return module.negative_slope
+
+
+def unit_maxima(pre: Tensor, module: nn.Module) -> Tensor:
+    """[2, units]: per unit (dim 1 of `pre`, [N, C] or [N, C, H, W]), its largest |slope| and its
+    largest pre-activation over every example and position. Maxima over several batches are the
+    elementwise maximum of theirs, so death over a whole set needs no more than this per batch."""
     others = [dim for dim in range(pre.dim()) if dim != 1]
-    return slope.amax(dim=others) < DEAD_SLOPE_FRACTION * row.max_derivative(module)
+    slope = pre.new_zeros(pre.shape[1]) if isinstance(module, LEAKY) else (
+        activation_row(module).derivative(pre, module).abs().amax(dim=others))
+    return torch.stack([slope, pre.detach().amax(dim=others)])
+
+
+def dead_from_maxima(maxima: Tensor, module: nn.Module) -> Tensor:
+    """One bool per unit from unit_maxima. A unit is dead when no gradient can flow through it:
+    |f'| < DEAD_SLOPE_FRACTION * max |f'| everywhere; for a leaky activation, whatever its slope,
+    only when it is never positive and its negative-side slope is exactly 0."""
+    if isinstance(module, LEAKY):
+        return (maxima[1] <= 0) & (torch.as_tensor(leak(module), device=maxima.device) == 0)
+    return maxima[0] < DEAD_SLOPE_FRACTION * activation_row(module).max_derivative(module)
+
+
+def negative_from_maxima(maxima: Tensor) -> Tensor:
+    """One bool per unit from unit_maxima: never on the positive side (pre-activation <= 0 throughout)."""
+    return maxima[1] <= 0
+
+
+def dead_units(pre: Tensor, module: nn.Module) -> Tensor:
+    """One bool per unit of the pre-activations `pre` ([N, C] or [N, C, H, W]): dead on every example
+    and position (dead_from_maxima). Stays on the device."""
+    return dead_from_maxima(unit_maxima(pre, module), module)
 
 
 def histogram(x: Tensor, bins: int, chunk: int = HISTC_CHUNK) -> Tensor:
@@ -177,16 +219,47 @@ def side_effect_free(model: nn.Module, mode: str, device: torch.device) -> Itera
                 buffer.copy_(saved)
 
 
+@contextmanager
+def dropout_off(model: nn.Module) -> Iterator[None]:
+    """Dropout modules in eval mode (identity) for the block: a dropped unit is not a dead one."""
+    dropouts = [(m, m.training) for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    for module, _ in dropouts:
+        module.train(False)
+    try:
+        yield
+    finally:
+        for module, training in dropouts:
+            module.train(training)
+
+
+def examples_needed(cfg: ProbesConfig) -> int:
+    """How many training images Probes wants: the probe batch, the images death is judged on, and the
+    images of the gradient noise (each set is the start of the same sample)."""
+    return max(cfg.batch_size, cfg.death_examples, cfg.per_example)
+
+
 class Probes:
     """Everything probed about one model: activations on a fixed batch (dead, revived, saturated
-    units, effective rank, density columns), per-example gradient noise, sharpness, gradients,
-    weights and updates. `measure` returns device tensors; the caller makes one transfer."""
+    units, effective rank, density columns), gradient noise, sharpness, gradients, weights and
+    updates; and, from `on_data`, dead units over many training images. `measure` and `on_data`
+    return device tensors; the caller makes one transfer.
 
-    def __init__(self, model: nn.Module, probe_batch: tuple[Tensor, Tensor], cfg: ProbesConfig, last_step: int,
-                 stability_limit: Callable[[], float] | None = None):
+    `examples` is a fixed sample of the training split (examples_needed images, or fewer): the probe
+    batch is its first probes.batch_size images, death is judged on its first probes.death_examples,
+    gradient noise on its first probes.per_example."""
+
+    def __init__(self, model: nn.Module, examples: tuple[Tensor, Tensor], cfg: ProbesConfig, last_step: int,
+                 stability_limit: Callable[[], float] | None = None, preconditioner: Preconditioner | None = None,
+                 curvature: CurvatureSet | None = None):
         self.model, self.cfg, self.last_step = model, cfg, last_step
-        self.images, self.labels = probe_batch
-        self.stability_limit = stability_limit  # SGD's 2(1 + momentum)/lr at the current lr
+        self.examples = examples
+        self.images, self.labels = (part[:cfg.batch_size] for part in examples)
+        # The edge of stability: SGD's limit on the sharpness at the current lr (instruments.sharpness.sgd_limit),
+        # or an adaptive optimizer's preconditioner and its limit.
+        self.stability_limit, self.preconditioner = stability_limit, preconditioner
+        # The training images the sharpness is measured on (the trainer draws probes.curvature_examples);
+        # without them, the probe batch as one training batch.
+        self.curvature = curvature or CurvatureSet(self.images, self.labels, len(self.labels))
         self.activations = activation_layers(model)
         self.weights = weight_layers(model)
         names = {id(parameter): name for name, parameter in model.named_parameters()}
@@ -207,7 +280,7 @@ class Probes:
         return self.cfg.sharpness_every > 0 and step % self.cfg.sharpness_every == 0
 
     def noise_due(self, step: int) -> bool:
-        """Per-example gradients cost several probes' worth: every probes.noise_every steps, and at the end."""
+        """Gradient noise costs several probes' worth: every probes.noise_every steps, and at the end."""
         every = self.cfg.noise_every
         return self.cfg.per_example > 0 and every > 0 and (step % every == 0 or step == self.last_step)
 
@@ -234,9 +307,41 @@ class Probes:
                 found += self._activation_statistics(step)
             if self.sharpness_due(step):
                 found += self._sharpness()
-        if self.noise_due(step):
-            found += self._gradient_noise()
+            if self.noise_due(step):
+                found += self._gradient_noise()
         found += self._weight_statistics()
+        return found
+
+    def on_data(self) -> list[Measurement]:
+        """Dead units over the first probes.death_examples training images (forward passes of
+        probes.batch_size images): `dead_fraction` per layer and `all`, and for the leaky activations
+        `negative_fraction`. In probes.mode (train: BatchNorm normalises each batch by its own
+        statistics, as in training) with dropout off, and without side effects: BatchNorm's running
+        statistics are restored, the RNG is forked, no parameter or gradient is touched."""
+        images = self.examples[0][:self.cfg.death_examples]
+        layers = [layer for layer in self.activations if dies(layer.module)]
+        names = {id(layer.module): layer.name for layer in layers}
+        maxima: dict[str, Tensor] = {}
+
+        def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            name, found = names[id(module)], unit_maxima(inputs[0], module)
+            maxima[name] = found if name not in maxima else torch.maximum(maxima[name], found)
+
+        with (side_effect_free(self.model, self.cfg.mode, images.device), dropout_off(self.model), torch.no_grad(),
+              forward_hooks([layer.module for layer in layers], record)):
+            for part in images.split(self.cfg.batch_size):
+                self.model(part)
+        found, dead_counts, units = [], [], 0
+        for layer in layers:
+            dead = dead_from_maxima(maxima[layer.name], layer.module)
+            dead_counts.append(dead.sum())
+            units += dead.numel()
+            found.append(Measurement("scalar", tag("dead_fraction", layer.name), dead.float().mean()))
+            if isinstance(layer.module, LEAKY):
+                negative = negative_from_maxima(maxima[layer.name]).float().mean()
+                found.append(Measurement("scalar", tag("negative_fraction", layer.name), negative))
+        if dead_counts:
+            found.append(Measurement("scalar", tag("dead_fraction", "all"), torch.stack(dead_counts).sum() / units))
         return found
 
     def _activation_statistics(self, step: int) -> list[Measurement]:
@@ -249,11 +354,12 @@ class Probes:
 
         def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             name, pre = names[id(module)], inputs[0]
-            dead = dead_units(pre, module)
-            dead_counts.append(dead.sum())
-            units.append(dead.numel())
-            found.extend(self._layer_statistics(name, module, pre, output, dead))
-            self._dead_before[name] = dead
+            dead = dead_units(pre, module) if dies(module) else None
+            found.extend(self._layer_statistics(name, module, pre, output, dead))  # reads the last probe's dead
+            if dead is not None:
+                dead_counts.append(dead.sum())
+                units.append(dead.numel())
+                self._dead_before[name] = dead
             if self.cfg.density:
                 low, high = activation_row(module).density_range
                 self.density[name].append(density_column(output, low, high, self.cfg.bins))
@@ -261,18 +367,20 @@ class Probes:
         with forward_hooks([layer.module for layer in self.activations], record):
             self.model(self.images)
         if dead_counts:
-            found.append(Measurement("scalar", tag("dead_fraction", "all"), torch.stack(dead_counts).sum() / sum(units)))
+            found.append(Measurement("scalar", tag("dead_on_batch", "all"), torch.stack(dead_counts).sum() / sum(units)))
         return found
 
     def _layer_statistics(self, name: str, module: nn.Module, pre: Tensor, output: Tensor,
-                          dead: Tensor) -> list[Measurement]:
+                          dead: Tensor | None) -> list[Measurement]:
+        """dead: the layer's dead units on the probe batch, None for an activation that saturates instead."""
         found = [Measurement("scalar", tag("act_mean", name), output.mean()),
                  Measurement("scalar", tag("act_std", name), output.std()),
-                 Measurement("scalar", tag("dead_fraction", name), dead.float().mean()),
                  Measurement("scalar", tag("effective_rank", name), centred_gram(output), finish=rank_of_gram)]
-        before = self._dead_before.get(name)
-        if before is not None:
-            found.append(Measurement("scalar", tag("revived_fraction", name), (before & ~dead).float().mean()))
+        if dead is not None:
+            found.append(Measurement("scalar", tag("dead_on_batch", name), dead.float().mean()))
+            before = self._dead_before.get(name)
+            if before is not None:
+                found.append(Measurement("scalar", tag("revived_fraction", name), (before & ~dead).float().mean()))
         bounds = activation_row(module).bounds
         if bounds is not None:
             found.append(Measurement("scalar", tag("saturation", name), saturation_fraction(output, *bounds)))
@@ -282,22 +390,45 @@ class Probes:
         return found
 
     def _gradient_noise(self) -> list[Measurement]:
-        count = self.cfg.per_example
-        grads = per_example_gradients(self.model, self.images[:count], self.labels[:count])
+        """gradient_snr per weight layer and gradient_noise_scale, from the gradients of micro-batches
+        of probes.noise_batch images (1: per-example gradients) over the first probes.per_example
+        training images, in probes.mode: the network as it trains (BatchNorm with batch statistics)."""
+        images, labels = (part[:self.cfg.per_example] for part in self.examples)
+        batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        smallest = 2 if batchnorm and self.cfg.mode == "train" else 1  # BatchNorm cannot normalise one image
+        # A training split smaller than per_example: smaller micro-batches, four of them at least
+        batch = max(min(self.cfg.noise_batch, len(images) // 4), smallest)
+        if len(images) // batch < 2:
+            return []  # no variance from fewer than two gradients
+        mean, variance, samples = micro_batch_moments(self.model, images, labels, batch)
         found = []
         for layer in self.weights:
-            flat = torch.cat([grads[name].flatten(1) for name in self._parameter_names[layer.name]], dim=1)
-            found.append(Measurement("scalar", tag("gradient_snr", layer.name), gradient_snr(flat)))
-        found.append(Measurement("scalar", tag("gradient_noise_scale"), gradient_noise_scale(grads)))
+            names = [name for name in self._parameter_names[layer.name] if name in mean]  # trainable ones
+            if names:
+                layer_mean, layer_variance = (torch.cat([part[name] for name in names]) for part in (mean, variance))
+                found.append(Measurement("scalar", tag("gradient_snr", layer.name),
+                                         gradient_snr(layer_mean, layer_variance, batch, samples)))
+        moments = [(mean[name], variance[name]) for name in mean]  # every trainable parameter
+        found.append(Measurement("scalar", tag("gradient_noise_scale"), gradient_noise_scale(moments, batch, samples)))
         return found
 
     def _sharpness(self) -> list[Measurement]:
-        generator = torch.Generator(device=self.images.device).manual_seed(0)  # the same start vector every time
-        top = top_hessian_eigenvalue(self.model, self.images, self.labels, self.cfg.sharpness_iterations, generator)
-        found = [Measurement("scalar", tag("sharpness", "top_eigenvalue"), top)]
+        """The extreme eigenvalues of the training loss's Hessian on the curvature set, the optimizer's
+        limit, and for an adaptive optimizer its preconditioned sharpness (see instruments/sharpness.py)."""
+        steps, tolerance, device = self.cfg.sharpness_iterations, self.cfg.sharpness_tolerance, self.images.device
+
+        def scalar(part: str, value: float) -> Measurement:
+            return Measurement("scalar", tag("sharpness", part), torch.tensor(value, dtype=torch.float64, device=device))
+
+        spectrum = hessian_spectrum(self.model, self.curvature, steps, tolerance)
+        found = [scalar("top_eigenvalue", spectrum.largest), scalar("min_eigenvalue", spectrum.smallest)]
         if self.stability_limit is not None:
-            limit = torch.tensor(self.stability_limit(), dtype=torch.float64, device=self.images.device)
-            found.append(Measurement("scalar", tag("sharpness", "stability_limit"), limit))
+            found.append(scalar("stability_limit", self.stability_limit()))
+        if self.preconditioner is not None:
+            top = preconditioned_top_eigenvalue(self.model, self.curvature, self.preconditioner, steps, tolerance)
+            if top is not None:  # not before the first update: there is no preconditioner yet
+                found += [scalar("preconditioned_eigenvalue", top.largest),
+                          scalar("preconditioned_limit", self.preconditioner.limit())]
         return found
 
     def _weight_statistics(self) -> list[Measurement]:

@@ -26,7 +26,8 @@ from torch.utils.tensorboard import SummaryWriter
 from cnnlab.analysis.findings import Finding, diagnose, run_facts
 from cnnlab.config import RunConfig, as_dict
 from cnnlab.errors import UserError, one_line
-from cnnlab.instruments.probes import Probes, gradient_norm
+from cnnlab.instruments.probes import Probes, examples_needed, gradient_norm
+from cnnlab.instruments.sharpness import CurvatureSet
 from cnnlab.rundir import clear_unfinished, record_config, run_lock, write_metrics
 from cnnlab.status import Status
 from cnnlab.train.checkpoint import restore, save_best, save_last
@@ -40,6 +41,7 @@ from cnnlab.train.state import (
     Precision,
     TrainingLog,
     TrainState,
+    adaptive_preconditioner,
     evaluate,
     fitting_in_memory,
     new_metrics,
@@ -136,10 +138,15 @@ def setup(run: RunConfig, run_dir: Path, resume: bool = False, metrics: dict[str
     optimizer = build_optimizer(run.optimizer, parameters)
     probes = None
     if run.probes.enabled:
-        # The split seed, not the trainer seed: runs that differ by seed probe the same images.
-        probe_batch = data.train.sample(run.probes.batch_size, seed=run.dataset.split_seed)
-        probes = Probes(model, probe_batch, run.probes, last_step=t.epochs * len(data.train),
-                        stability_limit=sgd_stability_limit(optimizer))
+        # The split seed, not the trainer seed: runs that differ by seed probe the same images. The
+        # probe batch is the sample's start: the same images whatever the sample's size.
+        examples = data.train.sample(examples_needed(run.probes), seed=run.dataset.split_seed)
+        # The sharpness's curvature set: the same seed, so the probe batch is its start.
+        curvature = (CurvatureSet(*data.train.sample(run.probes.curvature_examples, seed=run.dataset.split_seed),
+                                  batch_size=t.batch_size) if run.probes.sharpness_every else None)
+        probes = Probes(model, examples, run.probes, last_step=t.epochs * len(data.train),
+                        stability_limit=sgd_stability_limit(optimizer),
+                        preconditioner=adaptive_preconditioner(optimizer), curvature=curvature)
     state = TrainState(
         run=run, config=config, run_dir=Path(run_dir), device=device, model=model, step_model=step_model,
         parameters=parameters, optimizer=optimizer,
@@ -158,8 +165,10 @@ def setup(run: RunConfig, run_dir: Path, resume: bool = False, metrics: dict[str
     state.log.writer = SummaryWriter(str(run_dir), flush_secs=10, purge_step=state.step + 1 if saved else None)
     if saved is None:
         write_layout(state.log.writer)
-        if probes is not None and probes.due(0):
-            state.log.probe(0, probes)  # before any update
+        if probes is not None:
+            if probes.due(0):
+                state.log.probe(0, probes)  # before any update
+            state.log.record(0, probes.on_data())  # dead units at initialisation, on the data
     return state
 
 
@@ -270,6 +279,8 @@ def end_epoch(state: TrainState, progress: Progress) -> None:
     writer.add_scalar("val/loss", val_loss, state.step)
     writer.add_scalar("val/acc", val_acc, state.step)
     writer.add_scalar("epoch", state.epoch, state.step)
+    if state.probes is not None:  # forward passes only: training goes on exactly as without them
+        state.log.record(state.step, state.probes.on_data())
     if state.run.findings.enabled:
         find(state)  # rewritten at each epoch end, so that a running sweep can be read
     train_loss, train_acc, epoch_speed = log.running() or (None, None, None)  # all flushed: no transfer

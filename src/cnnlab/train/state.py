@@ -22,8 +22,8 @@ from torch.utils.tensorboard import SummaryWriter
 from cnnlab.analysis.findings import Series
 from cnnlab.config import RunConfig
 from cnnlab.errors import UserError, one_line
-from cnnlab.instruments.gradients import stability_limit
-from cnnlab.instruments.probes import Probes, gradient_norm
+from cnnlab.instruments.probes import Measurement, Probes, gradient_norm
+from cnnlab.instruments.sharpness import Preconditioner, adam_limit, sgd_limit
 from cnnlab.statistics import split_tag
 from cnnlab.status import Status
 from cnnlab.train.data import Batches, Data
@@ -108,12 +108,54 @@ def fitting_in_memory(build):
 
 
 def sgd_stability_limit(optimizer: torch.optim.Optimizer) -> Callable[[], float] | None:
-    """For SGD, the sharpness above which gradient descent cannot be stable at the current learning
-    rate, 2(1 + momentum)/lr (Cohen et al. 2021); other optimizers have no such simple limit."""
+    """For SGD, the sharpness above which it cannot be stable at the current learning rate and
+    momentum (read when called: schedules change both): 2/lr, 2(1 + beta)/lr heavy ball,
+    (2 + 2 beta)/((1 + 2 beta) lr) Nesterov (instruments.sharpness.sgd_limit). Adaptive optimizers
+    have theirs on the preconditioned sharpness (adaptive_preconditioner)."""
     if not isinstance(optimizer, torch.optim.SGD):
         return None
     group = optimizer.param_groups[0]
-    return lambda: stability_limit(group["lr"], group["momentum"])
+    return lambda: sgd_limit(group["lr"], group["momentum"], group["nesterov"], group["dampening"],
+                             group["weight_decay"])
+
+
+def adaptive_preconditioner(optimizer: torch.optim.Optimizer) -> Preconditioner | None:
+    """Adam, AdamW and RMSprop: their diagonal preconditioner P (the update is P^-1 times a momentum
+    of the gradient) and the limit of the preconditioned sharpness (Cohen et al. 2022). Adam:
+    P = (1 - beta1^t)(sqrt(v / (1 - beta2^t)) + eps), limit (2 + 2 beta1)/((1 - beta1) lr); RMSprop:
+    P = sqrt(v) + eps (v less the squared mean gradient when centered), limit 2(1 + momentum)/lr.
+    AdamW's decoupled decay is left out: it shifts the limit by about lr x weight_decay."""
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, torch.optim.Adam):  # AdamW is one
+        decoupled = isinstance(optimizer, torch.optim.AdamW)
+        return Preconditioner(lambda p: _adam_diagonal(optimizer, p), lambda: adam_limit(group["lr"], group["betas"][0]),
+                              lambda: 0.0 if decoupled else group["weight_decay"])
+    if isinstance(optimizer, torch.optim.RMSprop):
+        return Preconditioner(lambda p: _rmsprop_diagonal(optimizer, p), lambda: sgd_limit(group["lr"], group["momentum"]),
+                              lambda: group["weight_decay"])
+    return None
+
+
+def _group_of(optimizer: torch.optim.Optimizer, parameter: Tensor) -> dict[str, Any]:
+    return next(group for group in optimizer.param_groups if any(p is parameter for p in group["params"]))
+
+
+def _adam_diagonal(optimizer: torch.optim.Optimizer, parameter: Tensor) -> Tensor | None:
+    state, group = optimizer.state.get(parameter), _group_of(optimizer, parameter)
+    if not state:
+        return None
+    beta1, beta2 = group["betas"]
+    t = float(state["step"])
+    v = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
+    return (1 - beta1 ** t) * ((v / (1 - beta2 ** t)).sqrt() + group["eps"])
+
+
+def _rmsprop_diagonal(optimizer: torch.optim.Optimizer, parameter: Tensor) -> Tensor | None:
+    state, group = optimizer.state.get(parameter), _group_of(optimizer, parameter)
+    if not state:
+        return None
+    v = state["square_avg"] - state["grad_avg"].square() if group["centered"] else state["square_avg"]
+    return v.sqrt() + group["eps"]
 
 
 class Precision:
@@ -294,8 +336,14 @@ class TrainingLog:
         return loss / images, correct / images, images / max(seconds, 1e-9)
 
     def probe(self, step: int, probes: Probes) -> None:
-        scalars = write_probe(self.writer, step, probes.measure(step))
+        self.record(step, probes.measure(step))
+
+    def record(self, step: int, measurements: list[Measurement]) -> None:
+        """Write measurements (a probe's, or Probes.on_data's) and keep their scalars for the findings."""
+        scalars = write_probe(self.writer, step, measurements)
         for tag, value in scalars.items():
             self.series.setdefault(tag, []).append((step, value))
         split = [(split_tag(tag), value) for tag, value in scalars.items()]
-        self.dead_fraction = {layer: value for (prefix, layer), value in split if prefix == "dead_fraction"}
+        dead = {layer: value for (prefix, layer), value in split if prefix == "dead_fraction"}
+        if dead:  # only on_data measures it
+            self.dead_fraction = dead

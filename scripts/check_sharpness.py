@@ -1,0 +1,127 @@
+"""Does the sharpness instrument measure the training loss? An independent check on a whole training split.
+
+Trains a tanh MLP with SGD (the issue-19 edge-of-stability setting: 784-200-200, lr 0.4, limit 2/lr = 5)
+on generated MNIST-shaped data, and at a few steps compares three estimates of lambda_max (and
+lambda_min) of the Hessian of the training loss:
+
+  probe batch   Lanczos on the 256-image probe batch (what earlier versions measured, with power iteration)
+  instrument    cnnlab's hessian_spectrum on the curvature set (probes.curvature_examples images)
+  full split    scipy's ARPACK (eigsh, which="LA"; lambda_min from the shifted operator) on Hessian-vector products over the whole
+                training split, in float64, by torch.func (forward-over-reverse): independent of cnnlab's code
+
+    python scripts/check_sharpness.py                       # 12,000 images, default curvature set
+    python scripts/check_sharpness.py --train-size 8000 --hidden 64,64 --steps 200 --every 200   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from scipy.sparse.linalg import LinearOperator, eigsh
+
+from cnnlab.config import config_dir, validate
+from cnnlab.instruments.sharpness import CurvatureSet, hessian_spectrum
+from cnnlab.train.data import load_data
+from cnnlab.train.models import build_model
+
+
+def full_split_extremes(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                        chunk: int = 2000) -> tuple[float, float, int]:
+    """(lambda_min, lambda_max, products) of the mean cross-entropy over all `images`, by ARPACK in float64."""
+    reference = {name: p.detach().double() for name, p in model.named_parameters()}
+    flat = torch.cat([p.reshape(-1) for p in reference.values()])
+    double = build_like(model)
+    products = 0
+
+    def loss_of(vector: torch.Tensor, part: torch.Tensor, part_labels: torch.Tensor) -> torch.Tensor:
+        params, offset = {}, 0
+        for name, p in reference.items():
+            params[name], offset = vector[offset:offset + p.numel()].view_as(p), offset + p.numel()
+        return F.cross_entropy(torch.func.functional_call(double, params, (part,)), part_labels, reduction="sum")
+
+    def hvp(v):
+        nonlocal products
+        products += 1
+        v = torch.as_tensor(v).reshape(-1)
+        total = torch.zeros_like(flat)
+        for part, part_labels in zip(images.split(chunk), labels.split(chunk)):
+            grad = torch.func.grad(lambda w: loss_of(w, part.double(), part_labels))
+            total += torch.func.jvp(grad, (flat,), (v,))[1]
+        return (total / len(labels)).numpy()
+
+    operator = LinearOperator((flat.numel(), flat.numel()), matvec=hvp, dtype="float64")
+    largest = eigsh(operator, k=1, which="LA", tol=1e-5, return_eigenvectors=False)[0]
+    # lambda_min as largest - the top eigenvalue of largest I - H: ARPACK's "SA" crawls where the bulk sits near 0.
+    shifted = LinearOperator(operator.shape, matvec=lambda v: largest * v.reshape(-1) - hvp(v), dtype="float64")
+    smallest = largest - eigsh(shifted, k=1, which="LA", tol=1e-4, return_eigenvectors=False)[0]
+    return float(smallest), float(largest), products
+
+
+def build_like(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).double().eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train-size", type=int, default=12000, help="generated training images (before the val split)")
+    parser.add_argument("--steps", type=int, default=600, help="SGD steps")
+    parser.add_argument("--every", type=int, default=200, help="steps between comparisons")
+    parser.add_argument("--lr", type=float, default=0.4)
+    parser.add_argument("--noise", type=float, default=2.0, help="dataset.noise: how hard the generated images are")
+    parser.add_argument("--hidden", default="200,200", help="hidden widths of the tanh MLP")
+    args = parser.parse_args()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose("train", overrides=[
+            "dataset=fake", f"dataset.train_size={args.train_size}", f"dataset.noise={args.noise}", "model=mlp",
+            f"model.hidden=[{args.hidden}]", "activation=tanh", "optimizer=sgd", f"optimizer.lr={args.lr}",
+            "optimizer.momentum=0.0", "trainer.device=cpu"])
+    run = validate(cfg)
+    torch.manual_seed(0)
+    data = load_data(run.dataset, run.trainer.batch_size, run.trainer.eval_batch_size, torch.device("cpu"), seed=0)
+    model = build_model(run.model, run.activation, data.input_shape, data.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    split = run.dataset.split_seed
+    everything = data.train.sample(10**9, seed=split)  # the whole training split
+    curvature = CurvatureSet(*data.train.sample(run.probes.curvature_examples, seed=split), run.trainer.batch_size)
+    probe_batch = CurvatureSet(*data.train.sample(run.probes.batch_size, seed=split), run.probes.batch_size)
+    print(f"{len(everything[1])} training images, curvature set {len(curvature.labels)}, limit 2/lr = {2 / args.lr:.3g}")
+    print(f"{'step':>5} {'loss':>7} | {'probe batch':>12} {'instrument':>11} {'full split':>11} | "
+          f"{'batch err':>9} {'instr err':>9} | {'min instr':>9} {'min full':>9} | seconds instr/full")
+    step = 0
+    while step <= args.steps:
+        for images, labels in data.train:
+            if step % args.every == 0:
+                compare(model, step, probe_batch, curvature, everything, run.probes)
+            if step == args.steps:
+                return
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+
+
+def compare(model, step, probe_batch, curvature, everything, probes) -> None:
+    with torch.no_grad():
+        loss = F.cross_entropy(model(everything[0]), everything[1]).item()
+    on_batch = hessian_spectrum(model, probe_batch, probes.sharpness_iterations, probes.sharpness_tolerance)
+    start = time.perf_counter()
+    ours = hessian_spectrum(model, curvature, probes.sharpness_iterations, probes.sharpness_tolerance)
+    ours_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    smallest, largest, _ = full_split_extremes(model, *everything)
+    full_seconds = time.perf_counter() - start
+    print(f"{step:>5} {loss:>7.4f} | {on_batch.largest:>12.4g} {ours.largest:>11.4g} {largest:>11.4g} | "
+          f"{on_batch.largest / largest - 1:>+9.1%} {ours.largest / largest - 1:>+9.1%} | "
+          f"{ours.smallest:>9.3g} {smallest:>9.3g} | {ours_seconds:.1f} ({ours.steps} steps) / {full_seconds:.1f}",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
