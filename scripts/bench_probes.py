@@ -66,6 +66,9 @@ def setup(model_name: str, steps: int, device_name: str):
     data = load_data(run.dataset, batch_size, run.trainer.eval_batch_size, device, seed=0)
     assert len(data.train) == steps, (len(data.train), steps)
     model = build_model(run.model, run.activation, data.input_shape, data.num_classes).to(device)
+    if run.trainer.channels_last and model_name == "convnet":  # as the trainer's setup() does, for all three loops
+        model = model.to(memory_format=torch.channels_last)
+        data.train.normalise.channels_last = True
     return run, data, model, device
 
 

@@ -3,7 +3,7 @@ lr, dropout), then compare the dead fraction the probes log (probes.death_exampl
 probe batch's with the fraction over every training image, computed here independently (one plain
 forward pass per image batch, dropout off, a unit alive if any image makes it positive).
 
-    python scripts/check_death.py [--train-size 20000] [--lr 0.5] [--dropout 0.5]
+    python scripts/check_death.py [--train-size 20000] [--lr 0.5] [--dropout 0.5] [--momentum 0.9] [--every 100]
 """
 
 from __future__ import annotations
@@ -42,22 +42,26 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=20000)
     parser.add_argument("--lr", type=float, default=0.5)
     parser.add_argument("--dropout", type=float, default=0.5)
+    parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--every", type=int, default=100, help="steps between comparisons")
+    parser.add_argument("--death-examples", type=int, default=None, help="probes.death_examples (default: configs/)")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         cfg = compose("train", overrides=["dataset=fake", f"dataset.train_size={args.train_size}", "trainer.device=cpu",
-                                          f"model.dropout={args.dropout}"])
+                                          f"model.dropout={args.dropout}",
+                                          *([f"probes.death_examples={args.death_examples}"] if args.death_examples else [])])
     run = validate(cfg)
     data = load_data(run.dataset, 128, 512, torch.device("cpu"), seed=0)
     torch.manual_seed(0)
     model = build_model(run.model, run.activation, data.input_shape, data.num_classes)
     images, labels = data.train.sample(10**9, seed=1)  # every training image
     probes = Probes(model, data.train.sample(examples_needed(run.probes), seed=0), run.probes, last_step=-1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     print(f"{len(images)} training images; probes.death_examples={run.probes.death_examples}, "
           f"probe batch {run.probes.batch_size}")
     for step in range(args.steps + 1):
-        if step % 100 == 0:
+        if step % args.every == 0:
             data_ = {m.tag: round(m.value.item(), 3) for m in probes.on_data() if m.tag.startswith("dead_fraction/act")}
             batch = {m.tag: round(m.value.item(), 3) for m in probes.measure(step)
                      if m.tag.startswith("dead_on_batch/act")}

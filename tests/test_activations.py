@@ -118,3 +118,17 @@ def test_density_range_holds_typical_outputs_including_the_negative_ones(name):
     assert low <= outputs.min().item() and outputs.max().item() <= high
     if row.bounds is not None:
         assert row.density_range == row.bounds
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_slope_rises_is_set_exactly_where_the_largest_input_decides_death(setting):
+    """slope_rises: |f'| rises with x until it first reaches 1% of its largest and stays at least that
+    beyond (then the probes judge a unit by its largest input). Checked on a dense grid, with autograd."""
+    module = SETTINGS[setting][0]().eval()
+    grid = torch.arange(-30_000, 30_001).view(-1, 1).expand(-1, 3) * 1e-3
+    slope = autograd_derivative(module, grid)[:, 0].abs()
+    alive = slope >= 0.01 * float(row_of(setting).max_derivative(module))
+    first = int(alive.nonzero()[0])
+    holds = bool(alive[first:].all()) and bool((slope[1:first + 1] >= slope[:first]).all())
+    leaky = row_of(setting).module in ("LeakyReLU", "PReLU", "RReLU")  # never dead by the slope: not judged by it
+    assert row_of(setting).slope_rises == (holds and not leaky and row_of(setting).bounds is None), setting

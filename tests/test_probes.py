@@ -10,11 +10,13 @@ from cnnlab.train.models import build_model
 from cnnlab.instruments.probes import (
     Probes,
     activation_layers,
+    dead_from_maxima,
     dead_units,
     dies,
     effective_rank,
     histogram,
     saturation_fraction,
+    unit_maxima,
     update_ratio,
     weight_layers,
 )
@@ -423,3 +425,57 @@ def test_an_earlier_runs_probes_section_validates_and_its_32_images_give_four_mi
     for override in ("probes.per_example=3", "probes.noise_batch=0"):
         with pytest.raises(UserError, match=override.split("=")[0]):
             validate(compose_config(override))
+
+
+@pytest.mark.parametrize("name", ["relu", "elu", "selu", "celu", "softplus", "gelu", "silu", "mish"])
+def test_dead_units_by_the_largest_input_agree_with_the_slope_of_every_input(name):
+    """unit_maxima's shortcut for activations whose slope rises with the input: the same verdict as the
+    definition (|f'| below 1% of its largest on every example and position), on units placed around it."""
+    from cnnlab.activations import ACTIVATIONS
+
+    module = getattr(nn, ACTIVATIONS[name].module)()
+    torch.manual_seed(0)
+    shift = torch.linspace(-12, 2, 64).view(1, 64, 1, 1)  # from dead for every activation here to alive
+    pre = torch.randn(16, 64, 5, 5) * 0.5 + shift
+    definition = ACTIVATIONS[name].derivative(pre, module).abs().amax(dim=(0, 2, 3)) < (
+        0.01 * ACTIVATIONS[name].max_derivative(module))
+    found = dead_units(pre, module)
+    assert torch.equal(found, definition) and 0 < int(found.sum()) < 64
+    halves = torch.maximum(unit_maxima(pre[:8], module), unit_maxima(pre[8:], module))  # over two batches
+    assert torch.equal(dead_from_maxima(halves, module), definition)
+
+
+def test_the_gram_matrix_by_chunks_of_rows_is_the_float64_gram_of_the_centred_outputs():
+    from cnnlab.instruments.probes import GRAM_CHUNK, centred_gram
+
+    torch.manual_seed(0)
+    conv = torch.relu(torch.randn(40, 6, 17, 17) + 0.5).contiguous(memory_format=torch.channels_last)
+    rows = conv.permute(0, 2, 3, 1).reshape(-1, 6).double()
+    assert len(rows) > 1.4 * GRAM_CHUNK  # a partial last chunk too
+    centred = rows - rows.mean(dim=0)
+    torch.testing.assert_close(centred_gram(conv), centred.T @ centred, rtol=1e-10, atol=1e-8)
+    wide = torch.randn(5, 12)  # more units than examples: the examples' side
+    centred = wide.double() - wide.double().mean(dim=0)
+    torch.testing.assert_close(centred_gram(wide), centred @ centred.T, rtol=1e-12, atol=1e-12)
+
+
+def test_death_on_the_data_stops_once_every_unit_has_been_alive_and_reads_every_image_while_one_is_dead():
+    def batches_read(model, images) -> int:
+        seen = []
+        handle = model[0].register_forward_hook(lambda module, inputs, output: seen.append(len(output)))
+        cfg = ProbesConfig(**{**PROBES.__dict__, "death_examples": 512})  # batches of 8 images
+        found = {m.tag: m.value.item() for m in Probes(model, images, cfg, last_step=10).on_data()}
+        handle.remove()
+        return len(seen), found["dead_fraction/act01_fc"]
+
+    alive = planted_relu_net()
+    with torch.no_grad():
+        alive[0].bias.fill_(1.0)  # every unit positive on every image
+    assert batches_read(alive, planted_set()) == (1, 0.0)
+    # The third unit is dead: every image is read, and the rare images 300-302 keep the first alive.
+    assert batches_read(planted_relu_net(), planted_set()) == (64, pytest.approx(1 / 3))
+    # Only the rare images decide: once they are read (batch 38 holds image 300) nothing is undecided.
+    revived = planted_relu_net()
+    with torch.no_grad():
+        revived[0].bias[2] = 1.0
+    assert batches_read(revived, planted_set()) == (38, 0.0)

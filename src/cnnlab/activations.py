@@ -211,6 +211,9 @@ class Activation:
     derivative: Callable[[Tensor, nn.Module], Tensor]
     # sup |f'(x)| over all real x for the module's settings: a float (a 0-dim tensor for PReLU).
     max_derivative: Callable[[nn.Module], float | Tensor]
+    # |f'| rises with x up to where it first reaches 1% of its largest and stays at least that beyond:
+    # then a unit's largest input alone decides whether it is dead (the probes skip f' of every input).
+    slope_rises: bool = False
     # The fixed (low, high) output axis of the activation-density image.
     density_range: tuple[float, float]
 
@@ -221,7 +224,7 @@ class Activation:
 ACTIVATIONS: dict[str, Activation] = {
     "relu": Activation("ReLU", "max(0, x)", "[0, inf)", "-",
                        "the default; cheap; units whose input stays negative die", init="kaiming",
-                       derivative=_relu_derivative, max_derivative=lambda m: 1.0,
+                       derivative=_relu_derivative, max_derivative=lambda m: 1.0, slope_rises=True,
                        density_range=(0.0, 10.0)),  # never negative; 0 itself is the bottom row
     "leaky_relu": Activation("LeakyReLU", "x if x > 0 else a*x", "(-inf, inf)", "negative_slope a = 0.01",
                              "ReLU that cannot die", init="kaiming", schema=LeakyReLUConfig,
@@ -245,16 +248,19 @@ ACTIVATIONS: dict[str, Activation] = {
     "elu": Activation("ELU", "x if x > 0 else a*(exp(x) - 1)", "(-a, inf)", "alpha a = 1",
                       "smooth, mean closer to 0 than ReLU", init="kaiming", schema=AlphaActivationConfig,
                       derivative=_elu_derivative, max_derivative=lambda m: max(1.0, m.alpha),  # a*exp(0) at x = 0
+                      slope_rises=True,
                       density_range=(-2.0, 10.0)),  # the floor is -alpha: room for alpha up to 2
     # Self-normalising networks need unit-variance weights (LeCun), not a SELU-specific gain.
     "selu": Activation("SELU", "s*x if x > 0 else s*a*(exp(x) - 1)", "(-1.76, inf)", "fixed s = 1.0507, a = 1.6733",
                        "self-normalising MLPs with LeCun init, no BatchNorm", init="lecun",
                        gain=lambda cfg: ("linear", 0.0),
                        derivative=_selu_derivative, max_derivative=lambda m: SELU_SCALE * SELU_ALPHA,  # 1.7581 at x = 0
+                       slope_rises=True,
                        density_range=(-2.0, 10.0)),  # the floor is -s*a = -1.758
     "celu": Activation("CELU", "max(0, x) + min(0, a*(exp(x/a) - 1))", "(-a, inf)", "alpha a = 1",
                        "ELU, continuously differentiable in a", init="kaiming", schema=AlphaActivationConfig,
                        derivative=_celu_derivative, max_derivative=lambda m: 1.0,  # exp(x/a) <= 1 for x <= 0
+                       slope_rises=True,
                        density_range=(-2.0, 10.0)),  # the floor is -alpha: room for alpha up to 2
     "gelu": Activation("GELU", "x * Phi(x)", "(-0.17, inf)", "approximate = none | tanh", "transformers; smooth ReLU",
                        init="kaiming", schema=GELUConfig, derivative=_gelu_derivative,
@@ -271,6 +277,7 @@ ACTIVATIONS: dict[str, Activation] = {
                            "a smooth ReLU that never dies", init="kaiming", schema=SoftplusConfig,
                            derivative=_softplus_derivative,
                            max_derivative=lambda m: 1.0,  # sigmoid < 1, and exactly 1 past the threshold, any beta
+                           slope_rises=True,
                            density_range=(0.0, 10.0)),  # always positive
     "sigmoid": Activation("Sigmoid", "1 / (1 + exp(-x))", "(0, 1)", "-", "outputs, gates; saturates, not zero-centred",
                           init="xavier", gain=lambda cfg: ("sigmoid", 0.0), bounds=(0.0, 1.0),

@@ -49,12 +49,25 @@ def unit_dims(x: Tensor) -> tuple[int, ...]:
     return (0, *range(2, x.dim()))
 
 
+GRAM_CHUNK = 8192  # rows of the [examples, units] matrix per float64 product
+
+
 def centred_gram(output: Tensor) -> Tensor:
     """The Gram matrix of the centred [examples, units] matrix, on its smaller side (the same nonzero
     singular values, squared); for conv outputs positions count as examples, channels as units."""
-    x = output.detach().movedim(1, -1).reshape(-1, output.shape[1]).double()
-    x = x - x.mean(dim=0)
-    return x.T @ x if x.shape[1] <= x.shape[0] else x @ x.T
+    x = output.detach().movedim(1, -1).reshape(-1, output.shape[1])
+    mean = x.mean(dim=0, dtype=torch.float64)
+    if x.shape[1] > x.shape[0]:
+        centred = x.double() - mean
+        return centred @ centred.T
+    # float64 (singular values are square roots of the Gram's eigenvalues: a float32 Gram would put
+    # noise of sqrt(1e-7) on the zero ones), by chunks of rows that stay in the cache: 4x faster than
+    # at once on a conv layer's 200,000 positions.
+    gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+    for part in x.split(GRAM_CHUNK):
+        centred = part.double() - mean
+        gram.addmm_(centred.T, centred)
+    return gram
 
 
 def rank_of_gram(gram: Tensor) -> Tensor:
@@ -97,11 +110,20 @@ def leak(module: nn.Module) -> Tensor | float:
 def unit_maxima(pre: Tensor, module: nn.Module) -> Tensor:
     """[2, units]: per unit (dim 1 of `pre`, [N, C] or [N, C, H, W]), its largest |slope| and its
     largest pre-activation over every example and position. Maxima over several batches are the
-    elementwise maximum of theirs, so death over a whole set needs no more than this per batch."""
+    elementwise maximum of theirs, so death over a whole set needs no more than this per batch.
+    Where the slope rises with the input (ReLU, the ELU family, softplus: Activation.slope_rises) the
+    slope is that at the largest input: the same verdict in dead_from_maxima, at the cost of one
+    reduction instead of f' of every element (a tenth of the time on a conv layer's outputs)."""
     others = [dim for dim in range(pre.dim()) if dim != 1]
-    slope = pre.new_zeros(pre.shape[1]) if isinstance(module, LEAKY) else (
-        activation_row(module).derivative(pre, module).abs().amax(dim=others))
-    return torch.stack([slope, pre.detach().amax(dim=others)])
+    largest = pre.detach().amax(dim=others)
+    row = activation_row(module)
+    if isinstance(module, LEAKY):
+        slope = torch.zeros_like(largest)
+    elif row.slope_rises:
+        slope = row.derivative(largest.unsqueeze(0), module).abs().squeeze(0)
+    else:
+        slope = row.derivative(pre, module).abs().amax(dim=others)
+    return torch.stack([slope, largest])
 
 
 def dead_from_maxima(maxima: Tensor, module: nn.Module) -> Tensor:
@@ -232,6 +254,14 @@ def dropout_off(model: nn.Module) -> Iterator[None]:
             module.train(training)
 
 
+def undecided_units(maxima: dict[str, Tensor], layers: list[Layer]) -> bool:
+    """Whether some unit of `layers` is still dead (or, for a leaky activation, never positive) by the
+    unit_maxima so far: whether more images could change what on_data reports."""
+    flags = [negative_from_maxima(maxima[layer.name]) if isinstance(layer.module, LEAKY)  # dead ones are too
+             else dead_from_maxima(maxima[layer.name], layer.module) for layer in layers]
+    return bool(torch.cat(flags).any())
+
+
 def examples_needed(cfg: ProbesConfig) -> int:
     """How many training images Probes wants: the probe batch, the images death is judged on, and the
     images of the gradient noise (each set is the start of the same sample)."""
@@ -317,9 +347,13 @@ class Probes:
         probes.batch_size images): `dead_fraction` per layer and `all`, and for the leaky activations
         `negative_fraction`. In probes.mode (train: BatchNorm normalises each batch by its own
         statistics, as in training) with dropout off, and without side effects: BatchNorm's running
-        statistics are restored, the RNG is forked, no parameter or gradient is touched."""
+        statistics are restored, the RNG is forked, no parameter or gradient is touched. It stops
+        early once every unit has been alive (and positive) on some image: more images cannot change
+        that, so a healthy net costs a batch or two, and only a net with dead units the whole set."""
         images = self.examples[0][:self.cfg.death_examples]
         layers = [layer for layer in self.activations if dies(layer.module)]
+        if not layers:  # sigmoid, tanh: saturation, not death
+            return []
         names = {id(layer.module): layer.name for layer in layers}
         maxima: dict[str, Tensor] = {}
 
@@ -331,6 +365,8 @@ class Probes:
               forward_hooks([layer.module for layer in layers], record)):
             for part in images.split(self.cfg.batch_size):
                 self.model(part)
+                if not undecided_units(maxima, layers):  # one small transfer per batch, at an epoch end
+                    break
         found, dead_counts, units = [], [], 0
         for layer in layers:
             dead = dead_from_maxima(maxima[layer.name], layer.module)
