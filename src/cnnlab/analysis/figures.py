@@ -278,12 +278,14 @@ def _sharpness(d: Drawing):
             for tag, style in ((top, "-"), (limit, "--")):
                 if series := _series(d, d.groups[name], tag):
                     steps, mean, _ = mean_curve(series)
-                    axis.plot(steps, mean, style, marker="." if style == "-" else None, color=d.colours[name])
+                    # A limit's marker is a tick: a run with one estimate still shows where its limit is.
+                    axis.plot(steps, mean, style, marker="." if style == "-" else "_", color=d.colours[name])
                     drawn.extend(mean)
         axis.set(xlabel="step", ylabel="eigenvalue")
         axis.set_title(title, fontsize="small")
-        if min(drawn) > 0:  # a negative estimate (possible early on) rules the log scale out
-            axis.set_yscale("log")
+        # Limits sit orders of magnitude above early sharpness: a log scale, linear around 0 when an
+        # estimate is not positive (a top eigenvalue can be, on a nearly flat loss).
+        axis.set_yscale("log") if min(drawn) > 0 else axis.set_yscale("symlog", linthresh=1.0)
         axis.grid(alpha=0.3)
     return figure
 
