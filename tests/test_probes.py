@@ -479,3 +479,14 @@ def test_death_on_the_data_stops_once_every_unit_has_been_alive_and_reads_every_
     with torch.no_grad():
         revived[0].bias[2] = 1.0
     assert batches_read(revived, planted_set()) == (38, 0.0)
+
+
+def test_the_probes_images_stay_within_their_memory_budget_for_large_images():
+    from cnnlab.instruments.probes import PROBE_IMAGES_MB, examples_needed, images_within_budget
+
+    defaults = validate(compose_config()).probes
+    assert examples_needed(defaults, (1, 28, 28)) == defaults.death_examples == 8192  # MNIST: all of them
+    assert examples_needed(defaults, (3, 64, 64)) == 8192  # 400 MB
+    large = examples_needed(defaults, (3, 224, 224))
+    assert large == images_within_budget((3, 224, 224)) == 891 and large * 4 * 3 * 224 * 224 <= PROBE_IMAGES_MB * 2**20
+    assert examples_needed(defaults, (3, 1024, 1024)) == defaults.batch_size  # never fewer than the probe batch

@@ -7,6 +7,8 @@ that live only inside a `with` block, and on the gradients and weights of each w
 
 from __future__ import annotations
 
+import math
+
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -262,10 +264,22 @@ def undecided_units(maxima: dict[str, Tensor], layers: list[Layer]) -> bool:
     return bool(torch.cat(flags).any())
 
 
-def examples_needed(cfg: ProbesConfig) -> int:
+# The most memory the probes' float copies of training images take (the sample, and the curvature set).
+PROBE_IMAGES_MB = 512
+
+
+def examples_needed(cfg: ProbesConfig, image_shape: tuple[int, ...] = (1, 28, 28)) -> int:
     """How many training images Probes wants: the probe batch, the images death is judged on, and the
-    images of the gradient noise (each set is the start of the same sample)."""
-    return max(cfg.batch_size, cfg.death_examples, cfg.per_example)
+    images of the gradient noise (each set is the start of the same sample). Large images get fewer
+    death and noise images, so that the sample stays within PROBE_IMAGES_MB (at 128 x 128 RGB: 2,730);
+    never fewer than the probe batch."""
+    wanted = max(cfg.death_examples, cfg.per_example)
+    return max(cfg.batch_size, min(wanted, images_within_budget(image_shape)))
+
+
+def images_within_budget(image_shape: tuple[int, ...]) -> int:
+    """How many float32 images of this shape fit in PROBE_IMAGES_MB."""
+    return PROBE_IMAGES_MB * 2**20 // (4 * math.prod(image_shape))
 
 
 class Probes:

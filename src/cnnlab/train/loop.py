@@ -26,7 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 from cnnlab.analysis.findings import Finding, diagnose, run_facts
 from cnnlab.config import RunConfig, as_dict
 from cnnlab.errors import UserError, one_line
-from cnnlab.instruments.probes import Probes, examples_needed, gradient_norm
+from cnnlab.instruments.probes import Probes, examples_needed, gradient_norm, images_within_budget
 from cnnlab.instruments.sharpness import CurvatureSet
 from cnnlab.rundir import clear_unfinished, record_config, run_lock, write_metrics
 from cnnlab.status import Status
@@ -140,9 +140,10 @@ def setup(run: RunConfig, run_dir: Path, resume: bool = False, metrics: dict[str
     if run.probes.enabled:
         # The split seed, not the trainer seed: runs that differ by seed probe the same images. The
         # probe batch is the sample's start: the same images whatever the sample's size.
-        examples = data.train.sample(examples_needed(run.probes), seed=run.dataset.split_seed)
+        examples = data.train.sample(examples_needed(run.probes, data.input_shape), seed=run.dataset.split_seed)
         # The sharpness's curvature set: the same seed, so the probe batch is its start.
-        curvature = (CurvatureSet(*data.train.sample(run.probes.curvature_examples, seed=run.dataset.split_seed),
+        curvature_size = min(run.probes.curvature_examples, images_within_budget(data.input_shape))
+        curvature = (CurvatureSet(*data.train.sample(curvature_size, seed=run.dataset.split_seed),
                                   batch_size=t.batch_size) if run.probes.sharpness_every else None)
         probes = Probes(model, examples, run.probes, last_step=t.epochs * len(data.train),
                         stability_limit=sgd_stability_limit(optimizer),
