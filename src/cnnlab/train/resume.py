@@ -8,6 +8,7 @@ run's folder changes before all of that has passed. No torch at import: only loa
 from __future__ import annotations
 
 from pathlib import Path
+from shlex import quote
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -127,7 +128,8 @@ def way_back(run_dir: Path) -> str:
         earlier = None
     if earlier is not None and not missing_keys(earlier):
         return (f"{previous}, the checkpoint written before it (epoch {earlier['epoch']}, step {earlier['step']}), "
-                f"is intact: to continue from there, copy it over the corrupt one (cp {previous} {last}) and resume "
+                f"is intact: to continue from there, copy it over the corrupt one (cp {quote(str(previous))} "
+                f"{quote(str(last))}) and resume "
                 f"again; the steps after it are trained again.")
     try:
         weights = load_checkpoint(best) if best.is_file() else None
