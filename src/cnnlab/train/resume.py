@@ -119,28 +119,29 @@ def way_back(run_dir: Path) -> str:
     """What a user can do when run_dir's last.pt is corrupt: copy the intact checkpoint written before
     it over it and resume again (it is not used unasked: the run would lose steps), or, failing that,
     what best.pt can and cannot give."""
-    from cnnlab.train.checkpoint import load_checkpoint
-
     last, previous, best = last_checkpoint(run_dir), previous_checkpoint(run_dir), best_checkpoint(run_dir)
-    try:
-        earlier = load_checkpoint(previous) if previous.is_file() else None
-    except UserError:
-        earlier = None
+    earlier = intact(previous)
     if earlier is not None and not missing_keys(earlier):
         return (f"{previous}, the checkpoint written before it (epoch {earlier['epoch']}, step {earlier['step']}), "
-                f"is intact: to continue from there, copy it over the corrupt one (cp {quote(str(previous))} "
-                f"{quote(str(last))}) and resume "
-                f"again; the steps after it are trained again.")
-    try:
-        weights = load_checkpoint(best) if best.is_file() else None
-    except UserError:
-        weights = None
+                f"is intact: to continue from there, copy it over the corrupt one "
+                f"(cp {quote(str(previous))} {quote(str(last))}) and resume again; the steps after it are trained again.")
+    weights = intact(best)
     no_earlier = f"No intact earlier checkpoint is kept ({previous} is missing or corrupt too)"
     if weights is None:
         return f"{no_earlier}, nor an intact {best}: the run cannot be resumed; train it again in a new folder."
     return (f"{no_earlier}. {best} (epoch {weights.get('epoch')}, val_acc {weights.get('val_acc')}) is intact, but "
             f"it holds only the model's weights, without the optimizer, schedule, random number generator and "
             f"data-order states a resume needs: it cannot continue this run; train it again in a new folder.")
+
+
+def intact(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at `path`, or None when there is none or it cannot be read back."""
+    from cnnlab.train.checkpoint import load_checkpoint
+
+    try:
+        return load_checkpoint(path) if path.is_file() else None
+    except UserError:
+        return None
 
 
 def differing_settings(written_by: dict[str, Any], config: dict[str, Any], prefix: str = "") -> list[str]:
