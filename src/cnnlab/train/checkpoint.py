@@ -69,7 +69,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 def damaged_record(path: Path) -> str | None:
     """What in the archive at `path` does not match the CRC-32 checksum written with it, or None when
-    every record does (a millisecond or two for a checkpoint of a few MB)."""
+    every record does (about 2 ms for the default MLP's 2.8 MB)."""
     name = "its directory"
     try:
         with zipfile.ZipFile(path) as archive:
