@@ -4,7 +4,9 @@ formats (read back by torchvision's own code) and read a run's files back."""
 from __future__ import annotations
 
 import pickle
+import signal
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +123,19 @@ def not_blank(path: Path) -> bool:
         assert image.format == "PNG"
         pixels = np.asarray(image.convert("RGB"))
     return len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20
+
+
+@contextmanager
+def fails_after(seconds: int):
+    """TimeoutError inside the block after `seconds`: a test of something that must not wait on a
+    FIFO fails instead of hanging the suite."""
+    def timed_out(signum, frame):
+        raise TimeoutError(f"still waiting after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, timed_out)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

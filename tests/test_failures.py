@@ -93,6 +93,27 @@ def test_resume_refuses_what_is_not_a_run_or_not_this_run(run_cli, tmp_path):
     assert "epochs: 1" in (tmp_path / "mlp" / ".hydra" / "config.yaml").read_text()  # nor its config rewritten
 
 
+def test_a_corrupt_last_checkpoint_is_refused_with_exit_1_and_the_one_before_it_resumes(run_cli, tmp_path):
+    assert run_cli("train", *TINY, "trainer.checkpoint_every=4", "hydra.run.dir=run")[0] == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    before = (tmp_path / "run" / "metrics.json").read_text()
+    data = bytearray((checkpoints / "last.pt").read_bytes())
+    middle = len(data) // 2
+    data[middle - 2500:middle + 2500] = bytes(5000)  # a failing disk (issue 20, D6)
+    (checkpoints / "last.pt").write_bytes(bytes(data))
+
+    code, _, err = run_cli("train", "resume=run", "trainer.epochs=2")
+    assert code == 1 and f"{checkpoints / 'last.pt'} is corrupt (checksum mismatch" in err
+    assert f"{checkpoints / 'last.prev.pt'}, the checkpoint written before it" in err
+    assert f"cp {checkpoints / 'last.prev.pt'} {checkpoints / 'last.pt'}" in err
+    assert (tmp_path / "run" / "metrics.json").read_text() == before  # a refused resume changes nothing
+
+    shutil.copy(checkpoints / "last.prev.pt", checkpoints / "last.pt")
+    code, out, err = run_cli("train", "resume=run", "trainer.epochs=2")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 2
+
+
 class Payload:
     """Unpickling this would create a file: a stand-in for any code a crafted checkpoint could run."""
 

@@ -3,11 +3,14 @@ runs whose files cannot be read."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from cnnlab.analysis.folders import find_runs
 from cnnlab.errors import UserError
-from tests.fake_runs import configured, names, write_run
+from tests.fake_runs import configured, names, write_events, write_run
+from tests.helpers import fails_after
 
 
 def test_jobs_not_started_are_named_by_their_overrides_like_the_started_ones(tmp_path):
@@ -50,3 +53,14 @@ def test_a_run_with_malformed_files_is_skipped_with_a_warning_naming_the_file(tm
     assert [run.path.name for run in runs] == ["good"]
     (warning,) = warnings
     assert f"{bad.name}" in warning and file in warning and problem in warning
+
+
+def test_compare_skips_a_fifo_named_like_an_event_file_with_a_warning(tmp_path, run_cli):
+    run = write_events(tmp_path / "runs" / "a", "0.1", {"val/acc": [0.25, 0.5]})
+    write_events(tmp_path / "runs" / "b", "0.01", {"val/acc": [0.5, 0.75]})
+    os.mkfifo(run / "events.out.tfevents.9.fifo")  # issue 20, H2
+    with fails_after(60):
+        code, out, err = run_cli("compare", "runs")
+    assert code == 0, err
+    assert "skipped events.out.tfevents.9.fifo (a FIFO)" in err and str(run.resolve()) in err
+    assert (tmp_path / "runs" / "figures").is_dir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import yaml
 from cnnlab import cli
 from cnnlab.analysis.findings import diagnose
 from cnnlab.analysis.inspection import facts_of, findings_config, inspect_run, read_run
+from tests.helpers import fails_after
 
 # act01_fc and act02_fc at probe steps 0, 4, 8; the weight layers from step 4 (an update's statistics).
 SCALARS = {
@@ -138,6 +140,15 @@ def test_a_run_without_the_newer_tags_and_metrics_still_shows(inspect, tmp_path)
     assert code == 0, err
     assert row(out, "act01_fc")[-1] == "-" and "running (no process is writing it" in out
     assert facts_of(read_run(tmp_path)).steps_per_epoch == 8  # from the epoch series, as metrics has no epoch yet
+
+
+def test_a_fifo_named_like_an_event_file_is_skipped_with_a_note_not_waited_on(inspect, tmp_path):
+    os.mkfifo(write_run(tmp_path) / "events.out.tfevents.9.fifo")  # issue 20, H2
+    with fails_after(60):
+        code, out, err = inspect(tmp_path)
+    assert code == 0, err
+    assert "skipped events.out.tfevents.9.fifo (a FIFO)" in out
+    assert row(out, "act01_fc")[-1] == "20.0 → 12.5"  # the regular event file is read all the same
 
 
 @pytest.mark.parametrize("make", [lambda path: path.mkdir(), lambda path: None], ids=["not a run", "missing"])

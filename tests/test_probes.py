@@ -10,11 +10,13 @@ from cnnlab.train.models import build_model
 from cnnlab.instruments.probes import (
     Probes,
     activation_layers,
+    centred_gram,
     dead_from_maxima,
     dead_units,
     dies,
     effective_rank,
     histogram,
+    rank_of_gram,
     saturation_fraction,
     unit_maxima,
     update_ratio,
@@ -228,6 +230,21 @@ def test_effective_rank_is_the_exponential_of_the_entropy_of_the_normalised_sing
     assert effective_rank(torch.ones(10, 4)).item() == 0.0  # nothing varies: no rank at all
     conv = x.reshape(8, 5, 5).permute(0, 2, 1).unsqueeze(-1)  # [N, C, H, W]: rows of x are (example, position)
     assert effective_rank(conv).item() == pytest.approx(effective_rank(x).item(), rel=1e-9)
+
+
+def test_a_gram_matrix_with_inf_or_nan_has_a_nan_rank_not_an_error():
+    overflowed = torch.randn(16, 8) * 1e30
+    overflowed[0, 0] = float("inf")
+    for gram in (torch.full((4, 4), float("nan"), dtype=torch.float64),
+                 torch.diag(torch.tensor([1.0, float("inf"), 2.0, 3.0], dtype=torch.float64)),
+                 centred_gram(overflowed)):
+        assert math.isnan(rank_of_gram(gram).item())  # torch.linalg.eigvalsh raises LinAlgError on each
+
+
+def test_a_run_whose_probed_activations_overflow_ends_diverged_not_failed(tiny_run):
+    # Issue 20, T1: the update of a step whose loss was finite sends the probe batch's activations to inf.
+    run = tiny_run("model.hidden=[64,64,64,64]", "optimizer=sgd", "optimizer.lr=1e4", "probes.every=1")
+    assert run.result.status == "diverged" and run.metrics["status"] == "diverged", run.metrics.get("error")
 
 
 def test_revived_units_are_those_dead_at_the_previous_probe_and_alive_now():

@@ -1,5 +1,6 @@
 import errno
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 from cnnlab.errors import UserError
 from cnnlab.rundir import (
     clear_unfinished,
+    keep_as,
     last_checkpoint,
     locked_by,
     read_metrics,
@@ -64,6 +66,27 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
         replace_atomically(path, fill_the_disk)
     assert path.read_bytes() == b"the last good one"
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_kept_file_stays_as_it_was_when_the_original_is_replaced_atomically(tmp_path):
+    original, kept = tmp_path / "last.pt", tmp_path / "last.prev.pt"
+    original.write_bytes(b"old")
+    keep_as(original, kept)
+    replace_atomically(original, lambda file: file.write(b"new"))
+    assert kept.read_bytes() == b"old" and original.read_bytes() == b"new"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last.prev.pt", "last.pt"]  # no temporary left
+
+
+def test_a_file_is_kept_as_a_copy_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
+    def no_hard_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    original, kept = tmp_path / "last.pt", tmp_path / "last.prev.pt"
+    original.write_bytes(b"old")
+    keep_as(original, kept)
+    replace_atomically(original, lambda file: file.write(b"new"))
+    assert kept.read_bytes() == b"old"
 
 
 def test_what_a_run_left_before_its_first_checkpoint_is_cleared(tmp_path):

@@ -17,6 +17,7 @@ from cnnlab.errors import UserError, one_line
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
+PREVIOUS_CHECKPOINT = "last.prev.pt"  # the last checkpoint before it: the way back if last.pt is corrupt
 BEST_CHECKPOINT = "best.pt"
 LOCK_FILE = ".cnnlab.lock"
 
@@ -32,6 +33,22 @@ def replace_atomically(path: Path, write) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def keep_as(path: Path, kept: Path) -> None:
+    """Make `kept` the file `path` is now, atomically: a hard link (no copy; a copy where the
+    filesystem has none). Writers replace `path` by renaming, never in place, so `kept` stays as it is."""
+    tmp = kept.with_name(f".{kept.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, kept)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -99,6 +116,11 @@ def read_run_metrics(path: Path) -> dict[str, Any] | None:
 def last_checkpoint(run_dir: Path) -> Path:
     """Where a run keeps the checkpoint it resumes from."""
     return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
+
+
+def previous_checkpoint(run_dir: Path) -> Path:
+    """Where a run keeps the last checkpoint before its latest one."""
+    return Path(run_dir) / CHECKPOINT_DIR / PREVIOUS_CHECKPOINT
 
 
 def best_checkpoint(run_dir: Path) -> Path:

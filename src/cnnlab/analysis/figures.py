@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab.analysis.names import fixed_settings
-from cnnlab.analysis.runs import Run
+from cnnlab.analysis.runs import Run, readable_events
 from cnnlab.analysis.stats import CONFIDENCE, by_group, completed_spread, mean_curve
 from cnnlab.statistics import ACTIVATION, LAYER_START, compared_tags, layer_depth, split_tag
 from cnnlab.status import Status
@@ -33,8 +33,9 @@ def read_scalars(run: Run, prefixes: tuple[str, ...]) -> Series:
     """Scalar series of a run whose tag starts with one of `prefixes`, read by TensorBoard's reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run.path), size_guidance={"scalars": 0})
-    events.Reload()
+    with readable_events(run.path) as folder:  # never a FIFO named like an event file: it would block
+        events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        events.Reload()
     series = {}
     for tag in events.Tags()["scalars"]:
         if tag.startswith(prefixes):

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 from rich.console import Console
 
 from cnnlab.analysis.names import name_runs
-from cnnlab.analysis.runs import Run, is_run_dir, read_run
+from cnnlab.analysis.runs import Run, event_files, is_run_dir, read_run, skipped_events_note
 from cnnlab.errors import UserError
 
 
@@ -65,6 +65,9 @@ def find_runs(paths: list[str], warn: Callable[[str], None] = _warn,
             runs.append(read_run(path))
         except UserError as error:
             unreadable.append(str(error))
+        special = event_files(path)[1]
+        if special:  # never opened: a FIFO would block compare for ever
+            warn(f"{path}: {skipped_events_note(special)}.")
     runs += [Run(folder, overrides, None) for folder, overrides in jobs if folder not in unique]
     if not runs:
         raise UserError(f"No readable run in {', '.join(paths)}: {'; '.join(unreadable)}.")

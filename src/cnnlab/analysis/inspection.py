@@ -21,6 +21,7 @@ from rich.table import Table
 
 from cnnlab import statistics
 from cnnlab.analysis.findings import Finding, RunFacts, diagnose, run_facts
+from cnnlab.analysis.runs import event_files, readable_events, skipped_events_note
 from cnnlab.config import FindingsConfig, with_todays_defaults
 from cnnlab.datasets import DATASETS
 from cnnlab.errors import UserError, one_line
@@ -43,30 +44,27 @@ class Inspection:
 
 
 # --- reading the run ---------------------------------------------------------------------------------
-def _event_files(path: Path) -> list[Path]:
-    return sorted(path.glob("events.out.tfevents.*"))
-
-
 def check_run_dir(path: Path) -> None:
     if not path.exists():
         raise UserError(f"{path} does not exist: pass a run directory (outputs/DATE/TIME).")
     if not path.is_dir():
         raise UserError(f"{path} is not a directory: pass a run directory (outputs/DATE/TIME).")
-    if not _event_files(path) and not (path / METRICS_FILE).is_file():
+    if not event_files(path)[0] and not (path / METRICS_FILE).is_file():
         raise UserError(f"{path} is not a run directory: it has no TensorBoard event files and no {METRICS_FILE}.")
 
 
 def read_series(path: Path) -> Series:
     """Every scalar of the run's event files, read by TensorBoard's own reader (no torch)."""
-    if not _event_files(path):
+    if not event_files(path)[0]:
         return {}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # Keep every scalar; the histograms and images are skipped as far as the reader allows.
     guidance = {"scalars": 0, "histograms": 1, "images": 1, "tensors": 1, "audio": 1, "compressedHistograms": 1}
     try:
-        events = EventAccumulator(str(path), size_guidance=guidance)
-        events.Reload()
+        with readable_events(path) as folder:
+            events = EventAccumulator(str(folder), size_guidance=guidance)
+            events.Reload()
         return {tag: [(point.step, point.value) for point in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
     except Exception as error:  # a damaged file: tensorboard raises many kinds
         raise UserError(f"the event files in {path} cannot be read: {one_line(error, 200)}") from None
@@ -92,6 +90,9 @@ def read_run(path: Path) -> Inspection:
     notes: list[str] = []
     metrics = read_run_metrics(path) or {}
     config = read_config(path, notes)
+    special = event_files(path)[1]
+    if special:
+        notes.append(skipped_events_note(special))
     series = read_series(path)
     if not series:
         notes.append("no scalars in the event files yet")

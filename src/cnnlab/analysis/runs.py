@@ -4,15 +4,21 @@ running, failed or not started yet; no torch."""
 
 from __future__ import annotations
 
+import os
+import stat
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
 from cnnlab.errors import UserError, one_line
 from cnnlab.rundir import METRICS_FILE, read_run_metrics
 from cnnlab.status import Status
+
+EVENTS_MARK = "tfevents"  # TensorBoard's reader takes every file whose name holds it for an event file
 
 
 @dataclass
@@ -51,6 +57,52 @@ class Run:
 def is_run_dir(path: Path) -> bool:
     """A run folder: it has .hydra/ (its config) or metrics.json."""
     return (path / ".hydra").is_dir() or (path / METRICS_FILE).is_file()
+
+
+def event_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """(the run's TensorBoard event files, what is named like one but is not a regular file: a FIFO,
+    a socket, a device, a folder), told apart without opening any: a reader would wait on a FIFO for ever."""
+    files, special = [], []
+    try:
+        entries = sorted(Path(path).iterdir())
+    except OSError:
+        return [], []
+    for entry in entries:
+        if EVENTS_MARK in entry.name:
+            (files if file_kind(entry) == "file" else special).append(entry)
+    return files, special
+
+
+def file_kind(path: Path) -> str:
+    """What is at `path`, links followed: "file", "FIFO", "socket", "device", "folder" or "unreadable"."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # a dangling link, say
+        return "unreadable"
+    kinds = ((stat.S_ISREG, "file"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "device"),
+             (stat.S_ISBLK, "device"), (stat.S_ISDIR, "folder"))
+    return next((kind for test, kind in kinds if test(mode)), "unreadable")
+
+
+def skipped_events_note(special: list[Path]) -> str:
+    """What a reader says about the special files event_files() left out."""
+    named = ", ".join(f"{path.name} (a {file_kind(path)})" for path in special)
+    return f"skipped {named}: named like a TensorBoard event file, but not a regular file"
+
+
+@contextmanager
+def readable_events(path: Path) -> Iterator[Path]:
+    """A folder for TensorBoard's reader, which reads every event file of the folder it is given:
+    `path` itself, or, when `path` holds special files named like event files, a temporary folder
+    of links to its regular event files only."""
+    files, special = event_files(path)
+    if not special:
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="cnnlab-events-") as view:
+        for file in files:
+            os.symlink(file.resolve(), Path(view) / file.name)
+        yield Path(view)
 
 
 def _read_yaml(file: Path, kind: type, what: str) -> Any:

@@ -75,12 +75,15 @@ def centred_gram(output: Tensor) -> Tensor:
 def rank_of_gram(gram: Tensor) -> Tensor:
     """Effective rank from centred_gram: exp of the Shannon entropy of the normalised singular values
     (Roy & Vetterli 2007); 0 for a layer whose outputs do not vary at all. Probes run it on the host
-    after their one transfer: eigvalsh synchronises a CUDA device to check for errors."""
-    singular = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+    after their one transfer: eigvalsh synchronises a CUDA device to check for errors. A Gram matrix
+    with inf or NaN (a diverging run) has no rank: NaN, where eigvalsh would raise LinAlgError."""
+    finite = torch.isfinite(gram).all()
+    singular = torch.linalg.eigvalsh(torch.where(finite, gram, torch.zeros_like(gram))).clamp_min(0).sqrt()
     total = singular.sum()
     p = singular / total.clamp_min(torch.finfo(torch.float64).tiny)
     entropy = -(p * torch.log(p.clamp_min(torch.finfo(torch.float64).tiny))).sum()
-    return torch.where(total > 0, entropy.exp(), torch.zeros_like(entropy))
+    rank = torch.where(total > 0, entropy.exp(), torch.zeros_like(entropy))
+    return torch.where(finite, rank, torch.full_like(rank, float("nan")))
 
 
 def effective_rank(output: Tensor) -> Tensor:

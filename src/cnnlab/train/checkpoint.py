@@ -3,7 +3,13 @@
 
 last.pt is everything a run needs to continue exactly where it was written (weights, optimizer,
 schedule, random number generators, data order, the logging window, counters, metrics); best.pt
-is the weights of the best validation epoch.
+is the weights of the best validation epoch. Writing a new last.pt keeps the one before it as
+last.prev.pt (a hard link: no copy), the way back when last.pt turns out corrupt.
+
+Every checkpoint is verified when it is read: torch.save writes a zip archive that holds a CRC-32
+checksum of each of its records (the pickle, each tensor), which torch.load does not check. The
+checksums are written in the same file, by the same rename, so no crash can leave a checkpoint and
+its checksum out of step, and checkpoints of earlier cnnlab versions carry them too.
 """
 
 from __future__ import annotations
@@ -17,12 +23,16 @@ from typing import Any
 import torch
 
 from cnnlab.errors import UserError, one_line
-from cnnlab.rundir import best_checkpoint, last_checkpoint, replace_atomically
+from cnnlab.rundir import best_checkpoint, keep_as, last_checkpoint, previous_checkpoint, replace_atomically
 from cnnlab.status import Status
 from cnnlab.train.state import TrainState
 
 # What every last.pt holds (resume.load_resumable refuses one without them: a best.pt copied over it, say).
 LAST_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "batch", "rng", "log", "metrics")
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint file that cannot be read back as it was written: truncated, damaged, not a checkpoint."""
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -36,8 +46,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise UserError(f"No checkpoint at {path}.")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
-        raise UserError(f"Cannot read checkpoint {path}: it is not a complete file written by torch.save "
-                        f"(truncated, or not a checkpoint at all).")
+        raise CorruptCheckpoint(f"Cannot read checkpoint {path}: it is not a complete file written by torch.save "
+                                f"(truncated, or not a checkpoint at all).")
+    damaged = damaged_record(path)
+    if damaged:
+        raise CorruptCheckpoint(f"{path} is corrupt ({damaged}); it cannot be loaded.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -46,12 +59,32 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
                 f"Refused to load {path}: it holds Python objects other than tensors and plain containers, "
                 f"which could run code when unpickled. cnnlab only opens checkpoints with weights_only=True."
             ) from None
-        raise UserError(f"Cannot read checkpoint {path} (corrupt?): {one_line(error, 300)}") from None
+        raise CorruptCheckpoint(f"Cannot read checkpoint {path} (corrupt?): {one_line(error, 300)}") from None
     except Exception as error:  # truncated files raise EOFError, RuntimeError, ...
-        raise UserError(f"Cannot read checkpoint {path} (truncated or corrupt?): {one_line(error, 300)}") from None
+        raise CorruptCheckpoint(f"Cannot read checkpoint {path} (truncated or corrupt?): {one_line(error, 300)}") from None
     if not isinstance(state, dict):
         raise UserError(f"{path} is not a cnnlab checkpoint (it holds a {type(state).__name__}, not a dict).")
     return state
+
+
+def damaged_record(path: Path) -> str | None:
+    """What in the archive at `path` does not match the CRC-32 checksum written with it, or None when
+    every record does (about 2 ms for the default MLP's 2.8 MB)."""
+    name = "its directory"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for record in archive.infolist():
+                if record.CRC == 0 and record.file_size:  # written without checksums (torch's compute_crc32=False)
+                    continue
+                name = record.filename
+                with archive.open(record) as data:
+                    while data.read(1 << 20):  # zipfile checks the CRC-32 at the record's end
+                        pass
+    except Exception as error:  # a CRC mismatch or a damaged header: BadZipFile, EOFError, ValueError, ...
+        if "CRC-32" in str(error):
+            return f"checksum mismatch in record {name}"
+        return f"damaged archive at {name}: {one_line(error, 200)}"
+    return None
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -60,7 +93,10 @@ def save_last(state: TrainState) -> None:
     state.log.writer.flush()  # every event up to this step is on disk before a checkpoint covers it
     epoch_done = state.batch >= len(state.data.train)
     scaler = state.precision.scaler
-    save_checkpoint(last_checkpoint(state.run_dir), {
+    path = last_checkpoint(state.run_dir)
+    if path.is_file():
+        keep_as(path, previous_checkpoint(state.run_dir))  # before the new one replaces it
+    save_checkpoint(path, {
         "model": state.model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,

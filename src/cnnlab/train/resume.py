@@ -8,13 +8,14 @@ run's folder changes before all of that has passed. No torch at import: only loa
 from __future__ import annotations
 
 from pathlib import Path
+from shlex import quote
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.config import resumable_settings, role, with_todays_defaults
 from cnnlab.errors import UserError, one_line
-from cnnlab.rundir import last_checkpoint, read_metrics_or_none
+from cnnlab.rundir import best_checkpoint, last_checkpoint, previous_checkpoint, read_metrics_or_none
 from cnnlab.status import Status
 
 if TYPE_CHECKING:
@@ -85,13 +86,16 @@ def resumable(key: str) -> bool:
 
 # --- as the trainer starts: the checkpoint ---------------------------------------------------------
 def load_resumable(run_dir: Path, settings: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """run_dir's last.pt, refused unless it is complete and was written by this run's settings
-    (config.as_dict(run))."""
-    from cnnlab.train.checkpoint import LAST_KEYS, load_checkpoint  # torch
+    """run_dir's last.pt, refused unless it is intact (its checksums match), complete and was
+    written by this run's settings (config.as_dict(run)). A corrupt one is refused naming the way back."""
+    from cnnlab.train.checkpoint import CorruptCheckpoint, load_checkpoint  # torch
 
     path = last_checkpoint(run_dir)
-    saved = load_checkpoint(path, map_location=device)
-    missing = [key for key in LAST_KEYS if key not in saved]
+    try:
+        saved = load_checkpoint(path, map_location=device)
+    except CorruptCheckpoint as error:
+        raise UserError(f"{error} {way_back(run_dir)}") from None
+    missing = missing_keys(saved)
     if missing:
         raise UserError(f"{path} is not a complete cnnlab checkpoint (no {', '.join(missing)}); it cannot be resumed.")
     differs = differing_settings(saved.get("config") or {}, settings)
@@ -102,6 +106,42 @@ def load_resumable(run_dir: Path, settings: dict[str, Any], device: torch.device
             f"{path} was written by a different configuration ({shown} differ) and cannot be resumed as "
             f"this run; start a new run in another directory.")
     return saved
+
+
+def missing_keys(saved: dict[str, Any]) -> list[str]:
+    """What a resume needs that the checkpoint `saved` lacks (a best.pt holds only the weights)."""
+    from cnnlab.train.checkpoint import LAST_KEYS
+
+    return [key for key in LAST_KEYS if key not in saved]
+
+
+def way_back(run_dir: Path) -> str:
+    """What a user can do when run_dir's last.pt is corrupt: copy the intact checkpoint written before
+    it over it and resume again (it is not used unasked: the run would lose steps), or, failing that,
+    what best.pt can and cannot give."""
+    last, previous, best = last_checkpoint(run_dir), previous_checkpoint(run_dir), best_checkpoint(run_dir)
+    earlier = intact(previous)
+    if earlier is not None and not missing_keys(earlier):
+        return (f"{previous}, the checkpoint written before it (epoch {earlier['epoch']}, step {earlier['step']}), "
+                f"is intact: to continue from there, copy it over the corrupt one "
+                f"(cp {quote(str(previous))} {quote(str(last))}) and resume again; the steps after it are trained again.")
+    weights = intact(best)
+    no_earlier = f"No intact earlier checkpoint is kept ({previous} is missing or corrupt too)"
+    if weights is None:
+        return f"{no_earlier}, nor an intact {best}: the run cannot be resumed; train it again in a new folder."
+    return (f"{no_earlier}. {best} (epoch {weights.get('epoch')}, val_acc {weights.get('val_acc')}) is intact, but "
+            f"it holds only the model's weights, without the optimizer, schedule, random number generator and "
+            f"data-order states a resume needs: it cannot continue this run; train it again in a new folder.")
+
+
+def intact(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at `path`, or None when there is none or it cannot be read back."""
+    from cnnlab.train.checkpoint import load_checkpoint
+
+    try:
+        return load_checkpoint(path) if path.is_file() else None
+    except UserError:
+        return None
 
 
 def differing_settings(written_by: dict[str, Any], config: dict[str, Any], prefix: str = "") -> list[str]:
