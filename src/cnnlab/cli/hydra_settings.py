@@ -90,10 +90,12 @@ def refuse_foreign_hydra_options(choices: list[str], job: str = "") -> None:
                         f"Hydra's own options only, never a config folder's file. {NOTHING_RAN}")
 
 
-def refuse_hydra_settings_from_files(cfg: DictConfig, reference: DictConfig, job: str = "") -> None:
+def refuse_hydra_settings_from_files(cfg: DictConfig, reference: DictConfig, job: str = "",
+                                     file: Callable[[str], str | None] = lambda key: None) -> None:
     """Every setting of cfg's Hydra node that differs from the reference (the composition with cnnlab's
     configs/, Hydra's own options chosen as in cfg and the command line's Hydra overrides, without the
-    user's files) must be one a file may set, with a value its rule accepts."""
+    user's files) must be one a file may set, with a value its rule accepts. file(key): the file that
+    sets it, for the message."""
     ours, theirs = _leaves(cfg.hydra, "hydra"), _leaves(reference.hydra, "hydra")
     checked = set()
     for key in sorted(set(ours) | set(theirs)):
@@ -101,21 +103,22 @@ def refuse_hydra_settings_from_files(cfg: DictConfig, reference: DictConfig, job
             continue
         entry = next((setting for setting in FILE_SETTINGS if key == setting or key.startswith(f"{setting}.")), None)
         if entry is None:
-            shown = ours.get(key, "(removed)")
-            raise UserError(f"{key}={shown!r}{job} comes from a config file, which may set in `hydra` only "
+            shown, where = ours.get(key, "(removed)"), file(key) or "a config file"
+            raise UserError(f"{key}={shown!r}{job} comes from {where}; a config file may set in `hydra` only "
                             f"{file_settings_text()}. Hydra's logging, the launcher's commands and paths, "
                             f"output_subdir and the rest of Hydra's settings come from cnnlab's configs, "
                             f"Hydra's own options or your command line. {NOTHING_RAN}")
         if entry not in checked:
             checked.add(entry)
-            _check_file_setting(cfg, entry, job)
+            _check_file_setting(cfg, entry, job, file)
 
 
-def _check_file_setting(cfg: DictConfig, key: str, job: str) -> None:
+def _check_file_setting(cfg: DictConfig, key: str, job: str, file: Callable[[str], str | None]) -> None:
     what, rule = FILE_SETTINGS[key]
     value = resolved(cfg, key)
     if not rule(value):
-        raise UserError(f"{key}={value!r}{job} (set in a config file) must be {what}. {NOTHING_RAN}")
+        where = file(key) or "a config file"
+        raise UserError(f"{key}={value!r}{job}, set in {where}, must be {what}. {NOTHING_RAN}")
 
 
 def resolved(cfg: DictConfig, key: str) -> Any:

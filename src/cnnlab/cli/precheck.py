@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cnnlab.cli.hydra_api import config_loader, parse_arguments
+from cnnlab.cli.hydra_api import config_loader, file_that_sets, parse_arguments
 from cnnlab.cli.hydra_settings import (hydra_choices, refuse_foreign_hydra_options, refuse_hydra_settings_from_files,
                                        refuse_unsafe_command_line)
 from cnnlab.cli.sweeps import sweep_lines
@@ -80,7 +80,7 @@ def check_config_before_hydra(args: list[str]) -> dict[str, RunConfig]:
         return {}
     _refuse_code(cfg)
     reference_loader = config_loader(str(config_dir()), [])  # cnnlab's configs/ and Hydra's, no user folder
-    _refuse_hydra_settings_from_files(reference_loader, cfg, mode)
+    _refuse_hydra_settings_from_files(composer, reference_loader, cfg, mode)
     runs = not (parsed.help or parsed.hydra_help or parsed.cfg or parsed.info or parsed.shell_completion
                 or parsed.experimental_rerun) and cfg.get("resume") in (None, "")  # resumed: checked by run_job
     if not parsed.multirun:
@@ -93,11 +93,12 @@ def check_config_before_hydra(args: list[str]) -> dict[str, RunConfig]:
         if job is not None:
             where = f" (in the sweep's job with {' '.join(named)})"
             _refuse_code(job, where)
-            _refuse_hydra_settings_from_files(reference_loader, job, RunMode.RUN, where)
+            _refuse_hydra_settings_from_files(composer, reference_loader, job, RunMode.RUN, where)
     return _refuse_a_sweep_of_invalid_jobs(composer, hydra_overrides, swept) if runs else {}
 
 
-def _refuse_hydra_settings_from_files(reference_loader: Any, cfg: DictConfig, run_mode: Any, job: str = "") -> None:
+def _refuse_hydra_settings_from_files(composer: Composer, reference_loader: Any, cfg: DictConfig, run_mode: Any,
+                                      job: str = "") -> None:
     """cfg's Hydra node against the one cnnlab's configs/, the same options of Hydra's groups and the
     command line's Hydra overrides give (see cnnlab.cli.hydra_settings)."""
     lines = [line for line in cfg.hydra.overrides.hydra if "/" not in line.partition("=")[0]]
@@ -110,7 +111,9 @@ def _refuse_hydra_settings_from_files(reference_loader: Any, cfg: DictConfig, ru
     except Exception as error:  # an override of a Hydra setting that only a config file added
         raise UserError(f"{' '.join(lines)}{job}: these overrides need settings of `hydra` that only a config file "
                         f"adds ({one_line(error, 200)}); config files may not add to `hydra`.") from None
-    refuse_hydra_settings_from_files(cfg, reference, job)
+    overrides = [*cfg.hydra.overrides.hydra, *cfg.hydra.overrides.task]
+    refuse_hydra_settings_from_files(cfg, reference, job, lambda key: file_that_sets(
+        composer.loader, composer.config_name, overrides, run_mode, key))
 
 
 def task_key(cfg: DictConfig) -> str:
