@@ -104,7 +104,7 @@ def refuse_hydra_settings_from_files(cfg: DictConfig, reference: DictConfig, job
         entry = next((setting for setting in FILE_SETTINGS if key == setting or key.startswith(f"{setting}.")), None)
         if entry is None:
             shown, where = ours.get(key, "(removed)"), file(key) or "a config file"
-            raise UserError(f"{key}={shown!r}{job} comes from {where}; a config file may set in `hydra` only "
+            raise UserError(f"{key}={shown!r}{job} comes from {where}; a config file may set in hydra only "
                             f"{file_settings_text()}. Hydra's logging, the launcher's commands and paths, "
                             f"output_subdir and the rest of Hydra's settings come from cnnlab's configs, "
                             f"Hydra's own options or your command line. {NOTHING_RAN}")
