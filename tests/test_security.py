@@ -96,6 +96,17 @@ def test_what_a_file_may_set_in_hydra_must_be_plain(tmp_path, monkeypatch, text,
         check_config_before_hydra(["-m", *uses[:2], "hydra/launcher=submitit_slurm", *uses[2:], *TINY])
 
 
+@pytest.mark.parametrize("mode", [SINGLE, SWEEP], ids=["run", "sweep"])
+def test_a_file_may_not_add_overrides_that_hydra_would_apply_to_every_job(run_cli, tmp_path, mode):
+    victim = tmp_path / ".bashrc"
+    victim.write_text("export KEEP=1\n")
+    uses = shared_experiment(tmp_path, f"hydra:\n  overrides:\n    hydra: ['hydra.job_logging.handlers.file.filename={victim}']\n")
+    flags, where = mode
+    code, _, err = run_cli("train", *flags, *uses, *TINY, *where)
+    assert code == 2 and "hydra.overrides=" in err and "overrides come only from the command line" in err, err
+    assert victim.read_text() == "export KEEP=1\n" and nothing_made(tmp_path)
+
+
 def test_a_pickle_to_rerun_is_refused_before_it_is_read(run_cli, tmp_path):
     class Payload:
         def __reduce__(self):
@@ -165,8 +176,9 @@ def test_a_secret_from_the_environment_is_never_shown(run_cli, monkeypatch):
     monkeypatch.setenv("CNNLAB_SECRET", "hunter2-sesame")
     for override in ("trainer.device=${oc.env:CNNLAB_SECRET}", "trainer.epochs=${oc.env:CNNLAB_SECRET}",
                      "model.hidden=[${oc.env:CNNLAB_SECRET}]"):
-        code, out, err = run_cli("train", *TINY, override, "hydra.run.dir=run")
-        assert code == 2 and "${oc.env:CNNLAB_SECRET}" in err and "hunter2" not in out + err, err
+        for flags, where in (SINGLE, SWEEP):
+            code, out, err = run_cli("train", *flags, *TINY, override, *where)
+            assert code == 2 and "${oc.env:CNNLAB_SECRET}" in err and "hunter2" not in out + err, err
 
 
 def test_a_checkpoint_keeps_a_setting_from_the_environment_as_written(run_cli, monkeypatch, tmp_path):

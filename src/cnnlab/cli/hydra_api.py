@@ -44,9 +44,9 @@ def overrides_dirname(overrides: list, exclude_keys: list[str], item_sep: str, k
 
 def file_that_sets(loader: Any, config_name: str, overrides: list[str], run_mode: Any, key: str) -> str | None:
     """The YAML file whose value of `key` (a dotted path from the root), or of the nearest section
-    above it, a composition keeps (the last merged that sets it); None if no file does. Missing public API: Hydra keeps no record of which file gave a
-    setting; its defaults list and repository (a loader's public methods, its internal types) say
-    which files were merged, and where."""
+    above it, a composition keeps (the last merged that sets it); None if no file does. Missing
+    public API: Hydra keeps no record of which file gave a setting; its defaults list and repository
+    (a loader's methods, its internal types) say which files were merged, and where."""
     parts = key.split(".")
     for end in range(len(parts), 1, -1):
         found = []

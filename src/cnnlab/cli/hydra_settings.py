@@ -42,7 +42,7 @@ def _name(value: Any) -> bool:
 def _swept_settings(value: Any) -> bool:
     """hydra.sweeper.params: each key becomes an override of every job; none may reach Hydra's node."""
     return value is None or (isinstance(value, dict) and not any(
-        str(key).lstrip("+~").startswith("hydra") for key in value))
+        str(key).strip().lstrip("+~").strip().startswith("hydra") for key in value))
 
 
 # The launchers' resources (hydra/launcher=joblib, submitit_local, submitit_slurm): numbers and words.
@@ -88,6 +88,18 @@ def refuse_foreign_hydra_options(choices: list[str], job: str = "") -> None:
     if choices:
         raise UserError(f"{' '.join(choices)}{job}: Hydra's groups (hydra/launcher, hydra/job_logging, ...) take "
                         f"Hydra's own options only, never a config folder's file. {NOTHING_RAN}")
+
+
+def refuse_overrides_from_files(cfg: DictConfig, given: list[str], job: str = "",
+                                file: Callable[[str], str | None] = lambda key: None) -> None:
+    """hydra.overrides holds the overrides cfg was composed with (`given`), which Hydra adds to what the
+    files hold there: a file's own would be applied to every job of a sweep, as if typed."""
+    overrides = OmegaConf.to_container(cfg.hydra.overrides, resolve=False)  # as typed: `${oc.env:...}` unresolved
+    recorded = [*overrides["hydra"], *overrides["task"]]
+    if sorted(recorded) != sorted(given):
+        added = [line for line in recorded if line not in given]
+        raise UserError(f"hydra.overrides={added!r}{job} comes from {file('hydra.overrides') or 'a config file'}; "
+                        f"overrides come only from the command line. {NOTHING_RAN}")
 
 
 def refuse_hydra_settings_from_files(cfg: DictConfig, reference: DictConfig, job: str = "",
