@@ -128,7 +128,7 @@ def a_finished_run(folder: Path) -> dict[Path, bytes]:
     return files
 
 
-@pytest.mark.parametrize("subdir", ["ABS", "../escaped", "jobs/../../escaped"])
+@pytest.mark.parametrize("subdir", ["ABS", "../escaped", "jobs/../../escaped", "${hydra:runtime.cwd}"])
 def test_a_sweep_job_stays_inside_the_sweep_folder(run_cli, tmp_path, subdir):
     victim = tmp_path / "escaped"
     files = a_finished_run(victim)
@@ -140,6 +140,20 @@ def test_a_sweep_job_stays_inside_the_sweep_folder(run_cli, tmp_path, subdir):
                            f"hydra.sweep.subdir={subdir}")
     assert code == 2 and "must be a relative path inside the sweep folder" in err, err
     assert all(path.read_bytes() == content for path, content in files.items()) and nothing_made(tmp_path)
+
+
+def test_a_job_folder_named_by_a_files_swept_path_stays_inside_the_sweep_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uses = shared_experiment(tmp_path, """
+hydra:
+  sweeper:
+    params:
+      dataset.root: data,a/../../../../escaped
+  sweep:
+    subdir: ${hydra.job.override_dirname}
+""")
+    with pytest.raises(UserError, match=r"hydra.sweep.subdir=.*\(in the sweep's job with dataset.root=a/\.\./"):
+        check_config_before_hydra(["-m", *uses, "dataset=mnist"])
 
 
 def test_a_runs_record_of_its_config_stays_inside_the_run(run_cli, tmp_path):
@@ -169,7 +183,7 @@ def test_the_command_line_keeps_its_choice_of_hydras_settings():
                      "hydra.output_subdir=meta", "hydra.output_subdir=null", "hydra.run.dir=/tmp/anywhere"):
         check_config_before_hydra([*TINY, override])
     check_config_before_hydra(["-m", "hydra/launcher=submitit_slurm", "hydra.launcher.setup=[module load cuda]",
-                               *TINY, "activation=relu,elu"])
+                               *TINY, "activation=relu,elu", "hydra.sweep.subdir=seed_${hydra.job.num}"])
 
 
 def test_a_secret_from_the_environment_is_never_shown(run_cli, monkeypatch):

@@ -17,18 +17,23 @@ from cnnlab.errors import UserError
 
 NOTHING_RAN = "Nothing has run and no folder was made."
 PLAIN = re.compile(r"[\w.,:@%+|&=-]*")  # a word for sbatch or joblib: no spaces, quotes, `$` or new lines
+# What a file's path may hold that resolves only in a running job: a job's number or id, and the job
+# folder name train.yaml uses (cnnlab_job_dir makes it one safe component). Any other `${...}` that
+# cannot resolve before the job runs (`${hydra:runtime.cwd}`) is refused: its value is unknown here.
+IN_A_JOB = re.compile(r"\$\{(hydra\.job\.(num|id)|cnnlab_job_dir:\$\{hydra\.job\.override_dirname\},\$\{hydra\.job\.num\})\}")
 
 
 def _under_outputs(value: Any) -> bool:
     parts = PurePosixPath(str(value)).parts
-    return isinstance(value, str) and len(parts) > 1 and parts[0] == "outputs" and ".." not in parts
+    return isinstance(value, str) and len(parts) > 1 and parts[0] == "outputs" and ".." not in parts \
+        and "${" not in value
 
 
 def _inside(value: Any) -> bool:
     """A relative path that stays inside its parent folder."""
     path = PurePosixPath(str(value))
     return isinstance(value, str) and value.strip() not in ("", ".") and not path.is_absolute() \
-        and ".." not in path.parts and not value.startswith("~")
+        and ".." not in path.parts and not value.startswith("~") and "${" not in value
 
 
 def _plain(value: Any) -> bool:
@@ -76,11 +81,6 @@ def hydra_choices(cfg: DictConfig) -> list[str]:
     """The options of Hydra's own groups the composition chose (`hydra/launcher=joblib`), as overrides."""
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
     return [f"{group}={option}" for group, option in choices.items() if group.startswith("hydra/") and option]
-
-
-def command_line_hydra_overrides(overrides: list) -> list[str]:
-    """The user's own overrides of Hydra's settings (not of its groups, which hydra_choices gives)."""
-    return [o.input_line for o in overrides if o.key_or_group.startswith("hydra.") or o.key_or_group == "hydra"]
 
 
 def refuse_foreign_hydra_options(choices: list[str], job: str = "") -> None:
@@ -134,12 +134,14 @@ def _check_file_setting(cfg: DictConfig, key: str, job: str, file: Callable[[str
 
 
 def resolved(cfg: DictConfig, key: str) -> Any:
-    """The setting's value as plain data, resolved where it can be before a job runs (else as written)."""
+    """The setting's value as plain data, resolved where it can be before a job runs (else as written,
+    with what IN_A_JOB allows as `job`)."""
     try:
         node = OmegaConf.select(cfg, key, throw_on_missing=True)
         return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
-    except Exception:  # ${hydra:...} resolves only in a running job
-        return _raw(cfg, key)
+    except Exception:  # ${hydra:...}, ${hydra.job.num} resolve only in a running job
+        raw = _raw(cfg, key)
+        return IN_A_JOB.sub("job", raw) if isinstance(raw, str) else raw
 
 
 def _raw(cfg: DictConfig, key: str) -> Any:
@@ -177,6 +179,7 @@ def refuse_unsafe_command_line(overrides: list, experimental_rerun: Any) -> None
                         f"with resume=DIR). {NOTHING_RAN}")
     for override in overrides:
         key, value = override.key_or_group, override.value() if not override.is_delete() else None
+        value = IN_A_JOB.sub("job", value) if isinstance(value, str) else value
         if key == "hydra.output_subdir" and value is not None and not _inside(value):
             raise UserError(f"{override.input_line}: hydra.output_subdir must be a relative folder inside the run "
                             f"folder (no ..), e.g. .hydra, which `resume=DIR` reads. {NOTHING_RAN}")
