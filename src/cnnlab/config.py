@@ -28,6 +28,7 @@ from cnnlab.activations import (
     SoftplusConfig,
 )
 from cnnlab.datasets import DATASETS, DatasetConfig, FakeDatasetConfig, ImageFolderConfig
+from cnnlab.environment import environment_settings, hide_environment
 from cnnlab.errors import UserError
 
 # The names of models.INITIALISERS, here so that validating a config needs no torch.
@@ -174,6 +175,9 @@ class RunConfig:
     trainer: TrainerConfig
     probes: ProbesConfig
     findings: FindingsConfig
+    # Settings read from environment variables, as written (`trainer.device: ${oc.env:DEVICE}`): what
+    # checkpoints keep and messages show instead of the values, which may be secrets.
+    from_environment: dict[str, Any] = field(default_factory=dict)
 
 
 # Which schema checks which option of each config group. The names are the interface: they are
@@ -196,7 +200,18 @@ CLI_KEYS = ("resume",)  # read by the command line, not part of a run's settings
 
 
 def validate(cfg: DictConfig) -> RunConfig:
-    """Check the composed config against the schema; any mistake is a UserError naming the key."""
+    """Check the composed config against the schema; any mistake is a UserError naming the key (and
+    showing a setting read from the environment as written, never its value)."""
+    written = environment_settings(cfg, SECTIONS)
+    try:
+        run = _validate(cfg)
+    except UserError as error:
+        raise UserError(hide_environment(str(error), cfg, written)) from None
+    run.from_environment = written
+    return run
+
+
+def _validate(cfg: DictConfig) -> RunConfig:
     unknown = sorted(set(cfg.keys()) - set(SECTIONS) - set(CLI_KEYS))
     if unknown:
         raise unknown_setting("", unknown[0], cfg)
@@ -261,17 +276,17 @@ def unknown_setting(section: str, key: str, node: Any) -> UserError:
 def _typed_section(section: str, node: DictConfig, schema: type) -> Any:
     try:
         typed = OmegaConf.merge(OmegaConf.structured(schema), node)
+        missing = sorted(OmegaConf.missing_keys(typed))  # resolves: an interpolation of the wrong type fails here
+        typed_section = None if missing else OmegaConf.to_object(typed)
     except ConfigKeyError as error:
         raise unknown_setting(section, str(error.key), node) from None
     except OmegaConfBaseException as error:
         key = f"{section}.{error.full_key}" if error.full_key else section
         reason = error.msg.splitlines()[0] if error.msg else type(error).__name__
         raise UserError(f"Invalid value for {key}: {reason}.") from None
-    missing = sorted(OmegaConf.missing_keys(typed))
     if missing:
         keys = ", ".join(f"{section}.{key}" for key in missing)
         raise UserError(f"Setting(s) {keys} have no value; set them on the command line, e.g. {section}.{missing[0]}=...")
-    typed_section = OmegaConf.to_object(typed)
     _check_flat_lists(section, typed_section)
     return typed_section
 
@@ -484,8 +499,14 @@ def config_dir() -> Path:
 
 def as_dict(run: RunConfig) -> dict[str, Any]:
     """The run's settings as plain containers: what a checkpoint keeps to check a resume against,
-    and what a resumed run records as its config."""
-    return OmegaConf.to_container(OmegaConf.structured(run))
+    and what a resumed run records as its config. A setting read from the environment is kept as
+    written (`${oc.env:...}`), never as its value."""
+    settings = OmegaConf.to_container(OmegaConf.structured(run))
+    del settings["from_environment"]
+    for key, expression in run.from_environment.items():
+        section, _, name = key.partition(".")
+        settings[section][name] = expression
+    return settings
 
 
 def with_todays_defaults(cfg: DictConfig, sections: tuple[str, ...] = ("probes", "findings")) -> DictConfig:

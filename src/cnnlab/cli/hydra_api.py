@@ -40,3 +40,35 @@ def overrides_dirname(overrides: list, exclude_keys: list[str], item_sep: str, k
     from hydra._internal.config_loader_impl import get_overrides_dirname
 
     return get_overrides_dirname(overrides, exclude_keys, item_sep, kv_sep)
+
+
+def file_that_sets(loader: Any, config_name: str, overrides: list[str], run_mode: Any, key: str) -> str | None:
+    """The YAML file whose value of `key` (a dotted path from the root), or of the nearest section
+    above it, a composition keeps (the last merged that sets it); None if no file does. Missing
+    public API: Hydra keeps no record of which file gave a setting; its defaults list and repository
+    (a loader's methods, its internal types) say which files were merged, and where."""
+    parts = key.split(".")
+    for end in range(len(parts), 1, -1):
+        found = []
+        for default in loader.compute_defaults_list(config_name, list(overrides), run_mode).defaults:
+            result = loader.repository.load_config(default.config_path) if default.config_path else None
+            package = f"{default.package}." if default.package else ""
+            path = ".".join(parts[:end])
+            if result is None or not result.path.startswith("file://") or not f"{path}.".startswith(package):
+                continue
+            if _holds(result.config, path[len(package):]):
+                found.append(f"{result.path[len('file://'):]}/{default.config_path}.yaml")
+        if found:
+            return found[-1]
+    return None
+
+
+def _holds(node: Any, path: str) -> bool:
+    """Whether a loaded file's config has the dotted path (interpolations left unresolved)."""
+    from omegaconf import DictConfig
+
+    for part in path.split(".") if path else ():
+        node = node._get_node(part) if isinstance(node, DictConfig) else None
+        if node is None:
+            return False
+    return True

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.cli.console import print_error
 from cnnlab.cli.folders import threads_per_job
@@ -58,7 +58,7 @@ def this_job() -> Job:
     n_jobs = (hydra_cfg.get("launcher") or {}).get("n_jobs")
     return Job(run_dir=Path(hydra_cfg.runtime.output_dir), multirun=multirun,
                num=hydra_cfg.job.num if multirun else 0,  # a single run has none
-               task_overrides=list(hydra_cfg.overrides.task),
+               task_overrides=OmegaConf.to_container(hydra_cfg.overrides.task),  # as typed: ${oc.env:X} unresolved
                override_dirname=hydra_cfg.job.override_dirname if multirun else "",
                n_jobs=n_jobs if isinstance(n_jobs, int) else None)
 

@@ -11,7 +11,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cnnlab.cli.hydra_api import config_loader, parse_arguments
+from cnnlab.cli.hydra_api import config_loader, file_that_sets, parse_arguments
+from cnnlab.cli.hydra_settings import (hydra_choices, refuse_foreign_hydra_options, refuse_hydra_settings_from_files,
+                                       refuse_overrides_from_files, refuse_unsafe_command_line)
 from cnnlab.cli.sweeps import sweep_lines
 from cnnlab.config import RunConfig, config_dir
 from cnnlab.errors import UserError, one_line
@@ -66,27 +68,56 @@ def check_config_before_hydra(args: list[str]) -> dict[str, RunConfig]:
 
     parsed = parse_arguments(args)
     overrides = read_overrides(parsed.overrides)
+    refuse_unsafe_command_line(overrides, parsed.experimental_rerun)
     loader = _config_loader(parsed)
     if loader is None:
         return {}
     _refuse_code_in_overrides(overrides)
     composer = Composer(loader, parsed.config_name or "train")
-    cfg = composer.compose(parsed.overrides, RunMode.MULTIRUN if parsed.multirun else RunMode.RUN)
+    mode = RunMode.MULTIRUN if parsed.multirun else RunMode.RUN
+    cfg = composer.compose(parsed.overrides, mode)
     if cfg is None:
         return {}
     _refuse_code(cfg)
+    reference_loader = config_loader(str(config_dir()), [])  # cnnlab's configs/ and Hydra's, no user folder
+    _refuse_hydra_settings_from_files(composer, reference_loader, cfg, mode, parsed.overrides)
     runs = not (parsed.help or parsed.hydra_help or parsed.cfg or parsed.info or parsed.shell_completion
                 or parsed.experimental_rerun) and cfg.get("resume") in (None, "")  # resumed: checked by run_job
     if not parsed.multirun:
         return _validated(cfg) if runs else {}
     swept = _swept_values(cfg, loader)
-    hydra_overrides = list(cfg.hydra.overrides.hydra)
+    hydra_overrides = OmegaConf.to_container(cfg.hydra.overrides.hydra, resolve=False)  # `${oc.env:...}` as typed
     for job_overrides in _sweep_samples(swept):
         named = _swept_only(swept, job_overrides)
-        job = composer.compose([*hydra_overrides, *job_overrides], RunMode.RUN, named)
+        given = [*hydra_overrides, *job_overrides]
+        job = composer.compose(given, RunMode.RUN, named)
         if job is not None:
-            _refuse_code(job, f" (in the sweep's job with {' '.join(named)})")
+            where = f" (in the sweep's job with {' '.join(named)})"
+            _refuse_code(job, where)
+            _refuse_hydra_settings_from_files(composer, reference_loader, job, RunMode.RUN, given, where)
     return _refuse_a_sweep_of_invalid_jobs(composer, hydra_overrides, swept) if runs else {}
+
+
+def _refuse_hydra_settings_from_files(composer: Composer, reference_loader: Any, cfg: DictConfig, run_mode: Any,
+                                      given: list[str], job: str = "") -> None:
+    """cfg (composed with the overrides `given`): its Hydra node against the one cnnlab's configs/, the
+    same options of Hydra's groups and the command line's Hydra settings give (see cnnlab.cli.hydra_settings)."""
+    def file(key: str) -> str | None:
+        return file_that_sets(composer.loader, composer.config_name, given, run_mode, key)
+
+    refuse_overrides_from_files(cfg, given, job, file)
+    lines = [line for line in given if line.partition("=")[0].lstrip("+~") == "hydra"
+             or line.partition("=")[0].lstrip("+~").startswith("hydra.")]
+    choices = hydra_choices(cfg)
+    refuse_foreign_hydra_options([choice for choice in choices if choice.partition("=")[2] not in
+                                  reference_loader.get_group_options(choice.partition("=")[0])], job)
+    try:
+        reference = reference_loader.load_configuration(config_name="train", overrides=[*lines, *choices],
+                                                        run_mode=run_mode)
+    except Exception as error:  # an override of a Hydra setting that only a config file added
+        raise UserError(f"{' '.join(lines)}{job}: these overrides need settings of `hydra` that only a config file "
+                        f"adds ({one_line(error, 200)}); config files may not add to `hydra`.") from None
+    refuse_hydra_settings_from_files(cfg, reference, job, file)
 
 
 def task_key(cfg: DictConfig) -> str:
@@ -313,8 +344,9 @@ def _swept_values(cfg: DictConfig, loader: Any) -> dict[str, list[str]] | None:
 
     try:
         params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True) if cfg.hydra.sweeper.get("params") else {}
+        typed = OmegaConf.to_container(cfg.hydra.overrides.task, resolve=False)  # `${oc.env:...}` unresolved
         overrides = OverridesParser.create(config_loader=loader).parse_overrides(
-            [*(f"{k}={v}" for k, v in params.items()), *cfg.hydra.overrides.task])
+            [*(f"{k}={v}" for k, v in params.items()), *typed])
         swept = sweep_lines(overrides)
         keys = {override.get_key_element(): override.key_or_group for override in overrides}
         excluded = list(cfg.hydra.job.config.override_dirname.exclude_keys)

@@ -44,7 +44,7 @@ def sweep_jobs(sweep_dir: Path) -> list[tuple[Path, dict[str, str]]]:
         setup_globals()  # the ${now:...} resolver, should a folder name use it
         parser = OverridesParser.create()
         params = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.params or {}).items()]
-        lines = sweep_lines(parser.parse_overrides([*params, *cfg.hydra.overrides.task]))
+        lines = sweep_lines(parser.parse_overrides([*params, *OmegaConf.to_container(cfg.hydra.overrides.task)]))
         naming = cfg.hydra.job.config.override_dirname
         jobs = []
         for num, overrides in enumerate(itertools.product(*lines.values())):
