@@ -384,3 +384,26 @@ def test_train_help_lists_the_options_of_a_users_config_dir(run_cli, tmp_path):
 def test_hydras_own_help_still_answers(run_cli):
     code, out, _ = run_cli("train", "--hydra-help")
     assert code == 0 and "Hydra (" in out
+
+
+@pytest.mark.parametrize("given, message", [
+    ("plots", "that is a folder; give a file in it, e.g. --plot plots/activations.png"),
+    ("act", "the file must end in .png, .pdf, .svg, e.g. --plot act.png"),
+    ("act.jpeg2", "the file must end in .png, .pdf, .svg, e.g. --plot act.png"),
+    ("missing/act.png", "the folder missing does not exist"),
+])
+def test_activations_plot_names_a_file_it_can_write_or_says_what_is_wrong(run_cli, tmp_path, given, message):
+    (tmp_path / "plots").mkdir()
+    code, out, err = run_cli("activations", "--plot", given)
+    assert code == 2 and message in err and not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("plots/*"))
+
+
+def test_activations_plot_into_a_folder_it_cannot_write_is_one_message_and_exit_1(run_cli, tmp_path):
+    # /sys refuses new files even to root, who may write into any read-only folder of tmp_path.
+    code, out, err = run_cli("activations", "--plot", "/sys/act.png")
+    assert code == 1 and "--plot: cannot write /sys/act.png: Permission denied." in err
+
+
+def test_activations_plot_writes_the_file_it_names(run_cli, tmp_path):
+    code, out, _ = run_cli("activations", "--plot", "act.svg")
+    assert code == 0 and "wrote act.svg" in out and (tmp_path / "act.svg").read_text().lstrip().startswith("<?xml")

@@ -256,3 +256,20 @@ def test_piped_output_never_wraps_a_name_and_draws_no_screen_wide_box(run_cli, t
     assert any(line.startswith("│ run directory") and str(tmp_path / name) in line for line in lines)
     assert any("not_learning (step 8): At step 8, after the first epoch, the training loss" in line for line in lines)
     assert max(len(line) for line in lines if line[:1] in "╭│╰┏┃┡└") < 2 * len(str(tmp_path / name))  # fitted
+
+
+def test_more_threads_than_cores_are_capped_with_a_note(tiny_state, caplog):
+    import logging
+    import os
+
+    import torch
+
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.WARNING, logger="cnnlab.train.loop"):
+            state = tiny_state("trainer.threads=5000")
+        assert torch.get_num_threads() == cores == state.metrics["threads"]
+        assert f"trainer.threads=5000 is more than the {cores} cores this process may use: using {cores}" in caplog.text
+    finally:
+        torch.set_num_threads(before)

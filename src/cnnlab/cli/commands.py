@@ -11,7 +11,7 @@ from cnnlab.cli.console import print_error
 from cnnlab.cli.folders import check_writable
 from cnnlab.cli.sweeps import sweep_jobs
 from cnnlab.errors import UserError
-from cnnlab.status import EXIT_OK, EXIT_USAGE
+from cnnlab.status import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 
 def compare_command(args: list[str]) -> int:
@@ -66,11 +66,37 @@ def activations_command(args: list[str]) -> int:
         table.add_row(name, row.formula, row.output_range, row.settings, row.typical_use)
     console().print(table)
     if options.plot:
+        try:
+            plot = plot_path(options.plot)
+        except UserError as error:
+            print_error(str(error))
+            return EXIT_USAGE
         from cnnlab.train.models import plot_activations
 
-        plot_activations(Path(options.plot))
-        print(f"wrote {options.plot}")
+        try:
+            plot_activations(plot)
+        except OSError as error:  # a read-only folder, a full disk
+            print_error(f"--plot: cannot write {plot}: {error.strerror or error}.")
+            return EXIT_FAILED
+        print(f"wrote {plot}")
     return EXIT_OK
+
+
+PLOT_FORMATS = (".png", ".pdf", ".svg")  # what the figure is saved as, by the file's ending
+
+
+def plot_path(given: str) -> Path:
+    """The file `activations --plot` writes, checked before anything is drawn: a file (not a folder)
+    ending in one of PLOT_FORMATS, in a folder that exists."""
+    path = Path(given).expanduser()
+    if path.is_dir():
+        raise UserError(f"--plot {given}: that is a folder; give a file in it, e.g. --plot {path / 'activations.png'}.")
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise UserError(f"--plot {given}: the file must end in {', '.join(PLOT_FORMATS)}, e.g. "
+                        f"--plot {path.with_suffix('.png') if path.suffix else Path(given + '.png')}.")
+    if not path.parent.is_dir():
+        raise UserError(f"--plot {given}: the folder {path.parent} does not exist.")
+    return path
 
 
 def inspect_command(args: list[str]) -> int:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -51,6 +53,8 @@ from cnnlab.train.state import (
 )
 from cnnlab.train.stops import StopRequest
 from cnnlab.train.tblog import write_density, write_findings, write_hparams_end, write_hparams_start, write_layout
+
+log = logging.getLogger(__name__)
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a run's own folder cannot be written: the user's to fix
 
@@ -116,6 +120,16 @@ class Interrupted(Exception):
         self.signum, self.step = signum, step
 
 
+def usable_threads(requested: int) -> int:
+    """trainer.threads, at most the cores this process may run on: more only wait for each other, and
+    thousands made OpenMP run out of memory and crash the process (trainer.threads=5000)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested > cores:
+        log.warning("trainer.threads=%d is more than the %d cores this process may use: using %d",
+                    requested, cores, cores)
+    return min(requested, cores)
+
+
 def setup(run: RunConfig, run_dir: Path, resume: bool = False, metrics: dict[str, Any] | None = None) -> TrainState:
     """Build a run's state: fresh, or with `resume` exactly as run_dir's last checkpoint left it.
     A resume touches nothing in run_dir until the checkpoint has proved to fit this run."""
@@ -125,7 +139,7 @@ def setup(run: RunConfig, run_dir: Path, resume: bool = False, metrics: dict[str
     saved = load_resumable(run_dir, config, device) if resume else None
     seed_everything(t.seed, t.deterministic)
     if t.threads is not None:
-        torch.set_num_threads(t.threads)
+        torch.set_num_threads(usable_threads(t.threads))
     data = load_data(run.dataset, t.batch_size, t.eval_batch_size, device, t.seed)
     model = fitting_in_memory(lambda: build_model(run.model, run.activation, data.input_shape, data.num_classes).to(device))
     if t.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
