@@ -407,3 +407,26 @@ def test_activations_plot_into_a_folder_it_cannot_write_is_one_message_and_exit_
 def test_activations_plot_writes_the_file_it_names(run_cli, tmp_path):
     code, out, _ = run_cli("activations", "--plot", "act.svg")
     assert code == 0 and "wrote act.svg" in out and (tmp_path / "act.svg").read_text().lstrip().startswith("<?xml")
+
+
+@pytest.mark.parametrize("empty", ["", ".", " "])
+def test_an_empty_run_dir_is_refused_and_the_current_folders_files_are_kept(run_cli, tmp_path, empty):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "resnet_final.pt").write_bytes(b"a week of training")
+    (tmp_path / "metrics.json").write_text('{"top1": 0.8}')
+    code, out, err = run_cli("train", *TINY, f"hydra.run.dir={empty}")
+    assert code == 2 and "would be the current folder (an unset variable?)" in err
+    assert (tmp_path / "checkpoints" / "resnet_final.pt").read_bytes() == b"a week of training"
+    assert (tmp_path / "metrics.json").read_text() == '{"top1": 0.8}' and not (tmp_path / ".hydra").exists()
+
+
+def test_a_run_dir_holding_another_tools_files_is_refused_naming_one_and_left_untouched(run_cli, tmp_path):
+    theirs = tmp_path / "their_run"
+    (theirs / "checkpoints").mkdir(parents=True)
+    (theirs / "checkpoints" / "epoch10.pt").write_bytes(b"weights")
+    (theirs / "metrics.json").write_text('{"loss": 0.1}')
+    (theirs / "events.out.tfevents.1.host").write_bytes(b"their events")
+    before = {p: p.read_bytes() for p in theirs.rglob("*") if p.is_file()}
+    code, out, err = run_cli("train", *TINY, f"hydra.run.dir={theirs}")
+    assert code == 2 and "holds files cnnlab did not make" in err and "Nothing was changed" in err
+    assert {p: p.read_bytes() for p in theirs.rglob("*") if p.is_file()} == before and not (theirs / ".hydra").exists()

@@ -197,6 +197,7 @@ def test_a_second_run_cannot_write_into_the_folder_of_a_live_one(run_cli, tmp_pa
 def test_a_folder_left_by_a_run_killed_before_its_first_checkpoint_is_reused_cleanly(run_cli, tmp_path):
     stale = tmp_path / "run"
     stale.mkdir()
+    (stale / ".cnnlab.lock").write_text("999")  # the killed run held the folder: its files are cnnlab's
     (stale / "events.out.tfevents.0.stale").write_bytes(b"")
     (stale / "metrics.json").write_text('{"status": "running"}')
     assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0

@@ -10,6 +10,7 @@ import pytest
 from cnnlab.errors import UserError
 from cnnlab.rundir import (
     clear_unfinished,
+    foreign_files,
     keep_as,
     last_checkpoint,
     locked_by,
@@ -89,15 +90,43 @@ def test_a_file_is_kept_as_a_copy_where_the_filesystem_has_no_hard_links(tmp_pat
     assert kept.read_bytes() == b"old"
 
 
+def a_run_killed_before_its_first_checkpoint(folder):
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "config.yaml").write_text("trainer: {}\n")
+    (folder / ".cnnlab.lock").write_text("123")  # its run held the folder
+    (folder / "events.out.tfevents.1.host").write_bytes(b"stale")
+    write_metrics(folder, {"status": "running"})
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "best.pt").write_bytes(b"best of a run that never finished")
+
+
 def test_what_a_run_left_before_its_first_checkpoint_is_cleared(tmp_path):
-    (tmp_path / ".hydra").mkdir()
-    (tmp_path / ".hydra" / "config.yaml").write_text("trainer: {}\n")
-    (tmp_path / "events.out.tfevents.1.host").write_bytes(b"stale")
-    write_metrics(tmp_path, {"status": "running"})
+    a_run_killed_before_its_first_checkpoint(tmp_path)
+    assert sorted(clear_unfinished(tmp_path)) == ["checkpoints/best.pt", "events.out.tfevents.1.host", "metrics.json"]
+    # Hydra's record of this run's config stays, and the lock file
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cnnlab.lock", ".hydra"]
+
+
+@pytest.mark.parametrize("theirs", ["notes.txt", "checkpoints/epoch10.pt.bak", "checkpoints/resnet/final.pt",
+                                    ".hydra/notes.md", "density/plot.jpg"])
+def test_a_folder_with_a_file_cnnlab_did_not_make_is_never_cleared(tmp_path, theirs):
+    a_run_killed_before_its_first_checkpoint(tmp_path)
+    (tmp_path / theirs).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / theirs).write_text("someone else's")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(UserError, match=f"holds files cnnlab did not make .*{theirs}"):
+        clear_unfinished(tmp_path)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_cnnlabs_own_names_are_another_tools_where_no_cnnlab_run_has_been(tmp_path):
+    (tmp_path / "metrics.json").write_text('{"loss": 0.1}')
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "best.pt").write_bytes(b"best of a run that never finished")
-    assert sorted(clear_unfinished(tmp_path)) == ["checkpoints", "events.out.tfevents.1.host", "metrics.json"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra"]  # Hydra's record of this run's config stays
+    (tmp_path / "checkpoints" / "epoch10.pt").write_bytes(b"weights")
+    assert {p.name for p in foreign_files(tmp_path, most=10)} == {"metrics.json", "checkpoints", "epoch10.pt"}
+    (tmp_path / ".cnnlab.lock").write_text("123")  # once a cnnlab run has held it, they are cnnlab's
+    assert foreign_files(tmp_path) == []
+    assert foreign_files(tmp_path / "missing") == []
 
 
 def test_a_folder_with_a_checkpoint_is_never_cleared(tmp_path):

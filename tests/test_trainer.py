@@ -273,3 +273,13 @@ def test_more_threads_than_cores_are_capped_with_a_note(tiny_state, caplog):
         assert f"trainer.threads=5000 is more than the {cores} cores this process may use: using {cores}" in caplog.text
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_run_into_a_folder_with_another_tools_files_changes_nothing_there(tiny_run, tmp_path):
+    theirs = tmp_path / "run"
+    theirs.mkdir()
+    (theirs / "metrics.json").write_text('{"loss": 0.1}')  # a name cnnlab uses, in a folder cnnlab never held
+    run = tiny_run()
+    assert run.result.status.value == "failed" and "holds files cnnlab did not make" in str(run.result.error)
+    assert sorted(p.name for p in theirs.iterdir()) == ["metrics.json"]
+    assert (theirs / "metrics.json").read_text() == '{"loss": 0.1}'

@@ -7,6 +7,7 @@ import fcntl
 import json
 import math
 import os
+import contextlib
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -171,16 +172,53 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 def clear_unfinished(run_dir: Path) -> list[str]:
     """Remove what a run that never reached its first checkpoint left in run_dir (its events,
-    metrics, a best.pt, a traceback), so that a new run there starts clean; returns what went."""
+    metrics, a best.pt, a traceback), so that a new run there starts clean; returns what went. Only
+    files cnnlab writes, and only in a folder with nothing else (foreign_files): never another tool's."""
     run_dir = Path(run_dir)
     if last_checkpoint(run_dir).is_file():
         raise ValueError(f"{run_dir} holds a checkpoint")  # never: callers resume such a folder
+    refuse_foreign_files(run_dir, "the run directory")
+    checkpoints = run_dir / CHECKPOINT_DIR
     removed = []
-    for path in [*run_dir.glob("events.out.tfevents.*"), run_dir / METRICS_FILE, run_dir / "traceback.txt"]:
+    for path in [*run_dir.glob("events.out.tfevents.*"), run_dir / METRICS_FILE, run_dir / "traceback.txt",
+                 *checkpoints.glob("*.pt"), *checkpoints.glob(".*.tmp")]:
         if path.is_file():
             path.unlink()
-            removed.append(path.name)
-    if (run_dir / CHECKPOINT_DIR).is_dir():
-        shutil.rmtree(run_dir / CHECKPOINT_DIR)
-        removed.append(CHECKPOINT_DIR)
+            removed.append(str(path.relative_to(run_dir)))
+    with contextlib.suppress(OSError):  # not empty: not cnnlab's to remove
+        checkpoints.rmdir()
     return removed
+
+
+# What cnnlab and Hydra write into a run directory (globs, relative to it); anything else is someone
+# else's, and so are cnnlab's own names in a folder no cnnlab run has held (no LOCK_FILE).
+RUN_FILES = (".hydra", ".hydra/*.yaml", "train.log", LOCK_FILE, "events.out.tfevents.*", METRICS_FILE,
+             f".{METRICS_FILE}.tmp", "traceback.txt", CHECKPOINT_DIR, f"{CHECKPOINT_DIR}/*.pt",
+             f"{CHECKPOINT_DIR}/.*.tmp", "density", "density/*.png", "density/.*.tmp")
+BEFORE_A_RUN = (".hydra", ".hydra/*.yaml", "train.log")  # what Hydra writes before cnnlab's run starts
+
+
+def foreign_files(run_dir: Path, most: int = 3) -> list[Path]:
+    """Up to `most` files or folders in run_dir that a new run there could delete or overwrite and
+    that cnnlab did not make: names it never writes, or its own names where no cnnlab run has been."""
+    run_dir = Path(run_dir)
+    ours = (run_dir / LOCK_FILE).is_file()
+    found = []
+    for path in run_dir.rglob("*") if run_dir.is_dir() else []:  # stops at the first few: a home folder is large
+        relative = path.relative_to(run_dir)
+        allowed = RUN_FILES if ours else BEFORE_A_RUN
+        if not any(relative.match(pattern) and len(relative.parts) == len(Path(pattern).parts) for pattern in allowed):
+            found.append(path)
+            if len(found) == most:
+                break
+    return found
+
+
+def refuse_foreign_files(run_dir: Path, what: str) -> None:
+    """A UserError naming what in run_dir cnnlab did not make, if anything: a new run there must not
+    delete or overwrite another tool's files (a run dir that points at the wrong folder)."""
+    found = foreign_files(run_dir)
+    if found:
+        names = ", ".join(str(path) for path in found)
+        raise UserError(f"{what} {run_dir} holds files cnnlab did not make ({names}); a new run writes only into "
+                        f"an empty folder or one of its own. Nothing was changed. Choose another folder.")

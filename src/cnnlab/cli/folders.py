@@ -152,10 +152,14 @@ def place_single_run(args: list[str], overrides: list[str]) -> list[str]:
     """`resume=DIR` runs in DIR itself, and Hydra must not rewrite DIR/.hydra (the record of the
     run's config). A new run must not land in a folder that already holds one, nor where it cannot
     be written."""
-    from cnnlab.rundir import last_checkpoint, locked_by
+    from cnnlab.rundir import last_checkpoint, locked_by, refuse_foreign_files
 
     values = dict(arg.partition("=")[::2] for arg in overrides if "=" in arg)
     resume = values.get("resume") not in (None, "", "null")
+    if "hydra.run.dir" in values and values["hydra.run.dir"].strip() in ("", ".", "./", "null"):
+        raise UserError(f"hydra.run.dir={values['hydra.run.dir']!r} would be the current folder (an unset "
+                        f"variable?): a run writes its own folder. Give one, e.g. hydra.run.dir=outputs/mine, or "
+                        f"leave the setting out for outputs/DATE/TIME. Nothing has run.")
     run_dir = Path(values["resume"] if resume else values.get("hydra.run.dir") or default_dir("run")).expanduser()
     holder = locked_by(run_dir)
     if holder is not None:  # checked before Hydra writes its .hydra/ files into the folder
@@ -173,6 +177,7 @@ def place_single_run(args: list[str], overrides: list[str]) -> list[str]:
         raise UserError(
             f"hydra.run.dir={str(run_dir)!r} already holds a run; its results are kept. Continue it with "
             f"resume={run_dir}, or choose another directory.")
+    refuse_foreign_files(run_dir, "hydra.run.dir: the folder")  # before Hydra writes .hydra/ into it
     check_writable("hydra.run.dir", run_dir)
     return args if "hydra.run.dir" in values else [*args, f"hydra.run.dir={run_dir}"]
 

@@ -30,7 +30,7 @@ from cnnlab.config import RunConfig, as_dict
 from cnnlab.errors import UserError, one_line
 from cnnlab.instruments.probes import Probes, examples_needed, gradient_norm, images_within_budget
 from cnnlab.instruments.sharpness import CurvatureSet
-from cnnlab.rundir import clear_unfinished, record_config, run_lock, write_metrics
+from cnnlab.rundir import clear_unfinished, record_config, refuse_foreign_files, run_lock, write_metrics
 from cnnlab.status import Status
 from cnnlab.train.checkpoint import restore, save_best, save_last
 from cnnlab.train.data import load_data
@@ -358,6 +358,8 @@ def train(run: RunConfig, run_dir: Path, *, resume: bool = False, progress: Prog
     any other error propagates once metrics.json says `failed`, and a second Ctrl-C propagates."""
     run_dir = Path(run_dir)
     try:
+        if not resume:  # before the lock file marks the folder as cnnlab's
+            refuse_foreign_files(run_dir, "the run directory")
         with run_lock(run_dir), (stop or StopRequest()) as stop:
             if not resume:
                 clear_unfinished(run_dir)  # what a run killed before its first checkpoint left here
