@@ -430,3 +430,10 @@ def test_a_run_dir_holding_another_tools_files_is_refused_naming_one_and_left_un
     code, out, err = run_cli("train", *TINY, f"hydra.run.dir={theirs}")
     assert code == 2 and "holds files cnnlab did not make" in err and "Nothing was changed" in err
     assert {p: p.read_bytes() for p in theirs.rglob("*") if p.is_file()} == before and not (theirs / ".hydra").exists()
+
+
+@pytest.mark.parametrize("sweep", ["trainer.seed=range(5,0)", "activation=glob(zzz*)"])
+def test_a_sweep_with_no_values_is_one_message_and_exit_2(run_cli, tmp_path, sweep):
+    code, out, err = run_cli("train", "-m", *TINY, sweep)
+    assert code == 2 and f"The sweep over {sweep.split('=')[0]} has no values" in err
+    assert not (tmp_path / "outputs").exists()

@@ -353,6 +353,9 @@ def _swept_values(cfg: DictConfig, loader: Any) -> dict[str, list[str]] | None:
     except Exception:
         return None
     for key, lines in swept.items():
+        if not lines:
+            raise UserError(f"The sweep over {key} has no values (an empty range(), or a glob() that matches none "
+                            f"of its options): give it at least one. Nothing has run.")
         values = [line[len(key) + 1:] for line in lines]
         twice = sorted({value for value in values if values.count(value) > 1})
         if twice:
