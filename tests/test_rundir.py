@@ -98,13 +98,15 @@ def a_run_killed_before_its_first_checkpoint(folder):
     write_metrics(folder, {"status": "running"})
     (folder / "checkpoints").mkdir()
     (folder / "checkpoints" / "best.pt").write_bytes(b"best of a run that never finished")
+    (folder / ".events.out.tfevents.0000000000.hparams.tmp").write_bytes(b"killed while writing it")
 
 
 def test_what_a_run_left_before_its_first_checkpoint_is_cleared(tmp_path):
     a_run_killed_before_its_first_checkpoint(tmp_path)
     assert sorted(clear_unfinished(tmp_path)) == ["checkpoints/best.pt", "events.out.tfevents.1.host", "metrics.json"]
     # Hydra's record of this run's config stays, and the lock file
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".cnnlab.lock", ".hydra"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cnnlab.lock", ".events.out.tfevents.0000000000.hparams.tmp",
+                                                          ".hydra"]
 
 
 @pytest.mark.parametrize("theirs", ["notes.txt", "checkpoints/epoch10.pt.bak", "checkpoints/resnet/final.pt",

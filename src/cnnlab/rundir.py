@@ -3,11 +3,11 @@ the lock that keeps a second process from writing into a run that is still going
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
 import os
-import contextlib
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -193,7 +193,7 @@ def clear_unfinished(run_dir: Path) -> list[str]:
 # What cnnlab and Hydra write into a run directory (globs, relative to it); anything else is someone
 # else's, and so are cnnlab's own names in a folder no cnnlab run has held (no LOCK_FILE).
 RUN_FILES = (".hydra", ".hydra/*.yaml", "train.log", LOCK_FILE, "events.out.tfevents.*", METRICS_FILE,
-             f".{METRICS_FILE}.tmp", "traceback.txt", CHECKPOINT_DIR, f"{CHECKPOINT_DIR}/*.pt",
+             ".*.tmp", "traceback.txt", CHECKPOINT_DIR, f"{CHECKPOINT_DIR}/*.pt",  # .*.tmp: replace_atomically's
              f"{CHECKPOINT_DIR}/.*.tmp", "density", "density/*.png", "density/.*.tmp")
 BEFORE_A_RUN = (".hydra", ".hydra/*.yaml", "train.log")  # what Hydra writes before cnnlab's run starts
 
