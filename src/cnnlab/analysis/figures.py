@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cnnlab.analysis.findings import EDGE_PAIRS
 from cnnlab.analysis.names import fixed_settings
 from cnnlab.analysis.runs import Run, readable_events
 from cnnlab.analysis.stats import CONFIDENCE, by_group, completed_spread, mean_curve
@@ -253,13 +254,11 @@ def _activation_depth(d: Drawing):
     return figure
 
 
-# sharpness.png's panels: an eigenvalue and the limit drawn dashed beside it in the same colour.
-SHARPNESS_PANELS = (
-    ("sharpness/top_eigenvalue", "sharpness/stability_limit",
-     "top eigenvalue of the training loss's Hessian; dashed: SGD's stability limit"),
-    ("sharpness/preconditioned_eigenvalue", "sharpness/preconditioned_limit",
-     "Adam/RMSprop: top eigenvalue of P^-1 H; dashed: its stability limit"),
-)
+# sharpness.png's panels: each pair the edge of stability compares (findings.EDGE_PAIRS), the eigenvalue
+# with its limit drawn dashed beside it in the same colour.
+SHARPNESS_PANELS = tuple((top, limit, title) for (top, limit), title in zip(EDGE_PAIRS, (
+    "top eigenvalue of the training loss's Hessian; dashed: SGD's stability limit",
+    "Adam/RMSprop: top eigenvalue of P^-1 H; dashed: its stability limit")))
 
 
 def _sharpness(d: Drawing):
