@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab.instruments.density import density_column, density_image, write_density_png
+from cnnlab.instruments.density import density_column, render_density, write_png
 
 VIRIDIS = matplotlib.colormaps["viridis"]
 
@@ -32,32 +32,36 @@ def test_density_column_counts_every_element_past_the_float32_limit():
         density_column(torch.zeros(3), low=1.0, high=1.0, bins=2)
 
 
-def test_density_image_puts_high_values_at_the_top_later_probes_right_and_log_counts_in_colour():
-    first = density_column(torch.tensor([0.9] * 100), low=-1.0, high=1.0, bins=4)  # 100 in the top bucket
-    second = density_column(torch.tensor([-0.9, -0.9, -0.9, 0.1]), low=-1.0, high=1.0, bins=4)
-    image = density_image([first, second])
-    assert image.shape == (4, 2, 3) and image.dtype == np.uint8
-    assert (image[0, 0] == colour(1.0)).all()  # the fullest bucket: top row, first probe
-    assert (image[3, 1] == colour(np.log1p(3) / np.log1p(100))).all()  # 3 low values, second probe
-    assert (image[1, 1] == colour(np.log1p(1) / np.log1p(100))).all()  # the one at 0.1
-    for row, column in ((1, 0), (2, 0), (3, 0), (0, 1), (2, 1)):  # empty buckets: the lowest colour
-        assert (image[row, column] == colour(0.0)).all()
-    assert (density_image(torch.stack([first, second])) == image).all()  # a [steps, bins] tensor too
+def test_the_density_figure_puts_high_values_at_the_top_and_later_probes_to_the_right():
+    top = density_column(torch.tensor([0.9] * 100), low=-1.0, high=1.0, bins=4)  # 100 in the top bucket
+    bottom = density_column(torch.tensor([-0.9] * 100), low=-1.0, high=1.0, bins=4)  # 100 in the bottom one
+    image = render_density([top, bottom], [0, 400], -1.0, 1.0, "act01_fc")
+    assert image.shape == (450, 800, 3) and image.dtype == np.uint8
+    fullest = np.all(np.abs(image.astype(int) - colour(1.0)) <= 2, axis=-1)  # the colour of the fullest bucket
+    rows, columns = np.nonzero(fullest[:, :660])  # the plot, left of the colour bar (which starts at about 675)
+    middle = (columns.min() + columns.max()) / 2  # probe steps 0 and 400: cells meet at 200, the plot's middle
+    first, second = columns < middle, columns > middle
+    assert first.sum() > 1000 and second.sum() > 1000
+    assert rows[first].max() < rows[second].min()  # the first probe's values above the second's
 
 
-def test_density_image_of_nothing_counted_is_the_lowest_colour():
-    image = density_image(torch.zeros(3, 5))
-    assert image.shape == (5, 3, 3) and (image == colour(0.0)).all()
+def test_the_density_figure_runs_over_the_probed_steps_only():
+    from cnnlab.instruments.density import _edges
+
+    assert _edges(np.array([0.0, 85.0])).tolist() == [0.0, 42.5, 85.0]  # not from -42.5: no "probe step -40"
+    assert _edges(np.array([0.0, 100.0, 200.0, 237.0])).tolist() == [0.0, 50.0, 150.0, 218.5, 237.0]
+    assert _edges(np.array([300.0])).tolist() == [299.5, 300.5]
 
 
-def test_write_density_png_writes_a_png_figure_with_the_real_steps(tmp_path):
+def test_write_png_writes_the_rendered_figure_as_a_png(tmp_path):
     from PIL import Image
 
     columns = [density_column(torch.randn(500) * (1 + step / 100), -3.0, 3.0, 32) for step in (0, 100, 200, 237)]
-    path = write_density_png(tmp_path / "act01_fc.png", columns, [0, 100, 200, 237], -3.0, 3.0, "act01_fc")
-    with Image.open(path) as image:
-        assert image.format == "PNG" and image.size == (800, 450)
-        pixels = np.asarray(image.convert("RGB"))
-    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20
+    image = render_density(columns, [0, 100, 200, 237], -3.0, 3.0, "act01_fc")
+    path = write_png(tmp_path / "act01_fc.png", image)
+    with Image.open(path) as written:
+        assert written.format == "PNG" and written.size == (800, 450)
+        assert (np.asarray(written.convert("RGB")) == image).all()
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 20
     with pytest.raises(ValueError, match="3 steps for 4 columns"):
-        write_density_png(tmp_path / "bad.png", columns, [0, 100, 200], -3.0, 3.0, "bad")
+        render_density(columns, [0, 100, 200], -3.0, 3.0, "bad")

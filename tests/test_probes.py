@@ -14,6 +14,7 @@ from cnnlab.instruments.probes import (
     dead_from_maxima,
     dead_units,
     dies,
+    forward_hooks,
     effective_rank,
     histogram,
     rank_of_gram,
@@ -368,7 +369,7 @@ def test_a_run_writes_every_probe_family_for_every_layer_from_step_0(tiny_run):
             assert [e.step for e in events.Scalars(f"{family}/{name}")] == probed
         images = events.Images(f"activation_density/{name}")
         assert [e.step for e in images] == [8, 16]  # at each epoch end, the whole run so far
-        assert images[-1].width == len(probed) and images[-1].height == 64  # a column per probe
+        assert (images[-1].width, images[-1].height) == (800, 450)  # a figure with axes, not a 5 x 64 pixel strip
         assert (run.dir / "density" / f"{name}.png").is_file()
     for name in ("layer01_conv", "layer02_conv", "layer03_fc", "layer04_classifier"):
         assert [e.step for e in events.Histograms(f"weights/{name}")] == probed
@@ -507,3 +508,32 @@ def test_the_probes_images_stay_within_their_memory_budget_for_large_images():
     large = examples_needed(defaults, (3, 224, 224))
     assert large == images_within_budget((3, 224, 224)) == 891 and large * 4 * 3 * 224 * 224 <= PROBE_IMAGES_MB * 2**20
     assert examples_needed(defaults, (3, 1024, 1024)) == defaults.batch_size  # never fewer than the probe batch
+
+
+def test_histograms_and_density_columns_count_the_first_images_of_a_large_layer_and_every_image_of_a_small_one(
+        monkeypatch):
+    model = small_model()
+    images = torch.randn(8, 1, 8, 8)
+    probes = Probes(model, batch(images), PROBES, last_step=10)
+    outputs = {}
+
+    def record(module, inputs, output):
+        outputs[id(module)] = (inputs[0], output)
+
+    with forward_hooks([layer.module for layer in probes.activations], record):
+        model(images)
+    per_image = {layer.name: outputs[id(layer.module)][1][0].numel() for layer in probes.activations}
+    limit = 3 * per_image["act01_conv"] + 5  # room for 3 images of the first conv layer's outputs
+    monkeypatch.setattr("cnnlab.instruments.probes.HISTOGRAM_OUTPUTS", limit)
+    measurements = {m.tag: m.value for m in probes.measure(0)}
+    for layer in probes.activations:
+        pre, output = outputs[id(layer.module)]
+        counted = min(len(images), limit // per_image[layer.name])
+        for family, tensor in (("activations", output), ("preactivations", pre)):
+            found = measurements[f"{family}/{layer.name}"]
+            assert found[4:].sum().item() == counted * per_image[layer.name]
+            expected = histogram(tensor[:counted], PROBES.bins)
+            assert torch.equal(found, expected)
+        assert probes.density[layer.name][-1].sum().item() == counted * per_image[layer.name]
+    assert min(len(images), limit // per_image["act01_conv"]) == 3  # the first conv layer: 3 of 8 images
+    assert limit // per_image["act03_fc"] >= len(images)  # the fc layer: all 8

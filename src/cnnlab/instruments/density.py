@@ -59,29 +59,20 @@ def _log_counts(columns: Tensor | Sequence[Tensor]) -> np.ndarray:
     return np.log1p(torch.stack([torch.as_tensor(column).detach().double().cpu() for column in columns]).numpy())
 
 
-def density_image(columns: Tensor | Sequence[Tensor]) -> np.ndarray:
-    """uint8 RGB [bins, steps, 3] from one column of counts per probe (a [steps, bins] tensor or a
-    list of [bins] tensors): row 0 is the highest bucket, column 0 the first probe."""
-    import matplotlib
-
-    logs = _log_counts(columns)
-    scaled = logs / logs.max() if logs.max() > 0 else logs  # per image: its fullest bucket is the top colour
-    rgba = matplotlib.colormaps[COLORMAP](scaled.T[::-1])
-    return (rgba[..., :3] * 255).round().astype(np.uint8)
+def _edges(steps: np.ndarray) -> np.ndarray:
+    """Cell edges halfway between probe steps (which may be unevenly spaced), the outer ones at the
+    first and last step: the x axis runs over the steps probed, never before step 0. One probe gets a
+    cell one step wide."""
+    if len(steps) == 1:
+        return np.array([steps[0] - 0.5, steps[0] + 0.5])
+    return np.concatenate([[steps[0]], (steps[1:] + steps[:-1]) / 2, [steps[-1]]])
 
 
-def _edges(centres: np.ndarray) -> np.ndarray:
-    """Cell edges halfway between centres (which may be unevenly spaced), the ends mirrored."""
-    if len(centres) == 1:
-        return np.array([centres[0] - 0.5, centres[0] + 0.5])
-    middle = (centres[1:] + centres[:-1]) / 2
-    return np.concatenate([[2 * centres[0] - middle[0]], middle, [2 * centres[-1] - middle[-1]]])
-
-
-def write_density_png(path: str | Path, columns: Tensor | Sequence[Tensor], steps: Sequence[int], low: float,
-                      high: float, title: str) -> Path:
-    """The density image as a PNG figure: probe step on x (real step numbers, uneven spacing kept),
-    output value on y over [low, high], and a colourbar of log(1 + count): the colours of density_image."""
+def render_density(columns: Tensor | Sequence[Tensor], steps: Sequence[int], low: float, high: float,
+                   title: str) -> np.ndarray:
+    """The density image as a figure, uint8 RGB [450, 800, 3]: probe step on x (real step numbers,
+    uneven spacing kept), output value on y over [low, high], colour log(1 + count) with its colour
+    bar. TensorBoard shows this array as it is; write_png saves it as the run folder's PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,13 +81,25 @@ def write_density_png(path: str | Path, columns: Tensor | Sequence[Tensor], step
     logs = _log_counts(columns)
     if len(steps) != len(logs):
         raise ValueError(f"{len(steps)} steps for {len(logs)} columns")
-    figure, axis = plt.subplots(figsize=(8, 4.5))
-    x = _edges(np.asarray(steps, dtype=float))
-    y = np.linspace(low, high, logs.shape[1] + 1)
-    mesh = axis.pcolormesh(x, y, logs.T, cmap=COLORMAP, vmin=0, vmax=max(logs.max(), 1e-12), shading="flat")
-    figure.colorbar(mesh, ax=axis, label="log(1 + count)")
-    axis.set(title=title, xlabel="probe step", ylabel="output value")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    figure, axis = plt.subplots(figsize=(8, 4.5), dpi=100)
+    try:
+        x = _edges(np.asarray(steps, dtype=float))
+        y = np.linspace(low, high, logs.shape[1] + 1)
+        mesh = axis.pcolormesh(x, y, logs.T, cmap=COLORMAP, vmin=0, vmax=max(logs.max(), 1e-12), shading="flat")
+        figure.colorbar(mesh, ax=axis, label="log(1 + count)")
+        axis.set(title=title, xlabel="probe step", ylabel="output value", xlim=(x[0], x[-1]), ylim=(low, high))
+        figure.tight_layout()
+        figure.canvas.draw()
+        return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    finally:
+        plt.close(figure)
+
+
+def write_png(path: str | Path, image: np.ndarray) -> Path:
+    """Save an RGB array as a PNG, replacing the file at once (a reader never sees half of it)."""
+    from PIL import Image
+
+    from cnnlab.rundir import replace_atomically
+
+    replace_atomically(Path(path), lambda file: Image.fromarray(image).save(file, format="PNG"))
     return Path(path)

@@ -55,17 +55,18 @@ def write_probe(writer: SummaryWriter, step: int, measurements: list[Measurement
     if not measurements:
         return {}
     flat = torch.cat([m.value.detach().reshape(-1).double() for m in measurements]).cpu()  # the one transfer
+    values = flat.tolist()  # Python floats at once: indexing the tensor per value costs more than the probe's statistics
     scalars: dict[str, float] = {}
     offset = 0
     for m in measurements:
         size = m.value.numel()
-        part, offset = flat[offset:offset + size], offset + size
+        start, offset = offset, offset + size
         if m.kind == "scalar":
-            value = float(part[0]) if m.finish is None else float(m.finish(part.view(m.value.shape)))
+            value = values[start] if m.finish is None else float(m.finish(flat[start:offset].view(m.value.shape)))
             writer.add_scalar(m.tag, value, step)
             scalars[m.tag] = value
         else:
-            _write_histogram(writer, m.tag, part.tolist(), step)
+            _write_histogram(writer, m.tag, values[start:offset], step)
     return scalars
 
 
@@ -82,18 +83,18 @@ def write_findings(writer: SummaryWriter, step: int, findings: list) -> None:
 
 
 def write_density(writer: SummaryWriter, run_dir: Path, step: int, probes: Probes) -> None:
-    """Each activation layer's density image so far: into TensorBoard (`activation_density/<act>`)
-    and as run_dir/density/<act>.png, replaced each time so that the file always shows the whole run."""
-    from cnnlab.instruments.density import density_image, write_density_png
+    """Each activation layer's density figure so far (axes, real probe steps, colour bar): into
+    TensorBoard (`activation_density/<act>`, 800 x 450 pixels) and as run_dir/density/<act>.png,
+    replaced each time so that the file always shows the whole run."""
+    from cnnlab.instruments.density import render_density, write_png
 
     folder = Path(run_dir) / "density"
-    folder.mkdir(exist_ok=True)
     modules = {layer.name: layer.module for layer in probes.activations}
     for name, columns in probes.density_columns().items():
         low, high = activation_row(modules[name]).density_range
-        writer.add_image(tag("activation_density", name), density_image(columns), step, dataformats="HWC")
-        write_density_png(folder / f"{name}.png", columns, probes.density_steps, low, high,
-                          title=f"{name}: output value against probe step")
+        image = render_density(columns, probes.density_steps, low, high, title=f"{name}: output value against probe step")
+        writer.add_image(tag("activation_density", name), image, step, dataformats="HWC")
+        write_png(folder / f"{name}.png", image)
 
 
 def _write_histogram(writer: SummaryWriter, tag: str, values: list[float], step: int) -> None:
