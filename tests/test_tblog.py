@@ -133,6 +133,32 @@ def test_an_interrupted_run_is_unknown_until_its_resume_completes_it(tiny_run, t
     assert tiny_run("trainer.epochs=2", resume=True).metrics["status"] == "completed"
     assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 3  # the record and one per process
     assert status(tmp_path) == SUCCESS
+    texts = findings_texts(tmp_path / "run")
+    assert [step for step, _ in texts] == [16]  # once, at the run's end: not also where it was interrupted
+
+
+def findings_texts(run_dir) -> list[tuple[int, str]]:
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    assert "findings" in events.Tags()["tensors"]  # the tag the README names, not findings/text_summary
+    return [(event.step, event.tensor_proto.string_val[0].decode()) for event in events.Tensors("findings")]
+
+
+def test_findings_are_a_markdown_list_with_the_advice_beneath_each(tmp_path):
+    from cnnlab.analysis.findings import Finding
+    from cnnlab.train.tblog import write_findings
+
+    found = [Finding("dying_units", "warning", "act01_fc", 400, 0.6, "60% of act01_fc died.", "Try optimizer.lr=0.001."),
+             Finding("not_learning", "warning", None, None, None, "The loss | stays at ln 10.", "")]
+    with SummaryWriter(str(tmp_path)) as writer:
+        write_findings(writer, 7, found)
+        write_findings(writer, 8, [])
+    texts = dict(findings_texts(tmp_path))
+    assert texts[7].splitlines() == [
+        "- **warning** `dying_units` in `act01_fc` at step 400: 60% of act01_fc died.  ",
+        "  Try optimizer.lr=0.001.",
+        "- **warning** `not_learning`: The loss | stays at ln 10."]
+    assert texts[8] == "Nothing unusual in the probes."
 
 
 class BrokenTerminal(SilentProgress):

@@ -327,13 +327,14 @@ def find(state: TrainState) -> list[Finding]:
     return found
 
 
-def report_findings(state: TrainState) -> tuple[list[Finding], str | None]:
-    """At the end of a run, however it ended: the findings into metrics.json and TensorBoard (text
-    `findings`); (them, None), or ([], why) when they could not be computed: a fault here must not
-    cost the run its results."""
+def report_findings(state: TrainState, to_tensorboard: bool) -> tuple[list[Finding], str | None]:
+    """At the end of a run, however it ended: the findings into metrics.json, and with
+    `to_tensorboard` into TensorBoard (text `findings`); (them, None), or ([], why) when they could not
+    be computed: a fault here must not cost the run its results."""
     try:
         found = find(state)
-        write_findings(state.log.writer, state.step, found)
+        if to_tensorboard:
+            write_findings(state.log.writer, state.step, found)
     except Exception as error:  # noqa: BLE001 - the run's own outcome matters more
         return [], one_line(error, 200)
     return found, None
@@ -418,7 +419,8 @@ def finish(run: RunConfig, run_dir: Path, state: TrainState | None, metrics: dic
     metrics["seconds"] = round(time.perf_counter() - (state.started if state is not None else started), 3)
     found, findings_error = [], None
     if state is not None and run.findings.enabled:
-        found, findings_error = report_findings(state)
+        # An interrupted run goes on when resumed, and writes its text then: once per run, not per session.
+        found, findings_error = report_findings(state, to_tensorboard=metrics["status"] != Status.INTERRUPTED.value)
     # A refused resume leaves the run's files as they were; on a full disk, this may fail too.
     if state is not None or not resume:
         with contextlib.suppress(OSError):

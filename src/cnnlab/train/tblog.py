@@ -71,15 +71,20 @@ def write_probe(writer: SummaryWriter, step: int, measurements: list[Measurement
 
 
 def write_findings(writer: SummaryWriter, step: int, findings: list) -> None:
-    """The findings as a markdown table in TensorBoard's text tab (tag `findings`)."""
+    """The findings into TensorBoard's text tab under the tag `findings`: a list, one finding per
+    item, which reads at any width (a six-column table squeezed its columns to a letter or two)."""
+    from torch.utils.tensorboard.summary import text
+
     if not findings:
-        writer.add_text("findings", "Nothing unusual in the probes.", step)
-        return
-    cell = lambda value: str(value).replace("|", "\\|")  # noqa: E731 - markdown tables split on |
-    lines = ["| severity | kind | layer | step | what happened | what to try |", "|---|---|---|---|---|---|"]
-    lines += [f"| {f.severity} | {f.kind} | {cell(f.layer or '-')} | {cell('-' if f.step is None else f.step)} | "
-              f"{cell(f.message)} | {cell(f.advice)} |" for f in findings]
-    writer.add_text("findings", "\n".join(lines), step)
+        markdown = "Nothing unusual in the probes."
+    else:
+        markdown = "\n".join(
+            f"- **{f.severity}** `{f.kind}`" + (f" in `{f.layer}`" if f.layer else "")
+            + ("" if f.step is None else f" at step {f.step}") + f": {f.message}"
+            + (f"  \n  {f.advice}" if f.advice else "") for f in findings)  # the advice reads "Try ..."
+    summary = text("findings", markdown)
+    summary.value[0].tag = "findings"  # torch's text() appends "/text_summary"; the README names `findings`
+    writer._get_file_writer().add_summary(summary, step)
 
 
 def write_density(writer: SummaryWriter, run_dir: Path, step: int, probes: Probes) -> None:
