@@ -32,6 +32,26 @@ def test_mnist_idx_files_are_read_by_torchvision(tmp_path, name, folder):
     assert splits.val is None and len(splits.classes) == 10
 
 
+def test_mnist_files_found_only_gzipped_are_unpacked_beside_themselves_as_the_download_does(tmp_path):
+    import gzip
+
+    arrays = write_mnist(tmp_path, train=30, test=12)
+    raw = tmp_path / "MNIST" / "raw"
+    for path in list(raw.iterdir()):
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    splits = load_torchvision(dataset_config("dataset=mnist", f"dataset.root={tmp_path}", "dataset.download=false"))
+    assert torch.equal(splits.train.images[:, 0], torch.from_numpy(arrays["train"][0]))
+    assert sorted(p.name for p in raw.iterdir()) == sorted(
+        [name for prefix in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")
+         for name in (f"{prefix}-{kind}-ubyte", f"{prefix}-{kind}-ubyte.gz")])  # the .gz files are kept
+
+    (raw / "train-images-idx3-ubyte").unlink()
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")  # a damaged download: the one message
+    with pytest.raises(UserError, match=r"missing or corrupt: looked for .*\(or each as NAME\.gz\)"):
+        load_torchvision(dataset_config("dataset=mnist", f"dataset.root={tmp_path}", "dataset.download=false"))
+
+
 def test_cifar10_pickle_batches_are_read_channel_first(tmp_path, accept_generated_cifar):
     batches = write_cifar10(tmp_path, per_batch=4, test=6)
     splits = load_torchvision(dataset_config("dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false"))

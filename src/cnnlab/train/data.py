@@ -78,12 +78,28 @@ def expected_files(dataset_class: type, root: Path) -> tuple[Path, list[str]]:
     return root / dataset_class.__name__ / "raw", names
 
 
+def unpack_gzipped(dataset_class: type, root: Path) -> None:
+    """Unpack MNIST-style files found only as NAME.gz (as published, and as torchvision's download
+    leaves them before unpacking) beside themselves, keeping the .gz, as the download path does."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import extract_archive
+
+    if issubclass(dataset_class, CIFAR10):  # a tar archive of pickles: torchvision's check_integrity decides
+        return
+    folder, names = expected_files(dataset_class, root)
+    for name in names:
+        packed = folder / f"{name}.gz"
+        if not (folder / name).exists() and packed.is_file():
+            extract_archive(str(packed), str(folder), remove_finished=False)
+
+
 def load_torchvision(cfg: TorchvisionDatasetConfig) -> Splits:
     from torchvision import datasets
 
     dataset_class = getattr(datasets, DATASETS[cfg.name].torchvision_class)
     root = Path(cfg.root).expanduser()
     try:
+        unpack_gzipped(dataset_class, root)
         train = dataset_class(str(root), train=True, download=cfg.download)
         test = dataset_class(str(root), train=False, download=cfg.download)
     except Exception as error:  # missing files, a failed download, an unwritable root: all the user's to fix
@@ -96,7 +112,7 @@ def load_torchvision(cfg: TorchvisionDatasetConfig) -> Splits:
                 f"dataset.download=false, or point dataset.root at a folder that has them."
             ) from None
         raise UserError(
-            f"{cfg.name} files are missing or corrupt: looked for {files} in {folder} "
+            f"{cfg.name} files are missing or corrupt: looked for {files} (or each as NAME.gz) in {folder} "
             f"(dataset.root={cfg.root!r}). Place the files there, or set dataset.download=true on a "
             f"machine with network access."
         ) from None
