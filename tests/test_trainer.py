@@ -247,6 +247,32 @@ def test_epoch_throughput_counts_only_that_epochs_images_and_training_time():
     assert log.images / log.seconds == pytest.approx(200 / 11)  # metrics' images_per_second: the run's average
 
 
+def test_the_first_throughput_after_a_resume_divides_the_carried_window_by_its_own_time_too():
+    class Writer:
+        def __init__(self):
+            self.speeds = []
+
+        def add_scalar(self, tag, value, step):
+            if tag == "perf/images_per_second":
+                self.speeds.append(value)
+
+    clock, labels = [0.0], torch.zeros(100, dtype=torch.long)
+    before = TrainingLog(torch.device("cpu"), Writer(), clock=lambda: clock[0])
+    before.window.add(torch.tensor(1.0), torch.zeros(100, 10), labels)
+    clock[0] = 49.0  # 100 images in 49 s, not yet flushed: the checkpoint keeps them in its window
+    saved = before.state_dict()
+
+    clock[0] = 1000.0  # resumed much later
+    after = TrainingLog(torch.device("cpu"), Writer(), clock=lambda: clock[0])
+    after.load_state_dict(saved)
+    after.start_epoch(keep_totals=True)  # as train_epoch does, mid-epoch
+    after.window.add(torch.tensor(1.0), torch.zeros(100, 10), labels)
+    clock[0] = 1001.0  # 100 more images in 1 s
+    after.flush(step=2, lr=0.1, grad_norm=torch.tensor(1.0), parameters=[])
+    assert after.writer.speeds == [pytest.approx(200 / 50)]  # not 200 images in 1 s
+    assert after.images / after.seconds == pytest.approx(200 / 50)
+
+
 def test_piped_output_never_wraps_a_name_and_draws_no_screen_wide_box(run_cli, tmp_path):
     name = "a_run_directory_named_longer_than_any_terminal_is_wide_" * 3
     # An lr too small to learn, judged with a loose tolerance: a not_learning warning, in a panel.

@@ -276,6 +276,7 @@ class TrainingLog:
         self.seconds, self.images = 0.0, 0  # training time and images over the whole run
         self.dead_fraction: dict[str, float] = {}  # of the latest probe
         self.skipped = 0  # steps not applied for a non-finite loss (trainer.on_nonfinite=skip)
+        self.carried_seconds = 0.0  # a resumed run's time on the steps since its last flush, before the checkpoint
         self.series: Series = {}  # every scalar logged so far, for the findings
         self.start_epoch()
 
@@ -283,7 +284,9 @@ class TrainingLog:
         if not keep_totals:
             self.epoch_loss, self.epoch_correct, self.epoch_images = 0.0, 0.0, 0
             self.epoch_seconds = 0.0  # this epoch's training time, for its own images/s
-        self.timer = self.clock()  # evaluation between epochs is not training time
+        # Evaluation between epochs is not training time. A resume carries in the time its window's
+        # steps took before the checkpoint: the next images/s divides those images by their time too.
+        self.timer, self.carried_seconds = self.clock() - self.carried_seconds, 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": [self.epoch_loss, self.epoch_correct, self.epoch_images], "seconds": self.seconds,
@@ -291,7 +294,8 @@ class TrainingLog:
                 "dead_fraction": dict(self.dead_fraction), "skipped": self.skipped,
                 "series": {tag: list(points) for tag, points in self.series.items()},
                 # the steps since the last log: a resumed run logs exactly what an uninterrupted one would
-                "window": [self.window.loss.clone(), self.window.correct.clone(), self.window.count]}
+                "window": [self.window.loss.clone(), self.window.correct.clone(), self.window.count],
+                "window_seconds": self.clock() - self.timer}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch_loss, self.epoch_correct, self.epoch_images = state["epoch"]
@@ -302,6 +306,8 @@ class TrainingLog:
         self.skipped = state["skipped"]
         self.series = {tag: [tuple(point) for point in points] for tag, points in state.get("series", {}).items()}
         loss, correct, self.window.count = state["window"]
+        # a checkpoint from before window_seconds: the window's steps at the run's average speed
+        self.carried_seconds = state.get("window_seconds", self.window.count * self.seconds / max(self.images, 1))
         self.window.loss.copy_(loss)
         self.window.correct.copy_(correct)
 
