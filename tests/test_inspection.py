@@ -82,6 +82,16 @@ def row(out: str, layer: str) -> list[str]:
 DYING = "act02_fc: the dead fraction on the training images rose from 25% (step 0) to 50% (step 8)."
 
 
+def test_a_statistic_measured_once_shows_its_one_value_and_step_not_a_change(inspect, tmp_path):
+    once = {tag: points[-1:] if tag.startswith(("grad_norm/", "update_ratio/")) else points
+            for tag, points in SCALARS.items()}  # two probes, 0 and 8: an update's statistics only at 8
+    write_run(tmp_path, scalars=once)
+    code, out, err = inspect(tmp_path)
+    assert code == 0, err
+    assert row(out, "layer01_fc") == ["layer01_fc", "0.25 (step 8)", "-3.00 (step 8)", "-"]
+    assert row(out, "act01_fc")[1] == "0.000 → 0.125"
+
+
 def test_tables_show_each_layer_first_and_last_probe_in_depth_order(inspect, tmp_path):
     code, out, err = inspect(write_run(tmp_path))
     assert code == 0, err

@@ -210,6 +210,8 @@ def _cell(stats: dict[str, dict], key: str, spec: str) -> str:
     point = stats.get(key)
     if point is None:
         return "-"
+    if point["first_step"] == point["last_step"]:  # measured once (an update's statistics miss step 0): no change to show
+        return f"{_number(point['last'], spec)} (step {point['last_step']})"
     return f"{_number(point['first'], spec)} → {_number(point['last'], spec)}"
 
 
