@@ -17,25 +17,39 @@ from tests.helpers import TINY, TINY_MLP, TINY_TRAINER, compose_config
 SUCCESS, FAILURE, UNKNOWN = api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE, api_pb2.STATUS_UNKNOWN
 
 
-def hparams_tab(logdir):
-    """(the columns, {run: its session}) of the HPARAMS tab for the runs under logdir, computed by
-    TensorBoard's hparams plugin from its event multiplexer, as for the dashboard's /experiment and
-    /session_groups requests."""
+def hparams_plugin(logdir):
+    """TensorBoard's hparams plugin over the runs under logdir, from its event multiplexer, and a request."""
     from tensorboard import context
     from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
     from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
     from tensorboard.plugins.base_plugin import TBContext
-    from tensorboard.plugins.hparams import backend_context, get_experiment, list_session_groups
+    from tensorboard.plugins.hparams import backend_context
 
     multiplexer = EventMultiplexer()
     multiplexer.AddRunsFromDirectory(str(logdir))
     multiplexer.Reload()
     provider = MultiplexerDataProvider(multiplexer, str(logdir))
-    plugin = backend_context.Context(TBContext(logdir=str(logdir), multiplexer=multiplexer, data_provider=provider))
-    request = context.RequestContext()
-    experiment = get_experiment.Handler(request, plugin, "", api_pb2.GetExperimentRequest(hparams_limit=1000)).run()
+    return backend_context.Context(TBContext(logdir=str(logdir), multiplexer=multiplexer, data_provider=provider)), \
+        context.RequestContext()
+
+
+def session_groups(logdir):
+    """The rows of the HPARAMS tab, as for the dashboard's /session_groups request."""
+    from tensorboard.plugins.hparams import list_session_groups
+
+    plugin, request = hparams_plugin(logdir)
     everything = api_pb2.ListSessionGroupsRequest(allowed_statuses=api_pb2.Status.values(), slice_size=100)
-    groups = list_session_groups.Handler(request, plugin, "", everything).run().session_groups
+    return list_session_groups.Handler(request, plugin, "", everything).run().session_groups
+
+
+def hparams_tab(logdir):
+    """(the columns, {run: its session}) of the HPARAMS tab for the runs under logdir, computed by
+    TensorBoard's hparams plugin, as for the dashboard's /experiment and /session_groups requests."""
+    from tensorboard.plugins.hparams import get_experiment
+
+    plugin, request = hparams_plugin(logdir)
+    experiment = get_experiment.Handler(request, plugin, "", api_pb2.GetExperimentRequest(hparams_limit=1000)).run()
+    groups = session_groups(logdir)
     assert all(len(group.sessions) == 1 for group in groups)  # one row per run
     return experiment, {group.sessions[0].name: (group.sessions[0], group.hparams) for group in groups}
 
@@ -104,6 +118,23 @@ def test_the_hparams_record_has_typed_values_the_defining_settings_first_and_no_
     activation = next(info for info in infos if info.name == "activation")
     assert activation.type == api_pb2.DATA_TYPE_STRING
     assert "selu" in [v.string_value for v in activation.domain_discrete.values]  # a filter with every option
+
+
+def test_the_settings_typed_on_the_command_line_are_the_first_columns_and_name_the_trial(tmp_path):
+    for seed in (0, 1):
+        run_dir = tmp_path / f"multirun/2026-12-02/14-20-00/{seed}"
+        (run_dir / ".hydra").mkdir(parents=True)
+        typed = ["activation=elu", "optimizer.lr=0.1", f"trainer.seed={seed}", "dataset.root=/a/long/path"]
+        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {line}\n" for line in typed))
+        run = validate(compose_config("dataset=mnist", *TINY_MLP, *TINY_TRAINER, *typed))
+        write_hparams_start(run_dir, run)
+    experiment, sessions = hparams_tab(tmp_path)
+    names = [info.name for info in experiment.hparam_infos]  # as the dashboard orders them
+    assert names[:3] == ["activation", "optimizer.lr", "trainer.seed"]  # within its first five, ticked
+    assert [info.name for info in experiment.hparam_infos if info.differs] == names[:3]
+    groups = [group.name for group in session_groups(tmp_path)]  # the Trial ID column
+    assert sorted(groups) == ["activation=elu,optimizer.lr=0.1,trainer.seed=0", "activation=elu,optimizer.lr=0.1,trainer.seed=1"]
+    assert "dataset.root" not in names  # not a hyperparameter: neither a column nor in the name
 
 
 def test_a_completed_run_is_one_successful_row_with_its_settings_and_metrics(tiny_run):

@@ -118,7 +118,7 @@ def _read_yaml(file: Path, kind: type, what: str) -> Any:
     return value
 
 
-def _read_overrides(path: Path) -> dict[str, str]:
+def read_overrides(path: Path) -> dict[str, str]:
     """key -> value of the run's command-line overrides; UserError if the file cannot be read."""
     lines = _read_yaml(path / ".hydra" / "overrides.yaml", list, "the list of overrides")
     overrides = {}
@@ -180,6 +180,6 @@ def settings_of(config: dict | None, overrides: dict[str, str]) -> dict[str, str
 
 def read_run(path: Path) -> Run:
     """The run in `path`; UserError naming the file if one of its files cannot be read."""
-    overrides = _read_overrides(path)
+    overrides = read_overrides(path)
     config = _read_yaml(path / ".hydra" / "config.yaml", dict, "the config")
     return Run(path, overrides, read_run_metrics(path), settings_of(config, overrides), composed=config is not None)

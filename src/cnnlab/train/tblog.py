@@ -132,18 +132,30 @@ def flat_hparams(run: RunConfig) -> dict[str, bool | str | int | float]:
     return values
 
 
-def hparam_values(run: RunConfig) -> dict[str, bool | str | int | float]:
-    """The settings the HPARAMS tab shows, in its order: DEFINING_HPARAMS, then the rest by name;
-    none of those whose config.role says they are not hyperparameters."""
+def hparam_values(run: RunConfig, first: tuple[str, ...] = DEFINING_HPARAMS) -> dict[str, bool | str | int | float]:
+    """The settings the HPARAMS tab shows, in its order: `first`, then the rest by name; none of
+    those whose config.role says they are not hyperparameters."""
     values = flat_hparams(run)
-    keys = sorted((key for key in values if role(key).hparam), key=lambda key: (key not in DEFINING_HPARAMS, key))
+    keys = sorted((key for key in values if role(key).hparam), key=lambda key: (key not in first, key))
     return {key: values[key] for key in keys}
 
 
-def hparam_info(name: str, value: bool | str | int | float) -> api_pb2.HParamInfo:
+def typed_settings(run_dir: Path) -> dict[str, str]:
+    """The run's command-line overrides (.hydra/overrides.yaml), key -> value as typed: a sweep's
+    swept settings are among them. Empty for a run without the file, or with one it cannot read."""
+    from cnnlab.analysis.runs import read_overrides
+    from cnnlab.errors import UserError
+
+    try:
+        return read_overrides(Path(run_dir))
+    except UserError:
+        return {}
+
+
+def hparam_info(name: str, value: bool | str | int | float, differs: bool) -> api_pb2.HParamInfo:
     """A column of the HPARAMS tab. Booleans are booleans (torch's hparams() writes them as numbers,
     shown as 0.0000), with the filter [false, true]; a group's column filters on all its options."""
-    info = api_pb2.HParamInfo(name=name, differs=name in DEFINING_HPARAMS)
+    info = api_pb2.HParamInfo(name=name, differs=differs)
     if isinstance(value, bool):  # before int: a bool is an int
         info.type, options = api_pb2.DATA_TYPE_BOOL, [Value(bool_value=False), Value(bool_value=True)]
     elif isinstance(value, str):
@@ -164,11 +176,19 @@ def hparam_value(value: bool | str | int | float) -> Value:
 def write_hparams_start(run_dir: Path, run: RunConfig) -> None:
     """(Re)write the run's HParams record with its settings and no end: the status a resumed run's
     last process recorded goes, since TensorBoard would keep showing it (see HPARAMS_FILE)."""
+    # The settings typed on the command line (a sweep's swept ones among them) are the first columns,
+    # which TensorBoard shows ticked; DEFINING_HPARAMS when nothing was typed. TensorBoard sorts the
+    # columns by `differs`, then by name, so these are the ones marked.
     values = hparam_values(run)
-    experiment = api_pb2.Experiment(hparam_infos=[hparam_info(name, value) for name, value in values.items()],
+    typed = {key: value for key, value in typed_settings(run_dir).items() if key in values}
+    first = tuple(typed) or DEFINING_HPARAMS
+    values = hparam_values(run, first)
+    experiment = api_pb2.Experiment(hparam_infos=[hparam_info(name, value, name in first) for name, value in values.items()],
                                     metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag))
                                                   for tag in HPARAM_METRICS])
-    start = plugin_data_pb2.SessionStartInfo(hparams={name: hparam_value(value) for name, value in values.items()})
+    # The Trial ID column shows the session group's name: the overrides read better than a cut-off folder path.
+    start = plugin_data_pb2.SessionStartInfo(hparams={name: hparam_value(value) for name, value in values.items()},
+                                             group_name=",".join(f"{key}={value}" for key, value in typed.items()))
     records = [Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString(),
                _hparams_record(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment)),
                _hparams_record(metadata.SESSION_START_INFO_TAG,
