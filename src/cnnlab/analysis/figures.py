@@ -15,6 +15,7 @@ from cnnlab.analysis.findings import EDGE_PAIRS
 from cnnlab.analysis.names import fixed_settings
 from cnnlab.analysis.runs import Run, readable_events
 from cnnlab.analysis.stats import CONFIDENCE, by_group, completed_spread, equal_windows, mean_curve
+from cnnlab.analysis.tuning import tuned_parts
 from cnnlab.statistics import ACTIVATION, LAYER_START, compared_tags, layer_depth, split_tag
 from cnnlab.status import Status
 
@@ -57,6 +58,8 @@ class Drawing:
     fixed: str
     styles: dict[str, Any] = field(default_factory=dict)  # "-" unless a tuned key gives each value one
     widths: dict[str, float] = field(default_factory=dict)
+    tuned: dict[str, Any] | None = None  # what tuning.tune found, with --tune
+    tuned_colours: dict[str, Any] = field(default_factory=dict)  # the colour of each tuned configuration
 
 
 BAND_SEEDS = 5  # from this many seeds a configuration is drawn as its mean with a band; below, a line per seed
@@ -91,28 +94,28 @@ def _widths(names: list[str]) -> dict[str, float]:
     return {name: 3.2 - 2.2 * i / (len(names) - 1) for i, name in enumerate(names)}
 
 
-def drawing(runs: list[Run], scalars: dict[Path, Series], tuned: dict[str, tuple[str, str]] | None = None) -> Drawing:
+def drawing(runs: list[Run], scalars: dict[Path, Series], tuned: dict[str, Any] | None = None) -> Drawing:
     """The Drawing of the runs that have something to draw: not those that never started training
-    (a rejected config) or failed before their first probe, which have no series. With `tuned` (run
-    path -> its configuration and value of the tuned key, from tuning.tuned_parts) a configuration's
-    groups share one colour and each tuned value has its own line style."""
+    (a rejected config) or failed before their first probe, which have no series. With `tuned` (what
+    tuning.tune found) a configuration's groups share one colour and each tuned value has its own line style."""
     drawn = [run for run in runs if run.status != Status.INVALID and scalars.get(run.path)]
     groups = by_group(drawn)
     if tuned:
-        configurations = list(dict.fromkeys(tuned[members[0].path][0] for members in groups.values()))
-        values = _sorted_values({tuned[members[0].path][1] for members in groups.values()})
+        parts = tuned_parts(runs, tuned["key"])
+        configurations = list(dict.fromkeys(configuration for configuration, _ in parts.values()))
+        values = _sorted_values({value for _, value in parts.values()})
         palette = _palette(len(configurations))
-        colours = {name: palette[configurations.index(tuned[members[0].path][0]) % len(palette)]
-                   for name, members in groups.items()}
-        styles = {name: TUNED_STYLES[values.index(tuned[members[0].path][1]) % len(TUNED_STYLES)]
+        by_configuration = {name: palette[i % len(palette)] for i, name in enumerate(configurations)}
+        colours = {name: by_configuration[parts[members[0].path][0]] for name, members in groups.items()}
+        styles = {name: TUNED_STYLES[values.index(parts[members[0].path][1]) % len(TUNED_STYLES)]
                   for name, members in groups.items()}
     else:
         palette = _palette(len(groups))
         colours = {name: palette[i % len(palette)] for i, name in enumerate(groups)}
-        styles = {name: "-" for name in groups}
+        styles, by_configuration = {name: "-" for name in groups}, {}
     fixed = ", ".join(f"{key}={value}" for key, value in fixed_settings(runs).items())
     return Drawing(groups, scalars, colours, {name: _label(name, members) for name, members in groups.items()},
-                   fixed, styles, _widths(list(groups)))
+                   fixed, styles, _widths(list(groups)), tuned, by_configuration)
 
 
 def _sorted_values(values) -> list[str]:
@@ -412,6 +415,58 @@ def _sharpness(d: Drawing):
     return figure
 
 
+def _tuned_x(key: str, values: list[str]) -> tuple[dict[str, float], bool]:
+    """Where each value of the tuned key goes on the x axis, and whether that axis is logarithmic (a
+    learning rate's, or positive numbers spanning a factor of 10); values that are not numbers: evenly."""
+    numbers = {value: float(value) for value in values if _is_number(value)}
+    if len(numbers) < len(values):
+        return {value: float(i) for i, value in enumerate(_sorted_values(values))}, False
+    positive = all(number > 0 for number in numbers.values())
+    spans = positive and max(numbers.values()) >= 10 * min(numbers.values())
+    return numbers, positive and (key.rsplit(".", 1)[-1] == "lr" or spans)
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _tuning(d: Drawing):
+    """With --tune: each configuration's mean validation accuracy (whisker: its confidence interval)
+    against the tuned value, one line per configuration, the value chosen marked; None without --tune."""
+    if not d.tuned:
+        return None
+    key, configurations = d.tuned["key"], d.tuned["configurations"]
+    values = list(dict.fromkeys(value for entry in configurations.values() for value in entry["tried"]))
+    x, log = _tuned_x(key, values)
+    legend = [(name, d.tuned_colours.get(name, "black"), "-") for name in configurations]
+    note = "; ".join(d.tuned["warnings"])
+    title = (f"tuning {key}: mean validation accuracy over completed seeds against {key}, whisker = "
+             f"{CONFIDENCE:.0%} confidence interval (Student t); star = the value chosen (best mean)")
+    figure, axes = _figure(d, 1, 1, (7.5, 4.2), title, legend, f"warning: {note}" if note else "")
+    axis = axes[0][0]
+    for name, entry in configurations.items():
+        colour = d.tuned_colours.get(name, "black")
+        scored = sorted((x[value], spread) for value, spread in entry["by_value"].items() if spread.mean is not None)
+        if not scored:
+            continue
+        axis.errorbar([at for at, _ in scored], [s.mean for _, s in scored], yerr=[s.ci95 or 0 for _, s in scored],
+                      color=colour, marker="o", markersize=4, capsize=3, linewidth=1.5)
+        if entry["chosen"] is not None:
+            axis.plot(x[entry["chosen"]], entry["val_acc"].mean, marker="*", markersize=16, color=colour,
+                      markeredgecolor="black", linestyle="none", zorder=5)
+    if log:
+        axis.set_xscale("log")
+    axis.set_xticks(list(x.values()), list(x), fontsize="small")
+    axis.minorticks_off()  # the values tried, and nothing between them
+    axis.set(xlabel=key + (" (log scale)" if log else ""), ylabel="validation accuracy")
+    axis.grid(alpha=0.3)
+    return figure
+
+
 # One row per figure file: adding a figure is adding a row. Each draws from a Drawing; one that
 # returns None (nothing to draw, as sharpness.png when no run measured sharpness) is not written.
 FIGURES = {
@@ -420,19 +475,20 @@ FIGURES = {
     "dead_fraction.png": _dead_fraction,
     "activation_depth.png": _activation_depth,
     "sharpness.png": _sharpness,
+    "tuning.png": _tuning,
 }
 
 
-def make_figures(runs: list[Run], out: Path) -> list[Path]:
+def make_figures(runs: list[Run], out: Path, tuned: dict[str, Any] | None = None) -> list[Path]:
     """The comparison figures as PNG files in `out`, also written to TensorBoard (out/figures); the
-    files written, in FIGURES order (a figure with nothing to draw is left out)."""
+    files written, in FIGURES order (a figure with nothing to draw is left out; tuning.png without `tuned`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from torch.utils.tensorboard import SummaryWriter
 
     scalars = {run.path: read_scalars(run, compared_tags()) for run in runs if run.path.is_dir()}
-    d = drawing(runs, scalars)
+    d = drawing(runs, scalars, tuned)
     written = []
     with SummaryWriter(str(out / "figures")) as writer:
         for filename, draw in FIGURES.items():

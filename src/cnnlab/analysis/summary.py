@@ -91,6 +91,8 @@ def print_summary(console: Console, runs: list[Run], title: str, tuned: dict[str
                       "apart. Run several seeds (trainer.seed=0,1,2) for that.", style="dim", highlight=False)
     if tuned is not None:
         console.print(_tuned_table(tuned))
+        for warning in tuned["warnings"]:
+            console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
 
 
 def _group_table(groups: dict[str, dict[str, Any]]) -> Table:
