@@ -251,6 +251,9 @@ def test_figures_of_thirty_configurations_are_bounded_fit_their_labels_and_list_
     assert len(d.groups) == 30 and len(set(map(str, d.colours.values()))) == 30  # 30 distinct colours
     for filename, draw in FIGURES.items():
         figure = draw(d)
+        if filename == "tuning.png":  # only with --tune
+            assert figure is None
+            continue
         width, height = figure.get_size_inches()
         assert width <= MAX_INCHES and height <= MAX_INCHES, filename
         assert_fits(figure)

@@ -303,7 +303,7 @@ def _dead_fraction(d: Drawing):
                 steps, mean, _ = mean_curve(series)  # step 0 and epoch ends: few points, each marked
                 axis.plot(steps, mean, marker=".", color=colours[tag], linewidth=0.7 * widths[tag])
         title = d.labels[name].replace("\n", " ")
-        axis.set_title(_wrap(title, figure.get_figwidth() / cols, 8, lines=3), fontsize="small")
+        axis.set_title(_wrap(title, figure.get_figwidth() / cols, 8), fontsize="small")  # never cut: the end may differ
         axis.set_ylim(-0.02, 1.02)
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
         axis.tick_params(labelsize="small")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cnnlab.analysis.names import SEED_KEY, differing, name_keys, short_keys
+from cnnlab.analysis.names import SEED_KEY, differing, name_keys, short_keys, shown_values
 from cnnlab.analysis.runs import Run
 from cnnlab.analysis.stats import completed_spread, spread, versus_best
 from cnnlab.errors import UserError
@@ -30,10 +30,10 @@ def tuned_parts(runs: list[Run], key: str) -> dict[Path, tuple[str, str]]:
     """Each run's configuration (the runs alike in every named setting but `key` and the seed, by
     those settings) and its value of `key` ("-" without one); `key` as _tuned_key gives it."""
     keys = [k for k in name_keys(runs) if k not in (key, SEED_KEY)]
-    short = short_keys(name_keys(runs))
+    short, shown = short_keys(name_keys(runs)), shown_values(runs, keys)
     parts = {}
     for run in runs:
-        name = ", ".join(f"{short[k]}={run.settings[k]}" for k in keys if k in run.settings) or "all"
+        name = ", ".join(f"{short[k]}={shown[k][run.settings[k]]}" for k in keys if k in run.settings) or "all"
         parts[run.path] = (f"{name} ({run.rerun})" if run.rerun else name, run.settings.get(key, "-"))
     return parts
 
