@@ -207,7 +207,9 @@ def test_dead_fraction_leaves_out_configurations_without_a_dead_unit_and_says_so
     assert [axis.get_title() for axis in figure.axes] == ["activation=relu"]
     assert "left out, no dead unit at any probe: activation=elu; activation=gelu" in figure.get_suptitle().replace("\n", " ")
     none_dead = {path: {tag: (steps, [0.0, 0.0]) for tag, (steps, _) in series.items()} for path, series in scalars.items()}
-    assert FIGURES["dead_fraction.png"](drawing(runs, none_dead)) is None
+    figure = FIGURES["dead_fraction.png"](drawing(runs, none_dead))
+    plt.close(figure)
+    assert "no dead unit at any probe, in any of the 3 configurations" in [t.get_text() for t in figure.axes[0].texts]
 
 
 def many_runs(count: int) -> tuple[list[Run], dict]:

@@ -275,7 +275,7 @@ def _all_zero(d: Drawing, members: list[Run], tags: list[str]) -> bool:
 def _dead_fraction(d: Drawing):
     """One panel per configuration with a dead unit, one line per layer (one legend for all); the
     configurations whose every value is zero are named in the subtitle instead of a panel of flat
-    lines; None without dead fractions, or when every value of every configuration is zero."""
+    lines (a figure that says so when that is all of them); None without dead fractions."""
     import matplotlib
     import matplotlib.ticker
 
@@ -286,8 +286,12 @@ def _dead_fraction(d: Drawing):
         return None
     zero = [name for name, members in d.groups.items() if _all_zero(d, members, tags)]
     shown = {name: members for name, members in d.groups.items() if name not in zero}
-    if not shown:
-        return None
+    if not shown:  # a result worth a figure: it says so rather than drawing flat lines
+        figure, axes = _figure(d, 1, 1, (6.0, 1.2), "dead fraction of each activation layer on the training images", [])
+        axes[0][0].set_axis_off()
+        axes[0][0].text(0.5, 0.5, f"no dead unit at any probe, in any of the {len(zero)} configurations",
+                        ha="center", va="center", transform=axes[0][0].transAxes)
+        return figure
     colours = {tag: matplotlib.colormaps["viridis"](i / max(1, len(tags) - 1)) for i, tag in enumerate(tags)}
     cols = min(len(shown), math.ceil(math.sqrt(len(shown))))
     rows_ = math.ceil(len(shown) / cols)
