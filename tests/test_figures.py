@@ -43,7 +43,7 @@ def test_activation_depth_names_the_layers_and_divides_the_effective_rank_by_the
     assert (start.get_linestyle(), end.get_linestyle()) == ("--", "-")
     assert list(start.get_xdata()) == [0, 1, 2] and list(start.get_ydata()) == pytest.approx([0.5, 0.5, 0.5])
     assert list(end.get_ydata()) == pytest.approx([20 / 60, 20 / 30, 20 / 20])  # ranks 20 of widths 60, 30, 20
-    assert "dashed = first probe" in figure.get_suptitle() and legend_labels(figure) == ["a"]
+    assert "dashed, open dots = first probe" in figure.get_suptitle() and legend_labels(figure) == ["a"]
 
     scalars = {path: {tag: s for tag, s in series.items() if "rank" not in tag} for path, series in scalars.items()}
     older = FIGURES["activation_depth.png"](drawing(runs, scalars))  # runs from before the rank probe

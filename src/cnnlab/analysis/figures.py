@@ -352,7 +352,9 @@ def _depth_lines(axis, d: Drawing, name: str, prefix: str, positions: dict[str, 
     for moment, style in ((0, "--"), (-1, "-")):
         values = [statistics.fmean(d.scalars[run.path][tag][1][moment] for run in members
                                    if tag in d.scalars[run.path]) / per_width[tag] for tag in tags]
-        axis.plot(x, values, style, marker="o", markersize=3, color=d.colours[name], linewidth=d.widths.get(name, 2.0))
+        # open dots at the first probe: with one layer there is no line to be dashed or solid
+        axis.plot(x, values, style, marker="o", markersize=4, color=d.colours[name], linewidth=d.widths.get(name, 2.0),
+                  markerfacecolor="none" if moment == 0 else d.colours[name])
 
 
 DEPTH_PANELS = {"act_mean/": "activation mean by layer", "act_std/": "activation std by layer",
@@ -370,7 +372,7 @@ def _activation_depth(d: Drawing):
                     if tag.startswith(tuple(panels))}, key=lambda layer: (layer_depth(layer), layer))
     positions = {layer: i for i, layer in enumerate(names)}
     figure, axes = _figure(d, 1, len(panels), (max(5.0, 0.55 * len(names)), 3.8), "activations by layer, mean over "
-                           "seeds: dashed = first probe (step 0), solid = last probe", _entries(d))
+                           "seeds: dashed, open dots = first probe (step 0); solid, filled dots = last probe", _entries(d))
     for axis, (prefix, title) in zip(axes[0], panels.items()):
         for name in d.groups:
             _depth_lines(axis, d, name, prefix, positions)
