@@ -24,6 +24,7 @@ BASE_CONFIG = {
 OPTIONS = {"optimizer=sgd": {"optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}},
            "activation=leaky_relu": {"activation": {"name": "leaky_relu", "negative_slope": 0.01}},
            "activation=elu": {"activation": {"name": "elu", "alpha": 1.0}},
+           "model=convnet": {"model": {"name": "convnet", "channels": [16, 32], "fc_hidden": 64}},
            "preset=selu_lecun": {"activation": {"name": "selu"}, "model": {"init": "lecun"}}}
 
 
@@ -71,11 +72,14 @@ def names(folder: Path) -> list[str]:
     return [r.name for r in find_runs([str(folder)])]
 
 
-def write_events(path: Path, lr: str, scalars: dict[str, list[float]], metrics=None) -> Path:
-    """A run directory with TensorBoard scalars (tag -> values at steps 0, 10, 20, ...), as a run writes them."""
+def write_events(path: Path, lr: str, scalars: dict[str, list[float]], metrics=None, *overrides: str) -> Path:
+    """A run directory with TensorBoard scalars (tag -> values at steps 0, 10, 20, ...), as a run writes them;
+    with `overrides`, also the config they compose (with optimizer.lr=LR)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    write_run(path, overrides=f"- optimizer.lr={lr}\n", metrics=metrics or '{"status": "completed", "val_acc": 0.5}')
+    config = composed([f"optimizer.lr={lr}", *overrides]) if overrides else None
+    write_run(path, overrides="".join(f"- {o}\n" for o in [f"optimizer.lr={lr}", *overrides]),
+              metrics=metrics or '{"status": "completed", "val_acc": 0.5}', config=config)
     with SummaryWriter(str(path)) as writer:
         for tag, values in scalars.items():
             for i, value in enumerate(values):

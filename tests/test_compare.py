@@ -16,8 +16,8 @@ from cnnlab.errors import UserError
 from tests.fake_runs import write_run
 from tests.helpers import TINY, not_blank
 
-# What a run without sharpness estimates (probes.sharpness_every=0, the default) gets.
-DRAWN_WITHOUT_SHARPNESS = [figure for figure in FIGURES if figure != "sharpness.png"]
+# What a run without sharpness estimates (probes.sharpness_every=0, the default) gets, without --tune.
+DRAWN_WITHOUT_SHARPNESS = [figure for figure in FIGURES if figure not in ("sharpness.png", "tuning.png")]
 
 
 def cnnlab(*args, cwd):
@@ -81,7 +81,7 @@ def test_a_sweep_summary_is_written_with_one_row_per_job(sweep):
     assert relu["val_acc"]["mean"] == pytest.approx(sum(values) / 2) and relu["val_acc"]["values"] == values
     assert summary["fixed"]["dataset"] == "fake" and summary["fixed"]["epochs"] == "2"
     lines = (sweep / "summary.csv").read_text().splitlines()
-    assert lines[0].startswith("name,status,") and len(lines) == 5
+    assert lines[0].startswith("kind,name,group,activation,trainer.seed,") and len(lines) == 1 + 4 + 2  # runs, groups
 
 
 def test_compare_writes_every_figure_the_summary_and_tensorboard_images(sweep, tmp_path, run_cli):

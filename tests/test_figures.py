@@ -8,11 +8,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pytest
 
-from cnnlab.analysis.figures import DPI, FIGURES, MAX_INCHES, drawing, make_figures, read_scalars
+from cnnlab.analysis.figures import DPI, FIGURES, MAX_INCHES, drawing, layer_widths, make_figures, read_scalars
 from cnnlab.analysis.folders import find_runs
-from cnnlab.analysis.stats import mean_curve
 from cnnlab.analysis.names import SEED_KEY, name_runs
 from cnnlab.analysis.runs import Run
+from cnnlab.analysis.stats import mean_curve
 from cnnlab.analysis.summary import rows
 from tests.fake_runs import configured, seeded_run, write_events, write_run
 from tests.helpers import not_blank
@@ -28,23 +28,46 @@ def legend_labels(figure) -> list[str]:
     return [text.get_text() for legend in figure.legends for text in legend.get_texts()]
 
 
-def test_activation_depth_gains_an_effective_rank_panel_when_runs_log_it(tmp_path):
-    runs = find_runs([str(write_events(tmp_path / "sweep" / "a", "0.1", depth_scalars(30.0, 20.0)).parent)])
+def test_activation_depth_names_the_layers_and_divides_the_effective_rank_by_the_layers_width(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_events(sweep / "a", "0.1", depth_scalars(30.0, 20.0), None, "model.hidden=[60,30,20]")
+    runs = find_runs([str(sweep)])
     scalars = {run.path: read_scalars(run, ("act_mean/", "act_std/", "effective_rank/")) for run in runs}
     figure = FIGURES["activation_depth.png"](drawing(runs, scalars))
     plt.close(figure)
-    assert [axis.get_title() for axis in figure.axes] == ["activation mean by depth", "activation std by depth",
-                                                          "effective rank of the activations by depth"]
-    start, end = figure.axes[2].get_lines()  # the first probe dashed, the last solid, layer by layer
+    mean, _, rank = figure.axes
+    assert [axis.get_title() for axis in figure.axes] == ["activation mean by layer", "activation std by layer",
+                                                          "effective rank / layer width by layer (1 = full rank)"]
+    assert [label.get_text() for label in mean.get_xticklabels()] == ["act01_fc", "act02_fc", "act03_fc"]
+    start, end = rank.get_lines()  # the first probe dashed, the last solid, layer by layer
     assert (start.get_linestyle(), end.get_linestyle()) == ("--", "-")
-    assert list(start.get_xdata()) == [1, 2, 3] and list(start.get_ydata()) == pytest.approx([30, 15, 10])
-    assert list(end.get_ydata()) == pytest.approx([20, 20, 20])
-    assert "dashed = first probe" in figure.get_suptitle() and legend_labels(figure) == ["a"]
+    assert list(start.get_xdata()) == [0, 1, 2] and list(start.get_ydata()) == pytest.approx([0.5, 0.5, 0.5])
+    assert list(end.get_ydata()) == pytest.approx([20 / 60, 20 / 30, 20 / 20])  # ranks 20 of widths 60, 30, 20
+    assert "dashed, open dots = first probe" in figure.get_suptitle() and legend_labels(figure) == ["a"]
 
     scalars = {path: {tag: s for tag, s in series.items() if "rank" not in tag} for path, series in scalars.items()}
     older = FIGURES["activation_depth.png"](drawing(runs, scalars))  # runs from before the rank probe
     plt.close(older)
     assert len(older.axes) == 2
+
+
+def test_layer_widths_are_a_convnets_channels_then_its_fc_width_and_an_mlps_hidden_widths():
+    convnet = Run(Path("/r/c"), {}, None, {"model": "convnet", "model.channels": "[16,32]", "model.fc_hidden": "64"})
+    mlp = Run(Path("/r/m"), {}, None, {"model": "mlp", "model.hidden": "[256,128]"})
+    assert layer_widths(convnet) == {"act01_conv": 16, "act02_conv": 32, "act03_fc": 64}
+    assert layer_widths(mlp) == {"act01_fc": 256, "act02_fc": 128}
+    assert layer_widths(Run(Path("/r/x"), {"activation": "relu"}, None)) == {}  # no config: no widths
+
+
+def test_later_configurations_are_drawn_thinner_so_identical_lines_stay_visible(tmp_path):
+    sweep = tmp_path / "sweep"
+    for lr in ("0.001", "0.01", "0.1"):  # the same step-0 values in every run
+        write_events(sweep / lr, lr, {"val/acc": [0.1, 0.5], "act_mean/act01_fc": [0.5, 0.4]})
+    runs = find_runs([str(sweep)])
+    figure = FIGURES["val_curves.png"](drawing(runs, {run.path: read_scalars(run, ("val/", "act_")) for run in runs}))
+    plt.close(figure)
+    widths = [line.get_linewidth() for line in figure.axes[0].get_lines()]
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) == 3
 
 
 def test_sharpness_figure_is_drawn_only_when_some_run_estimated_sharpness(tmp_path):
@@ -119,26 +142,74 @@ def test_runs_that_never_trained_are_left_out_of_the_figures_and_listed_in_the_t
     assert "dead_fraction.png" in [path.name for path in written]
 
 
-def test_val_curves_draw_the_training_loss_per_log_step_and_a_confidence_band_over_seeds():
+def test_val_curves_draw_a_line_per_seed_below_five_seeds_and_the_mean_with_a_band_from_five():
     from matplotlib.collections import PolyCollection
 
-    runs = [seeded_run("relu", 0), seeded_run("relu", 1), seeded_run("elu", 0)]
+    runs = [seeded_run("relu", seed) for seed in range(5)] + [seeded_run("elu", 0), seeded_run("elu", 1)]
     name_runs(runs)
-    train = {"relu-0": [2.0, 1.0, 0.5], "relu-1": [2.2, 1.2, 0.7], "elu-0": [2.0, 1.5, 1.0]}
-    scalars = {r.path: {"train/loss": ([0, 5, 10], train[r.path.name]), "val/loss": ([10], [0.9]),
+    train = {r.path: [2.0 + 0.1 * i, 1.0 + 0.1 * i, 0.5 + 0.1 * i] for i, r in enumerate(runs)}
+    scalars = {r.path: {"train/loss": ([0, 5, 10], train[r.path]), "val/loss": ([10], [0.9]),
                         "val/acc": ([10], [0.6])} for r in runs}
     figure = FIGURES["val_curves.png"](drawing(runs, scalars))
     plt.close(figure)
-    training, loss, accuracy = figure.axes
-    assert "every trainer.log_every steps" in training.get_title() and "one point per epoch" in loss.get_title()
-    relu_line, elu_line = training.get_lines()
-    assert list(relu_line.get_xdata()) == [0, 5, 10] and list(relu_line.get_ydata()) == pytest.approx([2.1, 1.1, 0.6])
-    assert sum(isinstance(c, PolyCollection) for c in training.collections) == 1  # a band for relu's two seeds only
-    assert "band = 95% confidence interval" in figure.get_suptitle()
+    training, loss, _ = figure.axes
+    assert "the mean over trainer.log_every" in training.get_title() and "one point per epoch" in loss.get_title()
+    relu_mean, *elu_seeds = training.get_lines()
+    assert list(relu_mean.get_xdata()) == [0, 5, 10] and list(relu_mean.get_ydata()) == pytest.approx([2.2, 1.2, 0.7])
+    assert [list(line.get_ydata()) for line in elu_seeds] == [pytest.approx(train[r.path]) for r in runs[5:]]
+    assert all(line.get_linewidth() < relu_mean.get_linewidth() for line in elu_seeds)  # seeds: thin lines
+    assert sum(isinstance(c, PolyCollection) for c in training.collections) == 1  # a band for relu's five seeds only
+    assert "one thin line per seed below 5 seeds" in figure.get_suptitle()
     band = next(c for c in training.collections if isinstance(c, PolyCollection))
     low, high = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[:, 1].max()
-    half = mean_curve([([0, 5, 10], train["relu-0"]), ([0, 5, 10], train["relu-1"])]).ci95
-    assert (low, high) == pytest.approx((0.6 - half[-1], 2.1 + half[0]))  # the band is the mean's interval
+    half = mean_curve([([0, 5, 10], train[r.path]) for r in runs[:5]]).ci95
+    assert (low, high) == pytest.approx((0.7 - half[-1], 2.2 + half[0]))  # the band is the mean's interval
+
+
+def test_training_loss_points_each_average_log_every_steps_across_epoch_ends():
+    runs = [seeded_run("relu", 0)]
+    runs[0].settings["trainer.log_every"] = "10"
+    name_runs(runs)
+    # 7 steps an epoch: logged at 7 (epoch end), 10, 14 (end), 20, 21 (end): the windows 7 and 3 steps long
+    steps, losses = [7, 10, 14, 20, 21], [1.0, 2.0, 1.0, 1.0, 0.1]
+    figure = FIGURES["val_curves.png"](drawing(runs, {runs[0].path: {"train/loss": (steps, losses)}}))
+    plt.close(figure)
+    (line,) = figure.axes[0].get_lines()
+    assert list(line.get_xdata()) == [10, 20]  # the last window, one step long, is dropped: no fake dip
+    assert list(line.get_ydata()) == pytest.approx([(7 * 1.0 + 3 * 2.0) / 10, (4 * 1.0 + 6 * 1.0) / 10])
+
+
+def test_test_accuracy_zooms_to_the_results_with_the_mean_its_whisker_and_each_seed():
+    runs = [seeded_run("relu", seed, test_acc=acc) for seed, acc in enumerate((0.9450, 0.9455, 0.9460))]
+    runs += [seeded_run("elu", seed, test_acc=acc) for seed, acc in enumerate((0.9465, 0.9470, 0.9475))]
+    name_runs(runs)
+    figure = FIGURES["test_accuracy.png"](drawing(runs, {r.path: {"val/acc": ([1], [0.5])} for r in runs}))
+    plt.close(figure)
+    (axis,) = figure.axes
+    low, high = axis.get_xlim()
+    half = 4.302653 * 0.0005 / 3 ** 0.5  # t(0.975, 2) s / sqrt(3)
+    assert low < 0.9455 - half and high > 0.9470 + half and high - low < 0.02  # zoomed, whiskers inside
+    assert not axis.patches  # no bars from 0
+    seeds = [collection.get_offsets()[:, 0].tolist() for collection in axis.collections if len(collection.get_offsets()) == 3]
+    assert seeds == [pytest.approx([0.9450, 0.9455, 0.9460]), pytest.approx([0.9465, 0.9470, 0.9475])]
+    means = [line.get_xdata()[0] for line in axis.get_lines() if line.get_marker() == "o"]
+    assert means == pytest.approx([0.9455, 0.9470])
+
+
+def test_dead_fraction_leaves_out_configurations_without_a_dead_unit_and_says_so():
+    runs = [seeded_run("relu", 0), seeded_run("elu", 0), seeded_run("gelu", 0)]
+    name_runs(runs)
+    dead = {"relu": [0.0, 0.3], "elu": [0.0, 0.0], "gelu": [0.0, 0.0]}
+    scalars = {r.path: {f"dead_fraction/act0{i}_fc": ([0, 10], dead[r.settings["activation"]]) for i in (1, 2)}
+               for r in runs}
+    figure = FIGURES["dead_fraction.png"](drawing(runs, scalars))
+    plt.close(figure)
+    assert [axis.get_title() for axis in figure.axes] == ["activation=relu"]
+    assert "left out, no dead unit at any probe: activation=elu; activation=gelu" in figure.get_suptitle().replace("\n", " ")
+    none_dead = {path: {tag: (steps, [0.0, 0.0]) for tag, (steps, _) in series.items()} for path, series in scalars.items()}
+    figure = FIGURES["dead_fraction.png"](drawing(runs, none_dead))
+    plt.close(figure)
+    assert "no dead unit at any probe, in any of the 3 configurations" in [t.get_text() for t in figure.axes[0].texts]
 
 
 def many_runs(count: int) -> tuple[list[Run], dict]:
@@ -182,6 +253,9 @@ def test_figures_of_thirty_configurations_are_bounded_fit_their_labels_and_list_
     assert len(d.groups) == 30 and len(set(map(str, d.colours.values()))) == 30  # 30 distinct colours
     for filename, draw in FIGURES.items():
         figure = draw(d)
+        if filename == "tuning.png":  # only with --tune
+            assert figure is None
+            continue
         width, height = figure.get_size_inches()
         assert width <= MAX_INCHES and height <= MAX_INCHES, filename
         assert_fits(figure)

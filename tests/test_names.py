@@ -7,7 +7,7 @@ import io
 from rich.console import Console
 
 from cnnlab.analysis.folders import find_runs
-from cnnlab.analysis.names import name_runs
+from cnnlab.analysis.names import fixed_settings, name_runs, shown_values
 from cnnlab.analysis.stats import seed_groups
 from cnnlab.analysis.summary import print_summary
 from tests.fake_runs import configured, names, seeded_run
@@ -80,3 +80,49 @@ def test_runs_that_differ_by_seed_only_are_one_group():
     only_seeds = [seeded_run("relu", 0), seeded_run("relu", 1)]
     name_runs(only_seeds)
     assert [r.group for r in only_seeds] == ["all", "all"]
+
+
+def test_paths_that_differ_show_their_differing_part_and_a_repeated_job_joins_its_seed_group(tmp_path):
+    out = tmp_path / "outputs"
+    sweep = out / "multirun" / "2026-11-26" / "10-00-00"
+    root = "dataset.root=/home/me/projects/cnnlab/data"
+    for activation in ("relu", "elu"):
+        for seed in range(3):
+            configured(sweep / f"activation={activation},trainer.seed={seed}", f"activation={activation}",
+                       f"trainer.seed={seed}", root)
+    configured(out / "2026-11-27" / "09-00-00", "activation=relu", "trainer.seed=0", root)  # repeats a job
+    configured(out / "2026-11-27" / "09-30-00", "activation=relu", "dataset.root=/home/me/projects/cnnlab-old/data")
+    runs = find_runs([str(out)])
+    by_folder = {run.path.name: run for run in runs}
+    assert by_folder["09-30-00"].name == "activation=relu, dataset.root=…/cnnlab-old/data, seed=0"
+    assert by_folder["activation=elu,trainer.seed=1"].name == "activation=elu, dataset.root=…/cnnlab/data, seed=1"
+    assert fixed_settings(runs)["dataset.root"] == "/home/me/projects/…"  # what every name leaves out
+    groups = seed_groups(runs)
+    relu = groups["activation=relu, dataset.root=…/cnnlab/data"]
+    assert relu["runs"] == 4 and relu["seeds"] == ["0", "0", "1", "2"]  # the single run joined the sweep's seeds
+    assert by_folder["09-00-00"].name == "activation=relu, dataset.root=…/cnnlab/data, seed=0 (09-00-00)"
+    assert set(groups) == {"activation=elu, dataset.root=…/cnnlab/data", "activation=relu, dataset.root=…/cnnlab/data",
+                           "activation=relu, dataset.root=…/cnnlab-old/data"}
+
+
+def test_legend_labels_wrap_long_names_without_cutting_the_part_that_differs():
+    from cnnlab.analysis.figures import drawing
+
+    runs = [seeded_run("relu", 0), seeded_run("elu", 0)]
+    for run, width in zip(runs, ("1024", "512")):  # long names that differ at their ends
+        run.settings["model.hidden"] = "[" + ",".join([width] * 20) + "]"
+        run.overrides["model.hidden"] = run.settings["model.hidden"]
+        run.settings["optimizer.lr"] = run.overrides["optimizer.lr"] = "0.1" if run.settings["activation"] == "relu" else "0.2"
+    name_runs(runs)
+    d = drawing(runs, {run.path: {"val/acc": ([1], [0.5])} for run in runs})
+    assert ["".join(label.split()) for label in d.labels.values()] == ["".join(run.name.split()) for run in runs]
+    assert all("lr=0." in label and label.count("\n") >= 2 for label in d.labels.values())  # three lines, not cut
+
+
+def test_a_path_is_shown_by_where_the_paths_differ_and_its_own_name():
+    runs = [seeded_run("relu", 0), seeded_run("relu", 1), seeded_run("relu", 2)]
+    for run, root in zip(runs, ("/home/me/a/runs/2026/data", "/home/me/b/runs/2026/data", "data")):
+        run.settings["dataset.root"] = root
+    assert shown_values(runs[:2], ["dataset.root"])["dataset.root"] == {"/home/me/a/runs/2026/data": "…/a/…/data",
+                                                                        "/home/me/b/runs/2026/data": "…/b/…/data"}
+    assert shown_values(runs, ["dataset.root"])["dataset.root"]["data"] == "data"  # not all paths: as they are

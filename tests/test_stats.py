@@ -69,3 +69,12 @@ def test_a_mean_curve_is_over_the_steps_every_run_reached_with_a_student_t_band(
                                                                                                         abs=1e-5)
     one = mean_curve([([0, 5], [2.0, 1.0])])
     assert one.steps == [0, 5] and list(one.mean) == [2.0, 1.0] and one.ci95 is None
+
+
+def test_equal_windows_merges_the_short_windows_around_epoch_ends_and_keeps_logs_that_never_reach_log_every():
+    from cnnlab.analysis.stats import equal_windows
+
+    # log_every 4, epochs of 6 steps: logged at 4, 6 (end), 8, 12 (end and a multiple), 13 (a last short window)
+    assert equal_windows([4, 6, 8, 12, 13], [1.0, 3.0, 1.0, 2.0, 0.0], 4) == ([4, 8, 12], [1.0, 2.0, 2.0])
+    assert equal_windows([8, 16], [2.0, 1.9], 50) == ([8, 16], [2.0, 1.9])  # epoch ends only: as logged
+    assert equal_windows([10, 20, 25], [1.0, 1.0, 0.5], None) == ([10, 20], [1.0, 1.0])  # the longest gap stands in

@@ -140,3 +140,23 @@ def mean_curve(series: list[tuple[list[int], list[float]]]) -> Curve:
         return Curve(steps, values[0], None)
     half = stats.t.ppf((1 + CONFIDENCE) / 2, len(points) - 1) * values.std(axis=0, ddof=1) / math.sqrt(len(points))
     return Curve(steps, values.mean(axis=0), half)
+
+
+def equal_windows(steps: list[int], values: list[float], every: int | None) -> tuple[list[int], list[float]]:
+    """Training-loss points that each average `every` steps (trainer.log_every). The trainer logs at
+    multiples of `every` and at each epoch's end, so the points either side of an epoch's end average
+    fewer steps (and a shorter window is noisier: a fake dip or spike). Such short windows are merged,
+    weighted by their steps, into the window that ends at the next multiple of `every`; a short window
+    at the very end is dropped. Without `every` (an old run), the longest gap between points stands in."""
+    gaps = [step - before for before, step in zip([0, *steps], steps)]
+    every = every or max(gaps, default=0)
+    if not every:
+        return steps, values
+    merged_steps, merged_values, total, covered = [], [], 0.0, 0
+    for step, value, gap in zip(steps, values, gaps):
+        total, covered = total + value * gap, covered + gap
+        if step % every == 0:
+            merged_steps.append(step)
+            merged_values.append(total / covered if covered else value)  # a point at step 0
+            total, covered = 0.0, 0
+    return (merged_steps, merged_values) if merged_steps else (steps, values)

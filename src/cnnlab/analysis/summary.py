@@ -12,13 +12,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cnnlab.analysis.names import SEED_KEY, fixed_settings
+from cnnlab.analysis.names import SEED_KEY, fixed_settings, name_keys
 from cnnlab.analysis.runs import Run
-from cnnlab.analysis.stats import CONFIDENCE, SIGNIFICANCE, Spread, seed_groups
+from cnnlab.analysis.stats import CONFIDENCE, GROUP_METRICS, SIGNIFICANCE, Spread, seed_groups
 from cnnlab.status import Status
 
-ROW_FIELDS = ("name", "status", "epochs", "steps", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc",
-              "dead_fraction", "warnings", "seconds", "path")  # summary.csv's columns, and summary.json's runs
+METRIC_FIELDS = ("epochs", "steps", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "dead_fraction",
+                 "warnings", "seconds")  # a run's metrics, in summary.csv's columns and summary.json's runs
+GROUP_FIELDS = ("n", "vs_best", "p")  # a seed group's: completed seeds, and its test accuracy against the best's
 IN_TITLES = (f"mean ± {CONFIDENCE:.0%} confidence interval (Student t) of the completed seeds, - for one; vs best: "
              f"Welch's t-test on test accuracy, two-sided, {SIGNIFICANCE:.0%}")
 METHODS = (f"mean ± half-width of the {CONFIDENCE:.0%} confidence interval of the mean over the completed "
@@ -33,12 +34,45 @@ def format_number(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def setting_keys(runs: list[Run]) -> list[str]:
+    """The settings that summary.csv has a column for: those that name runs first (the seed last),
+    then every other setting of the runs, flattened (`optimizer.lr`), sorted."""
+    named = name_keys(runs)
+    return [*named, *sorted({key for run in runs for key in run.settings} - set(named))]
+
+
+def fields(runs: list[Run]) -> list[str]:
+    """summary.csv's columns: kind (run or group), name, group, one per setting, status, the metrics
+    with a `_ci95` column beside each a seed group averages, the group's fields, the run's folder."""
+    metrics = [column for metric in METRIC_FIELDS
+               for column in ([metric, f"{metric}_ci95"] if metric in GROUP_METRICS else [metric])]
+    return ["kind", "name", "group", *setting_keys(runs), "status", *metrics, *GROUP_FIELDS, "path"]
+
+
 def rows(runs: list[Run]) -> list[dict[str, Any]]:
-    return [
-        {"name": run.name, "status": run.status, "path": str(run.path),
-         **{key: run.metric(key) for key in ROW_FIELDS if key not in ("name", "status", "path")}}
-        for run in runs
-    ]
+    """One row per run: its name and group, every setting, status, metrics and folder."""
+    keys = setting_keys(runs)
+    return [{"kind": "run", "name": run.name, "group": run.group, **{key: run.settings.get(key) for key in keys},
+             "status": run.status, **{metric: run.metric(metric) for metric in METRIC_FIELDS}, "path": str(run.path)}
+            for run in runs]
+
+
+def group_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per seed group: the settings its runs share (the seed blank), each averaged metric's mean
+    and confidence half-width over the completed seeds, n (how many), and its test accuracy against
+    the best group's (vs_best, p)."""
+    keys = setting_keys(runs)
+    table = []
+    for name, group in seed_groups(runs).items():
+        members = [run for run in runs if run.group == name]
+        shared = {key: values.pop() if len(values := {run.settings.get(key) for run in members}) == 1 else None
+                  for key in keys}
+        spreads = {metric: group[metric] for metric in GROUP_METRICS}
+        table.append({"kind": "group", "name": name, "group": name, **shared,
+                      **{metric: spread.mean for metric, spread in spreads.items()},
+                      **{f"{metric}_ci95": spread.ci95 for metric, spread in spreads.items()},
+                      "n": group["completed"], "vs_best": group["vs_best"]["verdict"], "p": group["vs_best"]["p"]})
+    return table
 
 
 def _plain(value: Any) -> Any:
@@ -51,14 +85,18 @@ def _plain(value: Any) -> Any:
 
 
 def write_summary(directory: Path, runs: list[Run], tuned: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """summary.csv: one row per run and per seed group (`kind`), a column per setting and per metric;
+    summary.json: the same rows (`rows`), the runs' alone (`runs`), each group in detail (`groups`)."""
     directory.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = directory / "summary.csv", directory / "summary.json"
-    table = rows(runs)
+    columns = fields(runs)
+    table = [{column: row.get(column) for column in columns} for row in rows(runs)]  # every row every field
+    tidy = [*table, *({column: row.get(column) for column in columns} for row in group_rows(runs))]
     with open(csv_path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=ROW_FIELDS)
+        writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(table)
-    summary = {"runs": table, "groups": _plain(seed_groups(runs)),
+        writer.writerows(tidy)
+    summary = {"rows": tidy, "runs": table, "groups": _plain(seed_groups(runs)),
                "not_completed": [run.name for run in runs if run.status != Status.COMPLETED],
                "fixed": fixed_settings(runs), "statistics": METHODS}
     if tuned is not None:
@@ -91,6 +129,8 @@ def print_summary(console: Console, runs: list[Run], title: str, tuned: dict[str
                       "apart. Run several seeds (trainer.seed=0,1,2) for that.", style="dim", highlight=False)
     if tuned is not None:
         console.print(_tuned_table(tuned))
+        for warning in tuned["warnings"]:
+            console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
 
 
 def _group_table(groups: dict[str, dict[str, Any]]) -> Table:

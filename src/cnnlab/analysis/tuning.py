@@ -3,9 +3,10 @@ validation accuracy over its seeds, and its test accuracy there against the best
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from cnnlab.analysis.names import SEED_KEY, differing, name_keys, short_keys
+from cnnlab.analysis.names import SEED_KEY, differing, name_keys, short_keys, shown_values
 from cnnlab.analysis.runs import Run
 from cnnlab.analysis.stats import completed_spread, spread, versus_best
 from cnnlab.errors import UserError
@@ -25,18 +26,48 @@ def _tuned_key(runs: list[Run], key: str) -> str:
     raise UserError(f"--tune {key}: {why}; {settings}.")
 
 
+def tuned_parts(runs: list[Run], key: str) -> dict[Path, tuple[str, str]]:
+    """Each run's configuration (the runs alike in every named setting but `key` and the seed, by
+    those settings) and its value of `key` ("-" without one); `key` as _tuned_key gives it."""
+    keys = [k for k in name_keys(runs) if k not in (key, SEED_KEY)]
+    short, shown = short_keys(name_keys(runs)), shown_values(runs, keys)
+    parts = {}
+    for run in runs:
+        name = ", ".join(f"{short[k]}={shown[k][run.settings[k]]}" for k in keys if k in run.settings) or "all"
+        parts[run.path] = (f"{name} ({run.rerun})" if run.rerun else name, run.settings.get(key, "-"))
+    return parts
+
+
+def _number(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def edge_warning(key: str, name: str, chosen: str | None, tried: list[str]) -> str | None:
+    """A warning when the chosen value is the largest or smallest number tried: the best may lie
+    beyond the grid. None for a grid of fewer than two numbers, or one chosen inside it."""
+    numbers = [number for value in tried if (number := _number(value)) is not None]
+    if chosen is None or _number(chosen) is None or len(set(numbers)) < 2:
+        return None
+    edge = {max(numbers): "largest", min(numbers): "smallest"}.get(_number(chosen))
+    if edge is None:
+        return None
+    return f"the best {key} for {name} is the {edge} value tried ({chosen}): extend the grid"
+
+
 def tune(runs: list[Run], key: str) -> dict[str, Any]:
     """For each configuration (the runs alike in every named setting but `key` and the seed): the
     value of `key` with the best mean validation accuracy over its completed seeds, that value's
-    validation and test accuracy, and the test accuracy against the best configuration's."""
+    validation and test accuracy, and the test accuracy against the best configuration's; each value's
+    validation accuracy (`by_value`), and a warning where the value chosen is at an edge of the grid."""
     key = _tuned_key(runs, key)
-    keys = [k for k in name_keys(runs) if k not in (key, SEED_KEY)]
-    short = short_keys(name_keys(runs))
     configurations: dict[str, dict[str, list[Run]]] = {}
+    parts = tuned_parts(runs, key)
     for run in runs:
-        name = ", ".join(f"{short[k]}={run.settings[k]}" for k in keys if k in run.settings) or "all"
-        name = f"{name} ({run.rerun})" if run.rerun else name
-        configurations.setdefault(name, {}).setdefault(run.settings.get(key, "-"), []).append(run)
+        name, value = parts[run.path]
+        configurations.setdefault(name, {}).setdefault(value, []).append(run)
     tuned = {}
     for name, candidates in configurations.items():
         validation = {value: completed_spread(members, "val_acc") for value, members in candidates.items()}
@@ -44,7 +75,9 @@ def tune(runs: list[Run], key: str) -> dict[str, Any]:
         chosen = max(scored, key=lambda value: validation[value].mean) if scored else None
         tuned[name] = {"chosen": chosen, "tried": list(candidates),
                        "val_acc": validation[chosen] if chosen is not None else spread([]),
-                       "test_acc": completed_spread(candidates.get(chosen, []), "test_acc")}
+                       "test_acc": completed_spread(candidates.get(chosen, []), "test_acc"),
+                       "by_value": validation, "warning": edge_warning(key, name, chosen, list(candidates))}
     for name, verdict in versus_best({name: entry["test_acc"] for name, entry in tuned.items()}).items():
         tuned[name]["vs_best"] = verdict
-    return {"key": key, "configurations": tuned}
+    warnings = [entry["warning"] for entry in tuned.values() if entry["warning"]]
+    return {"key": key, "configurations": tuned, "warnings": warnings}

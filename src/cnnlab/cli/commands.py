@@ -44,7 +44,7 @@ def compare_command(args: list[str]) -> int:
         return EXIT_USAGE
     output = console()
     print_summary(output, runs, title=f"{len(runs)} runs", tuned=tuned)
-    written = [*write_summary(out, runs, tuned), *make_figures(runs, out)]
+    written = [*write_summary(out, runs, tuned), *make_figures(runs, out, tuned)]
     output.print("wrote " + ", ".join(str(path) for path in written), highlight=False, markup=False, soft_wrap=True)
     return EXIT_OK
 
