@@ -11,7 +11,8 @@ from typing import Any, Callable
 from omegaconf import DictConfig
 
 from cnnlab.cli.console import print_error
-from cnnlab.cli.folders import expand_home, fix_sweep_dir, name_jobs_by_swept_overrides, place_single_run
+from cnnlab.cli.folders import (expand_home, fix_sweep_dir, name_jobs_by_swept_overrides, place_single_run,
+                                record_config_after_lock)
 from cnnlab.cli.hydra_api import parse_arguments
 from cnnlab.cli.job import run_job
 from cnnlab.cli.precheck import check_config_before_hydra
@@ -31,7 +32,7 @@ def train_command(args: list[str], job: Task | None = None) -> int:
     parsed = parse_arguments(args)
     if parsed.help:  # cnnlab's own: the settings with their comments (--hydra-help is Hydra's)
         return show_help(parsed.config_dir)
-    sweep_dir = None
+    sweep_dir, record_subdir = None, None
     try:
         validated = check_config_before_hydra(args)
         if parsed.multirun:
@@ -39,11 +40,13 @@ def train_command(args: list[str], job: Task | None = None) -> int:
             args, sweep_dir = fix_sweep_dir(args)
         elif not (parsed.cfg or parsed.info or parsed.hydra_help):
             args = place_single_run(args, parsed.overrides)
+        if not (parsed.cfg or parsed.info or parsed.hydra_help):
+            args, record_subdir = record_config_after_lock(args)
     except UserError as error:
         print_error(str(error))
         return EXIT_USAGE
     statuses: list[Status] = []  # of the jobs run in this process: a single run's exit code
-    task = recording_statuses(statuses, job or (lambda cfg: run_job(cfg, validated)))
+    task = recording_statuses(statuses, job or (lambda cfg: run_job(cfg, validated, record_subdir)))
     code = run_hydra(args, task, sweep_dir, statuses)
     if code is not None:
         return code
