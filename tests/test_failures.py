@@ -22,7 +22,7 @@ from cnnlab.train.checkpoint import load_checkpoint
 from cnnlab.errors import UserError
 from cnnlab.rundir import run_lock
 from cnnlab.status import Status
-from cnnlab.train.loop import Interrupted, train_step
+from cnnlab.train.loop import Interrupted, reported, train_step
 from cnnlab.train.stops import StopRequest
 from tests.helpers import (
     TINY,
@@ -198,6 +198,12 @@ def test_a_run_whose_event_writer_dies_fails_with_one_message_and_keeps_its_resu
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "TensorBoard" in metrics["error"] and metrics["epochs"] == 1
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == metrics["steps"]
+
+
+def test_too_many_open_files_in_the_run_is_one_message_naming_the_limit_and_the_resume():
+    error = reported(OSError(errno.EMFILE, "Too many open files"), Path("runs/x"))
+    assert isinstance(error, UserError) and "may open only" in str(error) and "ulimit -n" in str(error)
+    assert "resume=runs/x" in str(error)
 
 
 # --- one writer per run folder --------------------------------------------------------------------

@@ -14,6 +14,7 @@ import errno
 import logging
 import math
 import os
+import resource
 import signal
 import time
 from dataclasses import dataclass
@@ -481,4 +482,12 @@ def reported(error: BaseException, run_dir: Path) -> Exception | None:
     if isinstance(error, OSError) and error.errno in DISK_ERRORS:
         return UserError(f"Cannot write into {run_dir}: {one_line(error, 200)}. The last checkpoint written "
                          f"before it is kept; free some space (or make the folder writable), then resume.")
+    if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+        return UserError(f"{one_line(error, 200)}: this process may open only {open_files_limit()} files at once. "
+                         f"The last checkpoint written before it is kept; raise the limit (`ulimit -n 4096`), "
+                         f"then continue with resume={run_dir}.")
     return error if isinstance(error, (Diverged, Interrupted, UserError)) else None
+
+
+def open_files_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # imported beforehand: an import opens a file too
