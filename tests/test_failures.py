@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from cnnlab.train.checkpoint import load_checkpoint
 from cnnlab.errors import UserError
 from cnnlab.rundir import run_lock
 from cnnlab.status import Status
-from cnnlab.train.loop import Interrupted, train_step
+from cnnlab.train.loop import Interrupted, reported, train_step
 from cnnlab.train.stops import StopRequest
 from tests.helpers import (
     TINY,
@@ -180,6 +181,31 @@ def test_skip_mode_drops_a_non_finite_step_and_keeps_the_weights(tiny_state):
     assert not all(torch.equal(b, p) for b, p in zip(before, state.parameters))
 
 
+def test_a_run_whose_event_writer_dies_fails_with_one_message_and_keeps_its_results(run_cli, tmp_path, monkeypatch):
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    write = RecordWriter.write
+
+    def fails_on_test_metrics(self, data):  # as `ulimit -n 8` fails TensorBoard's writer thread
+        if threading.current_thread() is not threading.main_thread() and b"test/acc" in data:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return write(self, data)
+
+    monkeypatch.setattr(RecordWriter, "write", fails_on_test_metrics)
+    code, _, err = run_cli("train", *TINY, "hydra.run.dir=run")  # run_cli: no traceback, the thread's neither
+    assert code == 1 and "TensorBoard's event writer failed ([Errno 24] Too many open files)" in err, err
+    assert "resume=" in err and err.count("Too many open files") == 2  # the cause, and what to do
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "TensorBoard" in metrics["error"] and metrics["epochs"] == 1
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == metrics["steps"]
+
+
+def test_too_many_open_files_in_the_run_is_one_message_naming_the_limit_and_the_resume():
+    error = reported(OSError(errno.EMFILE, "Too many open files"), Path("runs/x"))
+    assert isinstance(error, UserError) and "may open only" in str(error) and "ulimit -n" in str(error)
+    assert "resume=runs/x" in str(error)
+
+
 # --- one writer per run folder --------------------------------------------------------------------
 def test_a_second_run_cannot_write_into_the_folder_of_a_live_one(run_cli, tmp_path):
     with run_lock(tmp_path / "run"):  # what a live run holds until its process ends
@@ -192,6 +218,30 @@ def test_a_second_run_cannot_write_into_the_folder_of_a_live_one(run_cli, tmp_pa
         code, _, err = run_cli("train", "resume=run", "trainer.epochs=3")
         assert code == 2 and "still going" in err
     assert (tmp_path / "run" / "metrics.json").read_text() == before
+
+
+def test_a_run_folder_given_through_a_variable_is_checked_like_one_typed(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNLAB_RUN", str(tmp_path / "run"))
+    assert run_cli("train", *TINY, "hydra.run.dir=run", "trainer.checkpoint_every=3")[0] == 0
+    record = {path: path.read_bytes() for path in (tmp_path / "run" / ".hydra").iterdir()}
+    code, _, err = run_cli("train", *TINY, "trainer.seed=5", "hydra.run.dir=${oc.env:CNNLAB_RUN}")
+    assert code == 2 and "already holds a run" in err
+    with run_lock(tmp_path / "run"):  # a live run there
+        code, _, err = run_cli("train", *TINY, "trainer.seed=5", "hydra.run.dir=${oc.env:CNNLAB_RUN}")
+        assert code == 2 and "still going" in err
+    assert {path: path.read_bytes() for path in record} == record  # its record of its config untouched
+    assert run_cli("train", "resume=${oc.env:CNNLAB_RUN}", "trainer.epochs=2")[0] == 0  # and it resumes
+    assert "epochs: 2" in (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
+
+
+def test_a_sweep_run_again_keeps_the_record_of_the_config_of_its_jobs_that_ended(run_cli, tmp_path):
+    sweep = ["-m", "optimizer.lr=10000.0,0.01", "optimizer=sgd", *TINY, "hydra.sweep.dir=sweep"]
+    assert run_cli("train", *sweep)[0] == 1  # one diverged, one completed
+    records = {path: path.read_bytes() for path in (tmp_path / "sweep").glob("*/.hydra/*.yaml")}
+    assert len(records) == 6
+    code, out, _ = run_cli("train", *sweep, "trainer.log_every=3")  # a different config for each job
+    assert code == 1 and out.count("already ended") == 2
+    assert {path: path.read_bytes() for path in records} == records  # compare still reads what ran
 
 
 def test_a_folder_left_by_a_run_killed_before_its_first_checkpoint_is_reused_cleanly(run_cli, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 from cnnlab.errors import UserError
 from cnnlab.rundir import (
+    LOCK_FILE,
     clear_unfinished,
     foreign_files,
     keep_as,
@@ -31,6 +32,18 @@ def test_a_held_run_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
     assert locked_by(tmp_path) is None
     with run_lock(tmp_path):  # released: the next run may take it
         pass
+
+
+def test_a_live_run_holds_its_folder_even_when_its_lock_file_is_removed(tmp_path):
+    with run_lock(tmp_path / "run"):
+        (tmp_path / "run" / LOCK_FILE).unlink()  # `rm RUN/.cnnlab.lock` while the run writes
+        assert locked_by(tmp_path / "run") == "unknown"
+        with pytest.raises(UserError, match=r"in use by another cnnlab process \(pid unknown\)"), run_lock(tmp_path / "run"):
+            pass
+        assert not (tmp_path / "run" / LOCK_FILE).exists()  # the refused one made none
+    assert locked_by(tmp_path / "run") is None
+    with run_lock(tmp_path / "run"):  # released with the run
+        assert (tmp_path / "run" / LOCK_FILE).read_text() == str(os.getpid())
 
 
 def test_the_operating_system_releases_the_lock_of_a_killed_run(tmp_path):

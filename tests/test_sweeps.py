@@ -1,6 +1,8 @@
 """Sweeps from the shell: failures, launchers, named experiments."""
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -211,3 +213,37 @@ def test_each_job_names_itself_on_its_lines_and_ends_with_one_line_not_a_table(r
                        f"seconds {metrics['seconds']:.1f}  " + (f"warnings {','.join(warned)}  " if warned else "")
                        + str(tmp_path / "sweep" / name))
     assert "cnnlab run:" not in out and "Findings" not in out  # no table or panel per job
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL of a joblib worker")
+def test_a_joblib_worker_killed_ends_the_sweep_with_its_summary_and_the_command_that_finishes_it(
+        tmp_path, monkeypatch, capsys):
+    from cnnlab.cli.train_command import train_command
+
+    def job(cfg):  # in a joblib worker: the elu job's worker is killed (kill -9, out of memory)
+        import os
+        import signal
+        from pathlib import Path
+
+        from hydra.core.hydra_config import HydraConfig
+
+        from cnnlab.rundir import write_metrics
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        write_metrics(run_dir, {"status": "running"})
+        if cfg.activation.name == "elu":
+            os.kill(os.getpid(), signal.SIGKILL)
+        write_metrics(run_dir, {"status": "completed"})
+        return "completed"
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    code = train_command(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "activation=relu,elu,gelu",
+                          *TINY, "hydra.sweep.dir=sweep"], job=job)
+    out, err = capsys.readouterr()
+    assert code == 1 and "Traceback" not in out + err, err
+    assert "a worker process of the joblib launcher died (exit code {SIGKILL(-9)}" in err, err
+    assert re.search(r"activation=elu\S* (was|were) running and stopped", err), err
+    assert "Run the same sweep command again to finish it" in err
+    assert "activation=elu" in out  # the summary table lists every job
+    assert "HYDRA_FULL_ERROR" not in os.environ  # the command's own setting does not outlive it

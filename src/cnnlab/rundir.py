@@ -87,6 +87,12 @@ def record_config(run_dir: Path, settings: dict[str, Any]) -> None:
         replace_atomically(path, lambda file: file.write(text.encode()))
 
 
+def write_record(run_dir: Path, record: dict[str, str]) -> None:
+    """The run's record of its config (cli.job.config_record: path in run_dir -> text), each file atomically."""
+    for name, text in record.items():
+        replace_atomically(Path(run_dir) / name, lambda file, text=text: file.write(text.encode()))
+
+
 def read_metrics(run_dir: Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / METRICS_FILE).read_text())
 
@@ -130,44 +136,73 @@ def best_checkpoint(run_dir: Path) -> Path:
 
 
 # --- one writer per run directory ----------------------------------------------------------------
+# A live run holds two locks (flock): on its folder itself, and on LOCK_FILE, which also names its
+# process. The folder's lock holds even when someone removes LOCK_FILE during the run (a new LOCK_FILE
+# would be a new file, free to lock); LOCK_FILE's serves filesystems that cannot lock a folder (NFS).
 def locked_by(run_dir: Path) -> str | None:
-    """The process id of the live run holding run_dir's lock (as it wrote it), or None when no
-    process holds it. A run that died released it with its process."""
-    path = Path(run_dir) / LOCK_FILE
+    """The process id of the live run holding run_dir's lock (as it wrote it; `unknown` when its lock
+    file was removed), or None when no process holds it. A run that died released it with its process."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    folder = os.open(run_dir, os.O_RDONLY)
+    try:
+        if not _try_flock(folder, fcntl.LOCK_SH, is_folder=True):
+            return _holder(run_dir)
+    finally:
+        os.close(folder)
+    path = run_dir / LOCK_FILE
     if not path.is_file():
         return None
     with open(path) as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return file.read().strip() or "?"
-        fcntl.flock(file, fcntl.LOCK_UN)
-    return None
+        if not _try_flock(file.fileno(), fcntl.LOCK_SH):
+            return _holder(run_dir)
+    return None  # closing the file released the lock just taken
 
 
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold run_dir's lock while the run writes into it. The operating system releases it when the
+    """Hold run_dir's locks while the run writes into it. The operating system releases them when the
     process ends, however it ends, so a crashed run never blocks its resume."""
-    path = Path(run_dir) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    file = open(path, "a+")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    folder = os.open(run_dir, os.O_RDONLY)
+    file = None
     try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        file.seek(0)
-        holder = file.read().strip() or "?"
-        file.close()
-        raise UserError(f"{run_dir} is in use by another cnnlab process (pid {holder}) that is still writing "
-                        f"into it. Wait for it to end, or choose another folder.") from None
-    try:
+        if _try_flock(folder, fcntl.LOCK_EX, is_folder=True):  # before LOCK_FILE is made: a refused run adds nothing
+            file = open(run_dir / LOCK_FILE, "a+")
+        if file is None or not _try_flock(file.fileno(), fcntl.LOCK_EX):
+            raise UserError(f"{run_dir} is in use by another cnnlab process (pid {_holder(run_dir)}) that is still "
+                            f"writing into it. Wait for it to end, or choose another folder.")
         file.truncate(0)
         file.write(str(os.getpid()))
         file.flush()
         yield
     finally:
-        fcntl.flock(file, fcntl.LOCK_UN)
-        file.close()
+        if file is not None:
+            file.close()  # closing releases a lock
+        os.close(folder)
+
+
+def _try_flock(fd: int, mode: int, is_folder: bool = False) -> bool:
+    """Take the flock `mode` on fd without waiting: False while another process holds one that
+    conflicts. A folder on a filesystem that cannot lock one counts as free (LOCK_FILE still guards it)."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        if not is_folder:
+            raise
+    return True
+
+
+def _holder(run_dir: Path) -> str:
+    """What LOCK_FILE says about the process holding run_dir: its id, or `unknown` once removed."""
+    try:
+        return (Path(run_dir) / LOCK_FILE).read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def clear_unfinished(run_dir: Path) -> list[str]:

@@ -154,7 +154,7 @@ def place_single_run(args: list[str], overrides: list[str]) -> list[str]:
     be written."""
     from cnnlab.rundir import last_checkpoint, locked_by, refuse_foreign_files
 
-    values = dict(arg.partition("=")[::2] for arg in overrides if "=" in arg)
+    values = {key: resolved(value) for key, value in (arg.partition("=")[::2] for arg in overrides if "=" in arg)}
     resume = values.get("resume") not in (None, "", "null")
     if "hydra.run.dir" in values and values["hydra.run.dir"].strip() in ("", ".", "./", "null"):
         raise UserError(f"hydra.run.dir={values['hydra.run.dir']!r} would be the current folder (an unset "
@@ -172,14 +172,43 @@ def place_single_run(args: list[str], overrides: list[str]) -> list[str]:
                 f"{last_checkpoint(run_dir)} and {run_dir / '.hydra'}). Pass the folder of a "
                 f"run, e.g. resume=outputs/2026-11-22/10-31-07-123456.")
         check_writable("resume", run_dir)
-        return [*args, f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+        return [*args, f"hydra.run.dir={run_dir}"]
     if last_checkpoint(run_dir).is_file():
         raise UserError(
             f"hydra.run.dir={str(run_dir)!r} already holds a run; its results are kept. Continue it with "
             f"resume={run_dir}, or choose another directory.")
     refuse_foreign_files(run_dir, "hydra.run.dir: the folder")  # before Hydra writes .hydra/ into it
     check_writable("hydra.run.dir", run_dir)
-    return args if "hydra.run.dir" in values else [*args, f"hydra.run.dir={run_dir}"]
+    # The folder checked is the folder Hydra uses: `${now:...}` resolved twice would be two folders.
+    return [*args, f"hydra.run.dir={run_dir}"]
+
+
+def resolved(value: str) -> str:
+    """An override's value as Hydra will resolve it, where that is known before Hydra starts
+    (`${oc.env:RUNS}/mine`, `${now:%H-%M}`), so that the folder checked is the folder used; else as
+    typed (a value only the running job knows)."""
+    if "${" not in value:
+        return value
+    from hydra.core.utils import setup_globals
+    from omegaconf.errors import OmegaConfBaseException
+
+    setup_globals()  # registers Hydra's ${now:...} resolver
+    try:
+        return str(OmegaConf.create({"value": value}).value)
+    except OmegaConfBaseException:  # an unset variable, a key of Hydra's: Hydra resolves it, or says why not
+        return value
+
+
+def record_config_after_lock(args: list[str]) -> tuple[list[str], str | None]:
+    """(the arguments for Hydra, the folder in a run directory where the run's record of its config
+    goes: .hydra, or None for none). Hydra writes .hydra/config.yaml, overrides.yaml and hydra.yaml as a
+    job starts, before cnnlab holds the run folder's lock or knows whether the run there may continue:
+    into a live run's folder, or over the record of a completed one that a rerun keeps. So Hydra is
+    told to write none (hydra.output_subdir=null) and the job writes them itself once the folder is its
+    own (cli.job.config_record, train.loop.train)."""
+    given = [arg.partition("=")[2] for arg in parse_arguments(args).overrides if arg.startswith("hydra.output_subdir=")]
+    subdir = given[-1] if given else ".hydra"  # Hydra's default; only the command line may change it
+    return [*args, "hydra.output_subdir=null"], None if subdir in ("null", "") else subdir
 
 
 def threads_per_job(n_jobs: int, cores: int) -> int:

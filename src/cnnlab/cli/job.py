@@ -63,19 +63,22 @@ def this_job() -> Job:
                n_jobs=n_jobs if isinstance(n_jobs, int) else None)
 
 
-def run_job(cfg: DictConfig, validated: dict[str, RunConfig] | None = None) -> Status:
+def run_job(cfg: DictConfig, validated: dict[str, RunConfig] | None = None, record_subdir: str | None = None) -> Status:
     """One Hydra job: make its config ready, then train; returns the job's status. A user mistake is
     reported, not raised; in a sweep, so is any other failure, so that the remaining jobs still run.
-    `validated`: configs the check before Hydra has validated, by precheck.task_key()."""
+    `validated`: configs the check before Hydra has validated, by precheck.task_key(). `record_subdir`:
+    where in the run folder to write the record of its config that Hydra was told not to write
+    (folders.record_config_after_lock); a resume=DIR keeps the record it has."""
     import traceback
 
     job = this_job()
-    ready = ready_config(cfg, job, validated if validated is not None else {})
+    record = config_record(cfg, record_subdir) if record_subdir and not cfg.get("resume") else None
+    ready = ready_config(cfg, job, validated if validated is not None else {}, record)
     if isinstance(ready, Status):
         return ready
     run, resume = ready
     try:
-        return train_and_tell(run, job, resume)
+        return train_and_tell(run, job, resume, record)
     except Exception as error:
         if not job.multirun:
             raise
@@ -85,12 +88,26 @@ def run_job(cfg: DictConfig, validated: dict[str, RunConfig] | None = None) -> S
         return Status.FAILED
 
 
-def ready_config(cfg: DictConfig, job: Job, validated: dict[str, RunConfig]) -> tuple[RunConfig, bool] | Status:
+def config_record(cfg: DictConfig, subdir: str) -> dict[str, str]:
+    """The files Hydra writes into a job's folder as it starts (`.hydra/config.yaml`, `hydra.yaml`,
+    `overrides.yaml`: path in the folder -> text), for the job to write once the folder is its own."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_node = OmegaConf.to_container(HydraConfig.instance().cfg, resolve=False)
+    hydra_node["hydra"]["output_subdir"] = subdir  # where the record is, as if Hydra had written it
+    return {f"{subdir}/config.yaml": OmegaConf.to_yaml(cfg),
+            f"{subdir}/hydra.yaml": OmegaConf.to_yaml(OmegaConf.create(hydra_node)),
+            f"{subdir}/overrides.yaml": OmegaConf.to_yaml(HydraConfig.get().overrides.task)}
+
+
+def ready_config(cfg: DictConfig, job: Job, validated: dict[str, RunConfig],
+                 record: dict[str, str] | None = None) -> tuple[RunConfig, bool] | Status:
     """(the run's typed config, whether it resumes), or the job's status when there is nothing to
-    run: it has ended already, or its config is rejected (recorded as `invalid` in a folder that
-    holds no run). A config the check before Hydra validated is not validated again."""
+    run: it has ended already, or its config is rejected (recorded as `invalid`, with the record of
+    its config, in a folder that holds no run). A config the check before Hydra validated is not
+    validated again."""
     from cnnlab.config import validate
-    from cnnlab.rundir import CHECKPOINT_DIR, write_metrics
+    from cnnlab.rundir import CHECKPOINT_DIR, write_metrics, write_record
 
     resume = False
     try:
@@ -102,13 +119,14 @@ def ready_config(cfg: DictConfig, job: Job, validated: dict[str, RunConfig]) -> 
         print_error(str(error), job.name)
         if not resume and not (job.run_dir / CHECKPOINT_DIR).exists():
             write_metrics(job.run_dir, {"status": Status.INVALID, "error": str(error)})
+            write_record(job.run_dir, record or {})
         return Status.INVALID
     if run.trainer.threads is None and job.n_jobs is not None:
         run.trainer.threads = threads_per_job(job.n_jobs, os.cpu_count() or 1)
     return run, resume
 
 
-def train_and_tell(run: RunConfig, job: Job, resume: bool) -> Status:
+def train_and_tell(run: RunConfig, job: Job, resume: bool, record: dict[str, str] | None = None) -> Status:
     """Train (torch: only once the config is known to be good), show the result, and tell the error
     that ended the run if one did. Parallel jobs share the terminal: plain lines, never a live bar."""
     from cnnlab.cli.console import TrainingProgress, console, job_line
@@ -117,7 +135,7 @@ def train_and_tell(run: RunConfig, job: Job, resume: bool) -> Status:
 
     output = console(live=job.n_jobs is None)
     try:
-        result = train(run, job.run_dir, resume=resume,
+        result = train(run, job.run_dir, resume=resume, record=record,
                        progress=TrainingProgress(run.trainer.epochs, output, job.label))
     except BaseException:  # a crash (metrics.json says failed), a second Ctrl-C: a sweep's job still ends with its line
         if job.label is not None:

@@ -4,6 +4,7 @@ at its end, and the command's exit code for several jobs' statuses."""
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -75,6 +76,38 @@ def summarise_sweep(sweep_dir: Path) -> int:
     if not_completed:
         print_error(f"{len(not_completed)} of {len(runs)} jobs did not complete: {'; '.join(not_completed)}.")
     return exit_code_of([run.status for run in runs])
+
+
+def launcher_worker_died(error: Exception) -> bool:
+    """Whether the joblib launcher stopped because one of its worker processes died (killed, out of
+    memory): loky then kills the other workers and cancels every job not yet started."""
+    try:
+        from joblib.externals.loky.process_executor import TerminatedWorkerError
+    except ImportError:  # no joblib launcher installed
+        return False
+    return isinstance(error, TerminatedWorkerError)
+
+
+def worker_death_message(error: Exception, sweep_dir: Path) -> str:
+    """What a sweep whose joblib worker died says after its summary: which jobs stopped, which never
+    started, and the command that finishes them. hydra-joblib-launcher hands the jobs to one
+    joblib.Parallel call, which ends at the first worker's death: no job can go on past it, and which
+    of the running jobs was the dead worker's is not known (all of them were killed the same way)."""
+    from cnnlab.analysis.folders import find_runs
+
+    codes = re.search(r"exit codes of the workers are (\{[^}]*\})", str(error))
+    try:
+        runs = find_runs([str(sweep_dir)], warn=lambda message: None, jobs=sweep_jobs(sweep_dir))
+    except UserError:
+        runs = []
+    stopped = [run.name for run in runs if run.status == Status.RUNNING]
+    missing = [run.name for run in runs if run.status == Status.MISSING]
+    return (f"a worker process of the joblib launcher died (exit code {codes.group(1) if codes else 'unknown'}: "
+            f"killed, or out of memory), and joblib stops the whole sweep with it: "
+            f"{'; '.join(stopped) or 'no job'} {'was' if len(stopped) == 1 else 'were'} running and stopped "
+            f"(the dead worker's job among them), {len(missing)} job{'' if len(missing) == 1 else 's'} never started. "
+            f"Run the same sweep command again to finish it: completed and diverged jobs are kept, stopped ones "
+            f"continue from their last checkpoint, the others start.")
 
 
 def exit_code_of(statuses: list[Status | str]) -> int:

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig
 
 from cnnlab.cli.console import print_error
-from cnnlab.cli.folders import expand_home, fix_sweep_dir, name_jobs_by_swept_overrides, place_single_run
+from cnnlab.cli.folders import (expand_home, fix_sweep_dir, name_jobs_by_swept_overrides, place_single_run,
+                                record_config_after_lock)
 from cnnlab.cli.hydra_api import parse_arguments
 from cnnlab.cli.job import run_job
 from cnnlab.cli.precheck import check_config_before_hydra
-from cnnlab.cli.sweeps import exit_code_of, summarise_sweep
+from cnnlab.cli.sweeps import exit_code_of, launcher_worker_died, summarise_sweep, worker_death_message
 from cnnlab.config import config_dir
-from cnnlab.errors import UserError
+from cnnlab.errors import UserError, one_line
 from cnnlab.status import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Status
 from cnnlab.train.stops import SweepStop, sigterm_as_interrupt, stoppable
 
@@ -31,7 +33,7 @@ def train_command(args: list[str], job: Task | None = None) -> int:
     parsed = parse_arguments(args)
     if parsed.help:  # cnnlab's own: the settings with their comments (--hydra-help is Hydra's)
         return show_help(parsed.config_dir)
-    sweep_dir = None
+    sweep_dir, record_subdir = None, None
     try:
         validated = check_config_before_hydra(args)
         if parsed.multirun:
@@ -39,11 +41,13 @@ def train_command(args: list[str], job: Task | None = None) -> int:
             args, sweep_dir = fix_sweep_dir(args)
         elif not (parsed.cfg or parsed.info or parsed.hydra_help):
             args = place_single_run(args, parsed.overrides)
+        if not (parsed.cfg or parsed.info or parsed.hydra_help):
+            args, record_subdir = record_config_after_lock(args)
     except UserError as error:
         print_error(str(error))
         return EXIT_USAGE
     statuses: list[Status] = []  # of the jobs run in this process: a single run's exit code
-    task = recording_statuses(statuses, job or (lambda cfg: run_job(cfg, validated)))
+    task = recording_statuses(statuses, job or (lambda cfg: run_job(cfg, validated, record_subdir)))
     code = run_hydra(args, task, sweep_dir, statuses)
     if code is not None:
         return code
@@ -86,13 +90,19 @@ def run_hydra(args: list[str], task: Task, sweep_dir: Path | None, statuses: lis
     where the jobs' statuses say it."""
     import hydra
 
-    saved_argv = sys.argv
+    saved_argv, saved_full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = ["cnnlab train", *args]  # Hydra reads its arguments from sys.argv
+    if sweep_dir is not None:  # an error of the launcher (a joblib worker killed) reaches us, not Hydra's traceback
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     stop = SweepStop(sweep_dir) if sweep_dir is not None else None
     try:
         with stop or sigterm_as_interrupt():
             hydra.main(version_base=None, config_path=str(config_dir()), config_name="train")(
                 stoppable(task, stop.stop_file) if stop else task)()
+    except Exception as error:  # in a sweep: the launcher (or Hydra) failed, and the sweep stopped
+        if stop is None:
+            raise  # a single run under the user's own HYDRA_FULL_ERROR: the traceback asked for
+        return sweep_stopped_by(error, sweep_dir, stop, statuses)
     except KeyboardInterrupt:
         if sweep_dir is not None and sweep_dir.is_dir():
             summarise_sweep(sweep_dir)
@@ -107,7 +117,34 @@ def run_hydra(args: list[str], task: Task, sweep_dir: Path | None, statuses: lis
             return EXIT_FAILED
     finally:
         sys.argv = saved_argv
+        restore_environment("HYDRA_FULL_ERROR", saved_full_error)
     if sweep_dir is not None and sweep_dir.is_dir():
         code = summarise_sweep(sweep_dir)
         return EXIT_INTERRUPTED if stop.signum is not None and code != EXIT_OK else code
     return None
+
+
+def sweep_stopped_by(error: Exception, sweep_dir: Path, stop: SweepStop, statuses: list[Status]) -> int:
+    """A sweep whose launcher failed: the summary of its jobs, what happened and what to do, in place
+    of Hydra's traceback; the exit code."""
+    from hydra.errors import CompactHydraException
+
+    if stop.signum is not None:  # stopped by a signal, which ended joblib's workers: no error of its own
+        summarise_sweep(sweep_dir)
+        return EXIT_INTERRUPTED
+    if isinstance(error, CompactHydraException):  # as Hydra reports it: a message, no traceback
+        print_error(one_line(error, 1000))
+    elif launcher_worker_died(error):
+        summarise_sweep(sweep_dir)
+        print_error(worker_death_message(error, sweep_dir))
+        return EXIT_FAILED
+    else:
+        traceback.print_exception(error)
+    return EXIT_FAILED if statuses or sweep_dir.is_dir() else EXIT_USAGE
+
+
+def restore_environment(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value

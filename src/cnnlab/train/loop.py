@@ -14,6 +14,7 @@ import errno
 import logging
 import math
 import os
+import resource
 import signal
 import time
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ from cnnlab.config import RunConfig, as_dict
 from cnnlab.errors import UserError, one_line
 from cnnlab.instruments.probes import Probes, examples_needed, gradient_norm, images_within_budget
 from cnnlab.instruments.sharpness import CurvatureSet
-from cnnlab.rundir import clear_unfinished, record_config, refuse_foreign_files, run_lock, write_metrics
+from cnnlab.rundir import (clear_unfinished, last_checkpoint, record_config, refuse_foreign_files, run_lock, write_metrics,
+                           write_record)
 from cnnlab.status import Status
 from cnnlab.train.checkpoint import restore, save_best, save_last
 from cnnlab.train.data import load_data
@@ -52,7 +54,8 @@ from cnnlab.train.state import (
     sgd_stability_limit,
 )
 from cnnlab.train.stops import StopRequest
-from cnnlab.train.tblog import write_density, write_findings, write_hparams_end, write_hparams_start, write_layout
+from cnnlab.train.tblog import (close_events, write_density, write_findings, write_hparams_end, write_hparams_start,
+                                write_layout, writer_error, writer_thread_quiet)
 
 log = logging.getLogger(__name__)
 
@@ -351,25 +354,29 @@ def test(state: TrainState) -> None:
 
 
 def train(run: RunConfig, run_dir: Path, *, resume: bool = False, progress: Progress | None = None,
-          stop: StopRequest | None = None) -> RunResult:
+          stop: StopRequest | None = None, record: dict[str, str] | None = None) -> RunResult:
     """Train, validate every epoch, test once at the end; everything lands in run_dir, which this
     process holds for itself meanwhile. With resume, continue from run_dir's last checkpoint exactly
     where it was written. SIGINT/SIGTERM at any point stop the run cleanly (see StopRequest).
     A run that completed, diverged, was stopped or failed with a UserError returns its RunResult;
-    any other error propagates once metrics.json says `failed`, and a second Ctrl-C propagates."""
+    any other error propagates once metrics.json says `failed`, and a second Ctrl-C propagates.
+    `record`: the record of the run's config (.hydra/ files, cli.job.config_record), written only once
+    run_dir is this run's: its lock held and, for a resume, its checkpoint accepted."""
     run_dir = Path(run_dir)
     try:
         if not resume:  # before the lock file marks the folder as cnnlab's
             refuse_foreign_files(run_dir, "the run directory")
-        with run_lock(run_dir), (stop or StopRequest()) as stop:
+        with run_lock(run_dir), writer_thread_quiet(), (stop or StopRequest()) as stop:
             if not resume:
                 clear_unfinished(run_dir)  # what a run killed before its first checkpoint left here
-            return run_to_the_end(run, run_dir, resume, progress or SilentProgress(), stop)
+                write_record(run_dir, record or {})
+            return run_to_the_end(run, run_dir, resume, progress or SilentProgress(), stop, record)
     except UserError as error:  # run_to_the_end returns its own: another process holds run_dir, untouched
         return RunResult(Status.FAILED, {"status": Status.FAILED.value, "error": str(error)}, [], None, "", error)
 
 
-def run_to_the_end(run: RunConfig, run_dir: Path, resume: bool, progress: Progress, stop: StopRequest) -> RunResult:
+def run_to_the_end(run: RunConfig, run_dir: Path, resume: bool, progress: Progress, stop: StopRequest,
+                   record: dict[str, str] | None = None) -> RunResult:
     """The run from setup to its test, and what metrics.json says however it ends."""
     started = time.perf_counter()
     metrics, state, description, error = new_metrics(), None, "", None
@@ -382,7 +389,8 @@ def run_to_the_end(run: RunConfig, run_dir: Path, resume: bool, progress: Progre
         stop.reached("setup")
         if stop.signum is not None:  # asked to stop while it was starting
             raise Interrupted(stop.signum, state.step)
-        if resume:
+        if resume:  # accepted: the record of its config may follow now
+            write_record(run_dir, record or {})
             record_config(run_dir, state.config)
         write_metrics(run_dir, metrics)
         progress.started(description)
@@ -392,13 +400,14 @@ def run_to_the_end(run: RunConfig, run_dir: Path, resume: bool, progress: Progre
         test(state)  # a stop request now waits for this last, short evaluation: the run is complete
         metrics["status"] = Status.COMPLETED.value
     except BaseException as caught:
-        metrics.update(ending(caught, state))
-        error = reported(caught, run_dir)
+        lost = events_lost(state, run_dir)  # the writer thread's error surfaces at the next write
+        metrics.update(ending(lost or caught, state))
+        error = lost or reported(caught, run_dir)
         if error is None:
             raise
     finally:
-        found, findings_error = finish(run, run_dir, state, metrics, resume, started)
-    return RunResult(Status(metrics["status"]), metrics, found, findings_error, description, error)
+        found, findings_error, lost = finish(run, run_dir, state, metrics, resume, started)
+    return RunResult(Status(metrics["status"]), metrics, found, findings_error, description, error or lost)
 
 
 def run_epochs(state: TrainState, progress: Progress, stop: StopRequest) -> None:
@@ -414,22 +423,40 @@ def run_epochs(state: TrainState, progress: Progress, stop: StopRequest) -> None
 
 
 def finish(run: RunConfig, run_dir: Path, state: TrainState | None, metrics: dict[str, Any], resume: bool,
-           started: float) -> tuple[list[Finding], str | None]:
-    """However the run ended: its time, its findings, metrics.json, and TensorBoard's files closed."""
+           started: float) -> tuple[list[Finding], str | None, UserError | None]:
+    """However the run ended: its time, its findings, TensorBoard's files closed, metrics.json. A run
+    whose events did not all reach their file has failed: that error is returned, and said there."""
     metrics["seconds"] = round(time.perf_counter() - (state.started if state is not None else started), 3)
-    found, findings_error = [], None
+    found, findings_error, lost = [], None, None
     if state is not None and run.findings.enabled:
         # An interrupted run goes on when resumed, and writes its text then: once per run, not per session.
         found, findings_error = report_findings(state, to_tensorboard=metrics["status"] != Status.INTERRUPTED.value)
+    if state is not None:
+        lost = events_lost(state, run_dir, close_events(state.log.writer))
+        if lost is not None and metrics["status"] == Status.COMPLETED.value:
+            metrics.update(status=Status.FAILED.value, error=one_line(lost))
     # A refused resume leaves the run's files as they were; on a full disk, this may fail too.
     if state is not None or not resume:
         with contextlib.suppress(OSError):
             write_metrics(run_dir, metrics)
     if state is not None:
         with contextlib.suppress(OSError):
-            state.log.writer.close()
             write_hparams_end(run_dir, metrics["status"])
-    return found, findings_error
+    return found, findings_error, lost
+
+
+def events_lost(state: TrainState | None, run_dir: Path, error: BaseException | None = None) -> UserError | None:
+    """The run's failure when TensorBoard's writer could not write its events (`error`, or the
+    error that ended its thread): its events stop short, but its checkpoint and metrics.json are kept."""
+    error = error or (writer_error(state.log.writer) if state is not None else None)
+    if error is None:
+        return None
+    kept = (f"The last checkpoint and metrics.json are kept; fix the cause (for 'Too many open files', raise "
+            f"`ulimit -n`), then continue with resume={run_dir}" if last_checkpoint(run_dir).is_file() else
+            "It failed before its first checkpoint: fix the cause (for 'Too many open files', raise `ulimit -n`) "
+            "and run it again")
+    return UserError(f"TensorBoard's event writer failed ({one_line(error, 200)}), so the events in {run_dir} "
+                     f"stop short. {kept}.")
 
 
 def describe(state: TrainState, resumed: bool) -> str:
@@ -457,4 +484,12 @@ def reported(error: BaseException, run_dir: Path) -> Exception | None:
     if isinstance(error, OSError) and error.errno in DISK_ERRORS:
         return UserError(f"Cannot write into {run_dir}: {one_line(error, 200)}. The last checkpoint written "
                          f"before it is kept; free some space (or make the folder writable), then resume.")
+    if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+        return UserError(f"{one_line(error, 200)}: this process may open only {open_files_limit()} files at once. "
+                         f"The last checkpoint written before it is kept; raise the limit (`ulimit -n 4096`), "
+                         f"then continue with resume={run_dir}.")
     return error if isinstance(error, (Diverged, Interrupted, UserError)) else None
+
+
+def open_files_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # imported beforehand: an import opens a file too

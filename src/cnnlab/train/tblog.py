@@ -4,8 +4,10 @@ the HParams records. It writes what it is given and computes nothing."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 import typing
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from google.protobuf.struct_pb2 import ListValue, Value
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
 from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
@@ -42,6 +45,52 @@ HPARAM_STATUSES = {Status.COMPLETED: api_pb2.STATUS_SUCCESS, Status.DIVERGED: ap
 # readers keep a tag's first summary metadata), so the record holds at most one end, and a resume
 # rewrites it.
 HPARAMS_FILE = "events.out.tfevents.0000000000.hparams"
+
+
+# --- the writer's background thread -----------------------------------------------------------------
+# SummaryWriter hands events to a thread that writes them. When a write fails there (too many open
+# files, a full disk), the thread keeps the error, prints its traceback and ends; later events are
+# lost, and the error is raised only by the next write or flush in the run's thread, or never (after
+# the last). The run fails with that error instead (cnnlab.train.loop), once, without the traceback.
+def writer_error(writer: SummaryWriter | None) -> BaseException | None:
+    """The error that ended the writer's background thread, or None while it writes. Missing public
+    API: TensorBoard keeps the error on its thread (_AsyncWriterThread.exception) and says nothing."""
+    for thread in _writer_threads(writer):
+        if thread.exception is not None:
+            return thread.exception
+    return None
+
+
+def close_events(writer: SummaryWriter) -> BaseException | None:
+    """Close the writer (its last events written); the error that kept events from their file, if any."""
+    threads = _writer_threads(writer)  # close() forgets its file writers
+    try:
+        writer.close()
+    except Exception as error:  # the thread's error, raised again, or the last flush's own
+        return error
+    return next((thread.exception for thread in threads if thread.exception is not None), None)
+
+
+def _writer_threads(writer: SummaryWriter | None) -> list[_AsyncWriterThread]:
+    file_writers = (getattr(writer, "all_writers", None) or {}).values()
+    async_writers = [getattr(getattr(w, "event_writer", None), "_async_writer", None) for w in file_writers]
+    return [a._worker for a in async_writers if isinstance(getattr(a, "_worker", None), _AsyncWriterThread)]
+
+
+@contextmanager
+def writer_thread_quiet() -> typing.Iterator[None]:
+    """While a run lasts, the writer thread's death prints no traceback: the run reports its error."""
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if not isinstance(args.thread, _AsyncWriterThread):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 # --- probes and findings ----------------------------------------------------------------------------
