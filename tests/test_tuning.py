@@ -89,11 +89,15 @@ def test_compare_tune_writes_the_tuning_figure_and_prints_the_edge_warnings(tmp_
     assert "the best optimizer.lr for activation=relu is the largest value tried (0.1): extend the grid" in out
 
 
-def test_edge_warning_needs_two_numbers_and_a_value_at_an_edge():
-    assert edge_warning("optimizer.lr", "x", "0.1", ["0.1"]) is None
-    assert edge_warning("activation", "x", "elu", ["relu", "elu"]) is None  # not numbers: no edge
-    assert edge_warning("optimizer.lr", "x", "0.01", ["0.001", "0.01", "0.1"]) is None
-    assert "largest value tried (1e-2)" in edge_warning("optimizer.lr", "x", "1e-2", ["1e-3", "1e-2"])
+def test_edge_warning_needs_two_numbers_and_a_value_at_an_edge_better_than_its_neighbour():
+    assert edge_warning("optimizer.lr", "x", "0.1", {"0.1": 0.9}) is None
+    assert edge_warning("activation", "x", "elu", {"relu": 0.8, "elu": 0.9}) is None  # not numbers: no edge
+    assert edge_warning("optimizer.lr", "x", "0.01", {"0.001": 0.8, "0.01": 0.9, "0.1": 0.7}) is None
+    assert "largest value tried (1e-2)" in edge_warning("optimizer.lr", "x", "1e-2", {"1e-3": 0.8, "1e-2": 0.9})
+    assert "smallest value tried (0.001)" in edge_warning("optimizer.lr", "x", "0.001",
+                                                          {"0.001": 0.9, "0.01": 0.8, "0.1": 0.95 - 0.1})
+    # tied with the value next to it (an easy task: 1.0 everywhere): the grid is not what limits it
+    assert edge_warning("optimizer.lr", "x", "0.001", {"0.001": 1.0, "0.01": 1.0}) is None
 
 
 def test_tuning_figure_draws_accuracy_against_the_tuned_value_per_configuration_and_marks_the_choice(tmp_path):

@@ -45,15 +45,20 @@ def _number(value: str) -> float | None:
         return None
 
 
-def edge_warning(key: str, name: str, chosen: str | None, tried: list[str]) -> str | None:
-    """A warning when the chosen value is the largest or smallest number tried: the best may lie
-    beyond the grid. None for a grid of fewer than two numbers, or one chosen inside it."""
-    numbers = [number for value in tried if (number := _number(value)) is not None]
-    if chosen is None or _number(chosen) is None or len(set(numbers)) < 2:
+def edge_warning(key: str, name: str, chosen: str | None, means: dict[str, float | None]) -> str | None:
+    """A warning when the chosen value is the largest or smallest number tried and strictly better
+    than the value next to it (`means`: mean validation accuracy by value): the best may lie beyond
+    the grid. None for a grid of fewer than two numbers, a choice inside it, or one tied with its neighbour."""
+    numbers = sorted({number for value in means if (number := _number(value)) is not None})
+    if chosen is None or _number(chosen) is None or len(numbers) < 2:
         return None
-    edge = {max(numbers): "largest", min(numbers): "smallest"}.get(_number(chosen))
+    edge = {numbers[-1]: "largest", numbers[0]: "smallest"}.get(_number(chosen))
     if edge is None:
         return None
+    inner = numbers[-2] if edge == "largest" else numbers[1]
+    neighbour = [mean for value, mean in means.items() if _number(value) == inner and mean is not None]
+    if neighbour and means[chosen] is not None and max(neighbour) >= means[chosen]:
+        return None  # as good one step inside: nothing says the best lies beyond
     return f"the best {key} for {name} is the {edge} value tried ({chosen}): extend the grid"
 
 
@@ -76,7 +81,7 @@ def tune(runs: list[Run], key: str) -> dict[str, Any]:
         tuned[name] = {"chosen": chosen, "tried": list(candidates),
                        "val_acc": validation[chosen] if chosen is not None else spread([]),
                        "test_acc": completed_spread(candidates.get(chosen, []), "test_acc"),
-                       "by_value": validation, "warning": edge_warning(key, name, chosen, list(candidates))}
+                       "by_value": validation, "warning": edge_warning(key, name, chosen, {value: accuracy.mean for value, accuracy in validation.items()})}
     for name, verdict in versus_best({name: entry["test_acc"] for name, entry in tuned.items()}).items():
         tuned[name]["vs_best"] = verdict
     warnings = [entry["warning"] for entry in tuned.values() if entry["warning"]]
