@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,15 @@ def test_code_in_any_job_of_a_sweep_or_in_an_override_is_refused(run_cli, tmp_pa
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "submitit_slurm"])
 def test_hydras_own_launchers_pass_the_check(launcher):
     check_config_before_hydra(["-m", f"hydra/launcher={launcher}", "activation=relu,elu"])
+
+
+def test_a_sweep_of_a_thousand_seeds_is_checked_in_a_few_compositions_and_says_so(capsys):
+    started = time.monotonic()
+    check_config_before_hydra(["-m", "trainer.seed=range(1,1001)", "activation=relu,elu", "optimizer.lr=0.1,0.01,1"])
+    err = capsys.readouterr().err
+    # the first job, activation=elu, and lr=1 (an integer where the others are decimals): not 12,000 jobs
+    assert "checking the sweep's 6000 jobs before any starts: composing 3 " in err, err
+    assert time.monotonic() - started < 60  # it took 437 s when every seed was composed
 
 
 def test_every_named_experiment_passes_the_check():

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
+import sys
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.cli.hydra_api import config_loader, file_that_sets, parse_arguments
 from cnnlab.cli.hydra_settings import (hydra_choices, refuse_foreign_hydra_options, refuse_hydra_settings_from_files,
@@ -41,6 +44,9 @@ REFUSED = "Configs may not run code; nothing has run."
 
 # A sweep whose first job is invalid is checked job by job, up to this many jobs (one composition each).
 MAX_JOBS_CHECKED = 32
+# A number cannot name code, a file or a folder outside the sweep's: the numbers one setting is swept
+# over compose alike, so one job checks them all (integers and decimals apart, as YAML types them).
+NUMBER_KINDS = {"integer": re.compile(r"[+-]?\d+"), "decimal": re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")}
 
 
 class Composer:
@@ -87,7 +93,13 @@ def check_config_before_hydra(args: list[str]) -> dict[str, RunConfig]:
         return _validated(cfg) if runs else {}
     swept = _swept_values(cfg, loader)
     hydra_overrides = OmegaConf.to_container(cfg.hydra.overrides.hydra, resolve=False)  # `${oc.env:...}` as typed
-    for job_overrides in _sweep_samples(swept):
+    samples = _sweep_samples(swept, cfg)
+    if swept is not None:  # a long sweep would otherwise be silent until its first job
+        jobs = _count_jobs(swept)
+        print(f"cnnlab: checking the sweep's {jobs} job{'s' * (jobs != 1)} before any starts: composing {len(samples)} "
+              f"that between them set every swept value (numbers of one setting: one of each kind).",
+              file=sys.stderr, flush=True)
+    for job_overrides in samples:
         named = _swept_only(swept, job_overrides)
         given = [*hydra_overrides, *job_overrides]
         job = composer.compose(given, RunMode.RUN, named)
@@ -373,14 +385,42 @@ def _swept_only(swept: dict[str, list[str]], job_overrides) -> list[str]:
     return named or list(job_overrides)
 
 
-def _sweep_samples(swept: dict[str, list[str]] | None) -> list[list[str]]:
+def _count_jobs(swept: dict[str, list[str]]) -> int:
+    count = 1
+    for lines in swept.values():
+        count *= len(lines)
+    return count
+
+
+def _sweep_samples(swept: dict[str, list[str]] | None, cfg: DictConfig) -> list[list[str]]:
     """Task overrides of a few jobs of the sweep that, between them, set every swept value (each one
-    with the other sweeps at their first value)."""
+    with the other sweeps at their first value), except that a setting swept over numbers takes
+    one of each kind (trainer.seed=range(1,1001): one job, not a thousand compositions)."""
     if swept is None:
         return []
     lines = list(swept.values())
     firsts = [values[0] for values in lines]
     samples = [firsts]
-    for i, values in enumerate(lines):
-        samples += [[*firsts[:i], value, *firsts[i + 1:]] for value in values[1:]]
+    for i, (key, values) in enumerate(swept.items()):
+        kinds = {firsts[i]: _number_kind(cfg, key, firsts[i])}
+        for value in values[1:]:
+            kind = _number_kind(cfg, key, value)
+            if kind is None or kind not in kinds.values():
+                kinds[value] = kind
+                samples.append([*firsts[:i], value, *firsts[i + 1:]])
     return samples
+
+
+def _number_kind(cfg: DictConfig, key: str, line: str) -> str | None:
+    """"integer" or "decimal" for `key=NUMBER` where key is an existing setting of the task config
+    (not a group, nothing of Hydra's, nothing added or deleted); None for anything else."""
+    value = line[len(key) + 1:]
+    if key.startswith(("+", "~", "hydra")) or "@" in key or not isinstance(cfg, DictConfig):
+        return None
+    try:
+        node = OmegaConf.select(cfg, key, default=KeyError, throw_on_missing=False)
+    except OmegaConfBaseException:  # an interpolation that resolves only in the job
+        return None
+    if node is KeyError or isinstance(node, (DictConfig, ListConfig)):
+        return None
+    return next((kind for kind, pattern in NUMBER_KINDS.items() if pattern.fullmatch(value)), None)
