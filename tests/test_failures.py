@@ -340,3 +340,20 @@ def test_sigterm_while_hydra_starts_a_single_run_ends_it_with_a_message_and_130(
     code = train_command([*TINY, "hydra.run.dir=run"], job=preempted_at_start)
     assert code == 130 and "stopped at once by a signal" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the command's handler is gone again
+
+
+def test_sigterm_during_the_pre_check_says_nothing_was_started_and_exits_130(capsys, monkeypatch, tmp_path):
+    import importlib
+
+    command = importlib.import_module("cnnlab.cli.train_command")  # the module, not the function cnnlab.cli exports
+    def preempted_while_checking(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM should have interrupted the check")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(command, "check_config_before_hydra", preempted_while_checking)
+    code = train_command(["-m", *TINY, "trainer.seed=range(0,1000)"])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted during the pre-check" in err and "nothing was started" in err
+    assert not list(tmp_path.iterdir())
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -33,15 +33,19 @@ def train_command(args: list[str], job: Task | None = None) -> int:
         return show_help(parsed.config_dir)
     sweep_dir = None
     try:
-        validated = check_config_before_hydra(args)
-        if parsed.multirun:
-            args = name_jobs_by_swept_overrides(args)
-            args, sweep_dir = fix_sweep_dir(args)
-        elif not (parsed.cfg or parsed.info or parsed.hydra_help):
-            args = place_single_run(args, parsed.overrides)
+        with sigterm_as_interrupt():  # a long sweep's check may be stopped like the run it precedes
+            validated = check_config_before_hydra(args)
+            if parsed.multirun:
+                args = name_jobs_by_swept_overrides(args)
+                args, sweep_dir = fix_sweep_dir(args)
+            elif not (parsed.cfg or parsed.info or parsed.hydra_help):
+                args = place_single_run(args, parsed.overrides)
     except UserError as error:
         print_error(str(error))
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print_error("interrupted during the pre-check (the config check before Hydra starts); nothing was started.")
+        return EXIT_INTERRUPTED
     statuses: list[Status] = []  # of the jobs run in this process: a single run's exit code
     task = recording_statuses(statuses, job or (lambda cfg: run_job(cfg, validated)))
     code = run_hydra(args, task, sweep_dir, statuses)
