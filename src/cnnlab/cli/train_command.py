@@ -103,6 +103,8 @@ def run_hydra(args: list[str], task: Task, sweep_dir: Path | None, statuses: lis
         elif sweep_dir is None:
             print_error("stopped at once by a signal (while the run was starting, or a second Ctrl-C); the "
                         "last checkpoint, if there is one, is kept.")
+        else:
+            print_error("stopped by a signal while Hydra was starting the sweep; no job was started.")
         return EXIT_INTERRUPTED
     except SystemExit as exit:
         if exit.code not in (0, None) and not statuses and not (sweep_dir and sweep_dir.is_dir()):
