@@ -207,6 +207,29 @@ def test_a_sweep_of_a_thousand_seeds_is_checked_in_a_few_compositions_and_says_s
     assert time.monotonic() - started < 60  # it took 437 s when every seed was composed
 
 
+@pytest.mark.parametrize("args, message", [
+    (["~trainer.epochs", "trainer.epochs=2"], "~trainer.epochs: trainer.epochs cannot be deleted; every run needs it."),
+    (["-m", "~model", "trainer.seed=0,1"], "~model: model cannot be deleted"),
+    (["~trainer.epoch"], "~trainer.epoch: Unknown setting trainer.epoch. Valid settings of trainer: epochs,"),
+])
+def test_deleting_a_setting_says_it_cannot_be_deleted_or_that_it_does_not_exist(run_cli, tmp_path, args, message):
+    code, _, err = run_cli("train", *args)
+    assert code == 2 and message in err, err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    ([*TINY, "dataset.val_fraction=1e-320"], "of 300 training images it would hold out 0 for validation; choose a "
+                                             "fraction in [0.00333, 0.996667]"),
+    (["dataset=cifar10", "dataset.val_fraction=0.99999"], "of 50000 training images it would hold out 50000"),
+])
+def test_a_val_fraction_that_leaves_a_side_empty_is_refused_naming_the_range_before_a_folder(run_cli, tmp_path,
+                                                                                            args, message):
+    code, _, err = run_cli("train", *args)
+    assert code == 2 and "dataset.val_fraction" in err and message in err, err
+    assert not list(tmp_path.iterdir())
+
+
 def test_every_named_experiment_passes_the_check():
     for experiment in sorted(path.stem for path in (config_dir() / "experiment").glob("*.yaml")):
         check_config_before_hydra(["-m", f"experiment={experiment}", "trainer.seed=0,1"])

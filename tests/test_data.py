@@ -199,8 +199,11 @@ def test_fake_data_is_fixed_and_learnable_shaped():
     assert torch.bincount(one.test.data.labels).tolist() == [5, 5, 5, 5]
 
 
-def test_val_fraction_that_leaves_nothing_is_a_user_error():
-    cfg = dataset_config("dataset=fake", "dataset.train_size=4", "dataset.val_fraction=0.05")
+def test_val_fraction_that_leaves_nothing_of_an_image_folder_is_a_user_error(tmp_path):
+    # a fake or torchvision dataset's size is known, and validate() refuses such a fraction (test_cli.py)
+    root = write_image_folder(tmp_path / "pets", per_class=2, size=8)
+    cfg = dataset_config("dataset=imagefolder", f"dataset.path={root}", "dataset.image_size=8",
+                         "dataset.val_fraction=0.05")
     with pytest.raises(UserError, match="val_fraction"):
         load_data(cfg, 2, 2, CPU, seed=0)
 

@@ -337,6 +337,7 @@ def check_values(run: RunConfig) -> None:
 
 def _check_dataset(d: DatasetConfig) -> None:
     _require(0 < d.val_fraction < 1, "dataset.val_fraction", d.val_fraction, "must be between 0 and 1 (exclusive)")
+    _check_split(d)
     _require(0 <= d.split_seed <= MAX_SEED, "dataset.split_seed", d.split_seed,
              "must be in [0, 2**64 - 1] = [0, 18446744073709551615], the seeds torch accepts")
     if isinstance(d, ImageFolderConfig):
@@ -353,6 +354,18 @@ def _check_dataset(d: DatasetConfig) -> None:
         _require(d.channels in (1, 3), "dataset.channels", d.channels, "must be 1 or 3")
         _require(d.num_classes >= 2, "dataset.num_classes", d.num_classes, "must be at least 2")
         _require(d.noise >= 0, "dataset.noise", d.noise, "must be >= 0")
+
+
+def _check_split(d: DatasetConfig) -> None:
+    """Where the training split's size is known before reading it: the held-out share leaves at least
+    one image on each side (an image folder's is checked when it is read)."""
+    count = d.train_size if isinstance(d, FakeDatasetConfig) else DATASETS[d.name].train_images
+    if count is None or count < 2:
+        return
+    held_out = round(count * d.val_fraction)
+    _require(1 <= held_out < count, "dataset.val_fraction", d.val_fraction,
+             f"of {count} training images it would hold out {held_out} for validation; choose a fraction in "
+             f"[{1 / count:.3g}, {1 - 1 / count:.6g}] so that each side keeps at least one image")
 
 
 def _check_model(m: ModelConfig) -> None:

@@ -81,6 +81,7 @@ def check_config_before_hydra(args: list[str]) -> dict[str, RunConfig]:
     _refuse_code_in_overrides(overrides)
     composer = Composer(loader, parsed.config_name or "train")
     mode = RunMode.MULTIRUN if parsed.multirun else RunMode.RUN
+    _refuse_deleted_settings(composer, parsed.overrides, mode)
     cfg = composer.compose(parsed.overrides, mode)
     if cfg is None:
         return {}
@@ -130,6 +131,26 @@ def _refuse_hydra_settings_from_files(composer: Composer, reference_loader: Any,
         raise UserError(f"{' '.join(lines)}{job}: these overrides need settings of `hydra` that only a config file "
                         f"adds ({one_line(error, 200)}); config files may not add to `hydra`.") from None
     refuse_hydra_settings_from_files(cfg, reference, job, file)
+
+
+def _refuse_deleted_settings(composer: Composer, lines: list[str], run_mode: Any) -> None:
+    """`~trainer.epochs`: every setting of cnnlab's is needed by every run (Hydra's own may go)."""
+    from cnnlab.config import unknown_setting
+
+    deleted = [line for line in lines if line.startswith("~") and not line[1:].startswith("hydra")]
+    if not deleted:
+        return
+    cfg = composer.compose([line for line in lines if line not in deleted], run_mode)
+    for line in deleted:
+        key = line[1:].partition("=")[0]
+        exists = cfg is not None and OmegaConf.select(cfg, key, default=KeyError, throw_on_missing=False,
+                                                      throw_on_resolution_failure=False) is not KeyError
+        if exists:
+            raise UserError(f"{line}: {key} cannot be deleted; every run needs it. Set it instead ({key}=VALUE), or "
+                            f"leave out {line} to keep its default.")
+        if cfg is not None:  # Hydra would say only that it does not exist
+            section, _, name = key.partition(".") if "." in key else ("", "", key)
+            raise UserError(f"{line}: {unknown_setting(section, name, cfg.get(section) if section else cfg)}")
 
 
 def task_key(cfg: DictConfig) -> str:
