@@ -219,8 +219,8 @@ def test_deleting_a_setting_says_it_cannot_be_deleted_or_that_it_does_not_exist(
 
 
 @pytest.mark.parametrize("args, message", [
-    ([*TINY, "dataset.val_fraction=1e-320"], "of 300 training images it would hold out 0 for validation; choose a "
-                                             "fraction in [0.00333, 0.996667]"),
+    ([*TINY, "dataset.val_fraction=1e-320"], ("of 300 training images it would hold out 0 for validation; choose a "
+                                              "fraction in [0.00333, 0.996667]")),
     (["dataset=cifar10", "dataset.val_fraction=0.99999"], "of 50000 training images it would hold out 50000"),
 ])
 def test_a_val_fraction_that_leaves_a_side_empty_is_refused_naming_the_range_before_a_folder(run_cli, tmp_path,
