@@ -298,6 +298,42 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_leaves_no_temporaries_and_sa
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1
 
 
+class FileThatFills:
+    """A file whose writes fail with `code` after `room` bytes, as a full disk's or a size limit's do."""
+
+    def __init__(self, file, room: int, code: int):
+        self.file, self.room, self.code = file, room, code
+
+    def write(self, data) -> int:
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(self.code, os.strerror(self.code))
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG, errno.EPERM])
+def test_a_write_error_inside_torchs_zip_writer_names_the_checkpoint_and_keeps_the_one_before(tiny_run, monkeypatch,
+                                                                                             tmp_path, code):
+    save, calls = torch.save, []
+
+    def fails_after_the_first_epoch(obj, file):
+        calls.append(1)
+        save(obj, FileThatFills(file, 1000, code) if len(calls) > 2 else file)  # torch's zip writer gets the error
+
+    monkeypatch.setattr(torch, "save", fails_after_the_first_epoch)
+    error = tiny_run("trainer.epochs=3", "optimizer.lr=0.01").result.error
+    assert isinstance(error, UserError), error
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert f"[Errno {code}] {os.strerror(code)}: '{checkpoints}/" in str(error)
+    assert "last checkpoint written before it is kept" in str(error)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+    assert load_checkpoint(checkpoints / "last.pt")["epoch"] == 1
+
+
 def test_a_model_too_large_for_memory_is_one_clear_error(run_cli):
     code, _, err = run_cli("train", *TINY_DATA, "model.hidden=[100000000000]", *TINY_TRAINER, "hydra.run.dir=run")
     assert code == 1 and "does not fit in memory" in err and "model.hidden" in err

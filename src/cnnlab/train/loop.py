@@ -56,7 +56,11 @@ from cnnlab.train.tblog import write_density, write_findings, write_hparams_end,
 
 log = logging.getLogger(__name__)
 
-DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a run's own folder cannot be written: the user's to fix
+# A run's own folder cannot be written: the user's to fix, with this.
+DISK_ERRORS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (or raise your disk quota)",
+               errno.EROFS: "make the folder writable", errno.EPERM: "make the folder writable",
+               errno.EACCES: "make the folder writable",
+               errno.EFBIG: "raise the file size limit (ulimit -f), or make the model smaller"}
 
 @dataclass
 class RunResult:
@@ -453,6 +457,6 @@ def reported(error: BaseException, run_dir: Path) -> Exception | None:
     """The error a RunResult carries for a run that `error` ended, or None for one that propagates.
     A full or read-only disk is the user's to fix, not a crash."""
     if isinstance(error, OSError) and error.errno in DISK_ERRORS:
-        return UserError(f"Cannot write into {run_dir}: {one_line(error, 200)}. The last checkpoint written "
-                         f"before it is kept; free some space (or make the folder writable), then resume.")
+        return UserError(f"Cannot write into {run_dir}: {one_line(error, 300)}. The last checkpoint written "
+                         f"before it is kept; {DISK_ERRORS[error.errno]}, then resume.")
     return error if isinstance(error, (Diverged, Interrupted, UserError)) else None
