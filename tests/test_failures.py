@@ -359,6 +359,18 @@ def test_a_runs_config_that_is_not_valid_yaml_is_named_on_resume(run_cli, tmp_pa
     assert code == 2 and "cannot read the run's config" in err and "config.yaml" in err
 
 
+def test_a_resume_whose_overrides_cannot_resolve_is_refused_and_changes_nothing(run_cli, tmp_path, monkeypatch):
+    monkeypatch.delenv("CNNLAB_UNSET_VARIABLE", raising=False)
+    assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0
+    before = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
+    code, _, err = run_cli("train", "resume=run", "trainer.epochs=2", "trainer.device=${oc.env:CNNLAB_UNSET_VARIABLE}")
+    assert code == 2 and "environment variable CNNLAB_UNSET_VARIABLE, which is not set" in err
+    code, _, err = run_cli("train", "resume=run", "trainer.epochs=2", "trainer.threads=${trainer.log_every}",
+                           "trainer.log_every=${trainer.threads}")
+    assert code == 2 and "(an interpolation loop)" in err
+    assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == before
+
+
 def test_a_best_checkpoint_copied_over_the_last_one_is_refused_naming_what_it_lacks(run_cli, tmp_path):
     assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0
     checkpoints = tmp_path / "run" / "checkpoints"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
 
 from cnnlab.activations import (
     ACTIVATIONS,
@@ -273,7 +273,29 @@ def unknown_setting(section: str, key: str, node: Any) -> UserError:
     return UserError(message)
 
 
+def _resolved(node: DictConfig) -> DictConfig:
+    """The section with its interpolations resolved while the whole config is in view: a section
+    merged alone could not see `${trainer.batch_size}`. One that cannot resolve is a UserError."""
+    try:
+        return OmegaConf.create(OmegaConf.to_container(node, resolve=True, throw_on_missing=False))
+    except InterpolationResolutionError as error:
+        key = error.full_key
+        setting = node._get_node(key.rpartition(".")[2]) if key and "[" not in key else None
+        written = setting._value() if setting is not None else "..."  # as written, never an environment's value
+        reason = error.msg.splitlines()[0] if error.msg else type(error).__name__
+        variable = re.search(r"Environment variable '([^']*)' not found", reason)
+        if variable:
+            raise UserError(f"Invalid setting {key}={written!r}: it reads the environment variable "
+                            f"{variable[1]}, which is not set. Set it, or give a default: "
+                            f"${{oc.env:{variable[1]},VALUE}}.") from None
+        if "Recursive interpolation" in reason:
+            raise UserError(f"Invalid setting {key}={written!r}: it refers back to itself through other settings "
+                            f"(an interpolation loop). Give one of them a value.") from None
+        raise UserError(f"Invalid setting {key}={written!r}: {reason}.") from None
+
+
 def _typed_section(section: str, node: DictConfig, schema: type) -> Any:
+    node = _resolved(node)
     try:
         typed = OmegaConf.merge(OmegaConf.structured(schema), node)
         missing = sorted(OmegaConf.missing_keys(typed))  # resolves: an interpolation of the wrong type fails here
