@@ -470,3 +470,25 @@ def test_a_sweep_with_no_values_is_one_message_and_exit_2(run_cli, tmp_path, swe
     code, out, err = run_cli("train", "-m", *TINY, sweep)
     assert code == 2 and f"The sweep over {sweep.split('=')[0]} has no values" in err
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("args", [["train", "--hydra-help"], ["train", "--cfg", "job"], ["train", "--info"],
+                                  ["inspect", "run", "--json"], ["compare", "run"], ["--help"]])
+def test_output_into_a_pipe_whose_reader_has_gone_ends_quietly(capfd, monkeypatch, tmp_path, args):
+    from cnnlab import cli
+    from tests.fake_runs import write_run
+
+    write_run(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head -1` once it has its line, `| true` at once
+    closed = open(write_end, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", closed)
+    try:
+        with pytest.raises(SystemExit) as exit:
+            cli.main(args)
+    finally:
+        monkeypatch.undo()
+        closed.close()
+    err = capfd.readouterr().err
+    assert exit.value.code == 0 and "BrokenPipeError" not in err and "Logging error" not in err, err
