@@ -482,13 +482,10 @@ def test_output_into_a_pipe_whose_reader_has_gone_ends_quietly(capfd, monkeypatc
     monkeypatch.chdir(tmp_path)
     read_end, write_end = os.pipe()
     os.close(read_end)  # `| head -1` once it has its line, `| true` at once
-    closed = open(write_end, "w", buffering=1)
-    monkeypatch.setattr(sys, "stdout", closed)
-    try:
+    with open(write_end, "w", buffering=1) as closed:
+        monkeypatch.setattr(sys, "stdout", closed)
         with pytest.raises(SystemExit) as exit:
             cli.main(args)
-    finally:
         monkeypatch.undo()
-        closed.close()
     err = capfd.readouterr().err
     assert exit.value.code == 0 and "BrokenPipeError" not in err and "Logging error" not in err, err
