@@ -371,6 +371,20 @@ def test_a_resume_whose_overrides_cannot_resolve_is_refused_and_changes_nothing(
     assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == before
 
 
+def test_a_metrics_file_holding_a_list_or_a_lock_that_is_a_folder_is_one_message(run_cli, tmp_path):
+    assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0
+    shutil.copytree(tmp_path / "run", tmp_path / "listed")
+    (tmp_path / "listed" / "metrics.json").write_text("[1, 2]")
+    code, _, err = run_cli("train", "resume=listed", "trainer.epochs=2")
+    assert code == 2 and "listed/metrics.json holds a JSON list, not the object of results a run writes" in err
+    code, _, err = run_cli("inspect", "listed")
+    assert code != 0 and "metrics.json holds a JSON list" in err
+    (tmp_path / "run" / ".cnnlab.lock").unlink(missing_ok=True)
+    (tmp_path / "run" / ".cnnlab.lock").mkdir()
+    code, _, err = run_cli("train", "resume=run", "trainer.epochs=2")
+    assert code == 1 and ".cnnlab.lock is a folder, not the lock file cnnlab keeps there; remove it" in err
+
+
 def test_a_best_checkpoint_copied_over_the_last_one_is_refused_naming_what_it_lacks(run_cli, tmp_path):
     assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0
     checkpoints = tmp_path / "run" / "checkpoints"

@@ -92,11 +92,13 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
 
 
 def read_metrics_or_none(run_dir: Path) -> dict[str, Any] | None:
-    """The run's metrics, or None while there are none to read (not written yet, or cut short)."""
+    """The run's metrics, or None while there are none to read (not written yet, or cut short, or not
+    a run's: read_run_metrics says why)."""
     try:
-        return read_metrics(run_dir)
+        metrics = read_metrics(run_dir)
     except (OSError, ValueError):
         return None
+    return metrics if isinstance(metrics, dict) else None
 
 
 def read_run_metrics(path: Path) -> dict[str, Any] | None:
@@ -151,7 +153,11 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     process ends, however it ends, so a crashed run never blocks its resume."""
     path = Path(run_dir) / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    file = open(path, "a+")
+    try:
+        file = open(path, "a+")
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder, not the lock file cnnlab keeps there; remove it (rmdir) and run "
+                        f"again.") from None
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
