@@ -193,8 +193,18 @@ def test_code_in_any_job_of_a_sweep_or_in_an_override_is_refused(run_cli, tmp_pa
     assert code == 2 and "extra._target_" in err and not (tmp_path / "sweep").exists()
 
 
+def test_the_slurm_launcher_without_sbatch_is_one_message_before_anything_starts(run_cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))
+    code, _, err = run_cli("train", "-m", *TINY, "hydra/launcher=submitit_slurm", "trainer.seed=0,1")
+    assert code == 1 and "SLURM's sbatch, which is not on PATH" in err and "hydra/launcher=basic" in err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "submitit_slurm"])
-def test_hydras_own_launchers_pass_the_check(launcher):
+def test_hydras_own_launchers_pass_the_check(launcher, monkeypatch, tmp_path):
+    (tmp_path / "sbatch").write_text("#!/bin/sh\n")  # SLURM's, which the check looks for
+    (tmp_path / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
     check_config_before_hydra(["-m", f"hydra/launcher={launcher}", "activation=relu,elu"])
 
 

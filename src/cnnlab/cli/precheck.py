@@ -19,7 +19,7 @@ from cnnlab.cli.hydra_settings import (hydra_choices, refuse_foreign_hydra_optio
                                        refuse_overrides_from_files, refuse_unsafe_command_line)
 from cnnlab.cli.sweeps import sweep_lines
 from cnnlab.config import RunConfig, config_dir
-from cnnlab.errors import UserError, one_line
+from cnnlab.errors import MissingTool, UserError, one_line
 
 # --- what a config may not do: checked before Hydra, which acts on the config before any job starts --
 # Hydra instantiates `_target_` classes (hydra.callbacks, the launcher, the sweeper) and hands
@@ -92,6 +92,8 @@ def check_config_before_hydra(args: list[str]) -> dict[str, RunConfig]:
                 or parsed.experimental_rerun) and cfg.get("resume") in (None, "")  # resumed: checked by run_job
     if not parsed.multirun:
         return _validated(cfg) if runs else {}
+    if runs:
+        _refuse_a_launcher_this_machine_lacks(cfg)
     swept = _swept_values(cfg, loader)
     hydra_overrides = OmegaConf.to_container(cfg.hydra.overrides.hydra, resolve=False)  # `${oc.env:...}` as typed
     samples = _sweep_samples(swept, cfg)
@@ -151,6 +153,16 @@ def _refuse_deleted_settings(composer: Composer, lines: list[str], run_mode: Any
         if cfg is not None:  # Hydra would say only that it does not exist
             section, _, name = key.partition(".") if "." in key else ("", "", key)
             raise UserError(f"{line}: {unknown_setting(section, name, cfg.get(section) if section else cfg)}")
+
+
+def _refuse_a_launcher_this_machine_lacks(cfg: DictConfig) -> None:
+    """submitit's SLURM launcher fails only once it calls sbatch, after the sweep folder is made."""
+    import shutil
+
+    if str(cfg.hydra.launcher.get("_target_")).endswith(".SlurmLauncher") and shutil.which("sbatch") is None:
+        raise MissingTool("hydra/launcher=submitit_slurm submits each job with SLURM's sbatch, which is not on PATH "
+                          "on this machine. Run the sweep on a SLURM login node, or choose hydra/launcher=basic, "
+                          "joblib or submitit_local. Nothing has run and no folder was made.")
 
 
 def task_key(cfg: DictConfig) -> str:

@@ -17,7 +17,7 @@ from cnnlab.cli.job import run_job
 from cnnlab.cli.precheck import check_config_before_hydra
 from cnnlab.cli.sweeps import exit_code_of, summarise_sweep
 from cnnlab.config import config_dir
-from cnnlab.errors import UserError
+from cnnlab.errors import MissingTool, UserError
 from cnnlab.status import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Status
 from cnnlab.train.stops import SweepStop, sigterm_as_interrupt, stoppable
 
@@ -42,7 +42,7 @@ def train_command(args: list[str], job: Task | None = None) -> int:
                 args = place_single_run(args, parsed.overrides)
     except UserError as error:
         print_error(str(error))
-        return EXIT_USAGE
+        return EXIT_FAILED if isinstance(error, MissingTool) else EXIT_USAGE
     except KeyboardInterrupt:
         print_error("interrupted during the pre-check (the config check before Hydra starts); nothing was started.")
         return EXIT_INTERRUPTED
