@@ -92,8 +92,6 @@ def check_config_before_hydra(args: list[str]) -> dict[str, RunConfig]:
                 or parsed.experimental_rerun) and cfg.get("resume") in (None, "")  # resumed: checked by run_job
     if not parsed.multirun:
         return _validated(cfg) if runs else {}
-    if runs:
-        _refuse_a_launcher_this_machine_lacks(cfg)
     swept = _swept_values(cfg, loader)
     hydra_overrides = OmegaConf.to_container(cfg.hydra.overrides.hydra, resolve=False)  # `${oc.env:...}` as typed
     samples = _sweep_samples(swept, cfg)
@@ -110,7 +108,11 @@ def check_config_before_hydra(args: list[str]) -> dict[str, RunConfig]:
             where = f" (in the sweep's job with {' '.join(named)})"
             _refuse_code(job, where)
             _refuse_hydra_settings_from_files(composer, reference_loader, job, RunMode.RUN, given, where)
-    return _refuse_a_sweep_of_invalid_jobs(composer, hydra_overrides, swept) if runs else {}
+    if not runs:
+        return {}
+    validated = _refuse_a_sweep_of_invalid_jobs(composer, hydra_overrides, swept)
+    _refuse_a_launcher_this_machine_lacks(cfg)  # last: what the config may not do is named first
+    return validated
 
 
 def _refuse_hydra_settings_from_files(composer: Composer, reference_loader: Any, cfg: DictConfig, run_mode: Any,
