@@ -499,3 +499,16 @@ def test_output_into_a_pipe_whose_reader_has_gone_ends_quietly(capfd, monkeypatc
         monkeypatch.undo()
     err = capfd.readouterr().err
     assert exit.value.code == 0 and "BrokenPipeError" not in err and "Logging error" not in err, err
+
+
+def test_an_address_space_limit_too_low_for_torch_is_one_message_before_any_folder(tmp_path):
+    import resource
+
+    def limited() -> None:  # `ulimit -v 1500000`: Hydra loads, torch's libraries do not
+        resource.setrlimit(resource.RLIMIT_AS, (1_500_000 * 1024, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+    result = subprocess.run([sys.executable, "-m", "cnnlab", "train", *TINY, "hydra.run.dir=run"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, preexec_fn=limited, check=False)
+    assert result.returncode == 1 and "torch cannot be loaded" in result.stderr, result.stderr
+    assert "ulimit -v" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()

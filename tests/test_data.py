@@ -1,3 +1,4 @@
+import math
 import logging
 from urllib.error import URLError
 
@@ -307,3 +308,27 @@ def test_image_folder_listing_matches_torchvisions_without_links(tmp_path):
     samples, classes = find_images(root, root, "dataset.path")
     reference = ImageFolder(str(root))
     assert (samples, classes) == (reference.samples, reference.classes)
+
+
+def test_the_memory_check_counts_an_address_space_limit():
+    import resource
+
+    from cnnlab.train.data import address_space_left, available_memory
+
+    assert address_space_left(limit=10 * 2**30, used=4 * 2**30) == 6 * 2**30
+    assert address_space_left(limit=resource.RLIM_INFINITY) == math.inf
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    room = 2**30  # beyond what this process has mapped: a few allocations of other threads still fit
+    resource.setrlimit(resource.RLIMIT_AS, (_mapped() + room, hard))
+    try:
+        assert available_memory() <= room
+        with pytest.raises(UserError, match=r"needs about 1\.2 GB of memory .* but 1,0\d\d\.\d MB is available"):
+            load_data(dataset_config("dataset=fake", "dataset.train_size=25000", "dataset.image_size=64"), 2, 2, CPU,
+                      seed=0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _mapped() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))

@@ -17,7 +17,7 @@ from cnnlab.cli.job import run_job
 from cnnlab.cli.precheck import check_config_before_hydra
 from cnnlab.cli.sweeps import exit_code_of, summarise_sweep
 from cnnlab.config import config_dir
-from cnnlab.errors import MissingTool, UserError
+from cnnlab.errors import MissingTool, UserError, one_line
 from cnnlab.status import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Status
 from cnnlab.train.stops import SweepStop, sigterm_as_interrupt, stoppable
 
@@ -40,6 +40,8 @@ def train_command(args: list[str], job: Task | None = None) -> int:
                 args, sweep_dir = fix_sweep_dir(args)
             elif not (parsed.cfg or parsed.info or parsed.hydra_help):
                 args = place_single_run(args, parsed.overrides)
+            if not (parsed.cfg or parsed.info or parsed.hydra_help or parsed.shell_completion):
+                check_torch_loads()  # before Hydra makes a folder
     except UserError as error:
         print_error(str(error))
         return EXIT_FAILED if isinstance(error, MissingTool) else EXIT_USAGE
@@ -52,6 +54,20 @@ def train_command(args: list[str], job: Task | None = None) -> int:
     if code is not None:
         return code
     return exit_code_of(statuses)
+
+
+def check_torch_loads() -> None:
+    """torch, imported now rather than in the first job: a machine where it cannot load (an address-space
+    limit too low for its libraries, a broken install) is one message before anything starts."""
+    import resource
+
+    try:
+        import torch  # noqa: F401
+    except (ImportError, OSError) as error:
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        hint = (f" The address-space limit (ulimit -v) is {limit / 2**20:,.0f} MB, too little for torch's libraries: "
+                f"raise it (ulimit -v unlimited)." if limit != resource.RLIM_INFINITY else "")
+        raise MissingTool(f"torch cannot be loaded: {one_line(error, 200)}.{hint} Nothing has run.") from None
 
 
 def show_help(user_config_dir: str | None) -> int:

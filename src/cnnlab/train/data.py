@@ -9,6 +9,7 @@ Only image folders too large for `dataset.max_memory_mb` are streamed from disk.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -250,6 +251,12 @@ def load_imagefolder(cfg: ImageFolderConfig, max_entries: int = MAX_SCANNED_ENTR
 
 
 def available_memory() -> int:
+    """Bytes of memory this process can have now: what the machine can give, or less where an
+    address-space limit (ulimit -v) leaves less (an allocation past it fails, however free the machine)."""
+    return min(machine_memory(), address_space_left())
+
+
+def machine_memory() -> int:
     """Bytes of memory the machine can give now: MemAvailable on Linux, else all of its memory."""
     try:
         with open("/proc/meminfo") as meminfo:
@@ -259,6 +266,21 @@ def available_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def address_space_left(limit: int | None = None, used: int | None = None) -> int | float:
+    """Bytes this process may still map under RLIMIT_AS (`limit`), having mapped `used` (VmSize);
+    infinite without a limit."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0] if limit is None else limit
+    if limit == resource.RLIM_INFINITY:
+        return math.inf
+    if used is None:
+        used = 0
+        with contextlib.suppress(OSError), open("/proc/self/status") as status:
+            used = next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:")), 0)
+    return max(limit - used, 0)
 
 
 def _memory(count: int) -> str:
