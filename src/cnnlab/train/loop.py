@@ -364,12 +364,24 @@ def train(run: RunConfig, run_dir: Path, *, resume: bool = False, progress: Prog
     try:
         if not resume:  # before the lock file marks the folder as cnnlab's
             refuse_foreign_files(run_dir, "the run directory")
-        with run_lock(run_dir), (stop or StopRequest()) as stop:
+        with run_lock(run_dir), (stop or StopRequest()) as stop, float32_by_default():
             if not resume:
                 clear_unfinished(run_dir)  # what a run killed before its first checkpoint left here
             return run_to_the_end(run, run_dir, resume, progress or SilentProgress(), stop)
     except UserError as error:  # run_to_the_end returns its own: another process holds run_dir, untouched
         return RunResult(Status.FAILED, {"status": Status.FAILED.value, "error": str(error)}, [], None, "", error)
+
+
+@contextlib.contextmanager
+def float32_by_default():
+    """cnnlab's models, data and checkpoints are float32: a default dtype set elsewhere in the process
+    (torch.set_default_dtype(torch.float64)) would build float64 layers that float32 images cannot enter."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def run_to_the_end(run: RunConfig, run_dir: Path, resume: bool, progress: Progress, stop: StopRequest) -> RunResult:
