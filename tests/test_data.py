@@ -165,6 +165,10 @@ def test_image_folder_mistakes_are_user_errors_that_name_the_setting(tmp_path):
         (only_text / name).mkdir(parents=True)
         (only_text / name / "x.txt").write_text("hello")
     assert "no images found" in error(only_text)
+    one_empty = write_image_folder(tmp_path / "one_empty", classes=("cat", "dog"), per_class=2)
+    (one_empty / "owl").mkdir()
+    assert f"the class folder(s) {one_empty / 'owl'} hold no image files" in error(one_empty)
+    assert "no images found" not in error(one_empty)
     corrupt = tmp_path / "corrupt"
     for name in ("a", "b"):
         (corrupt / name).mkdir(parents=True)

@@ -334,6 +334,16 @@ def test_a_write_error_inside_torchs_zip_writer_names_the_checkpoint_and_keeps_t
     assert load_checkpoint(checkpoints / "last.pt")["epoch"] == 1
 
 
+def test_a_disk_full_before_the_first_checkpoint_says_there_is_nothing_to_resume(tiny_run, monkeypatch, tmp_path):
+    def full(obj, file):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    error = str(tiny_run().result.error)
+    assert "before its first checkpoint, so there is nothing to resume" in error and "is kept" not in error
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
 def test_a_model_too_large_for_memory_is_one_clear_error(run_cli):
     code, _, err = run_cli("train", *TINY_DATA, "model.hidden=[100000000000]", *TINY_TRAINER, "hydra.run.dir=run")
     assert code == 1 and "does not fit in memory" in err and "model.hidden" in err

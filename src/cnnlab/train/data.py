@@ -202,6 +202,10 @@ def find_images(folder: Path, dataset_root: Path, setting: str,
         more = f" (and {len(not_followed) - MAX_LISTED_FILES} more)" if len(not_followed) > MAX_LISTED_FILES else ""
         log.warning("%s: did not follow %d linked folder(s) inside class folders (links to image files are "
                     "read, links to folders are not): %s%s", setting, len(not_followed), listed, more)
+    if empty and samples:  # the other classes have images: name the empty class folders themselves
+        paths = ", ".join(os.path.join(folder, name) for name in empty)
+        raise UserError(f"{setting}: the class folder(s) {paths} hold no image files ({', '.join(IMG_EXTENSIONS)}), "
+                        f"while the other classes have images. Add images to them, or remove them.")
     if empty:
         raise UserError(f"{setting}: no images found in {folder}: no image files in the class folder(s) "
                         f"{', '.join(empty)}. {expected}")

@@ -30,7 +30,8 @@ from cnnlab.config import RunConfig, as_dict
 from cnnlab.errors import UserError, one_line
 from cnnlab.instruments.probes import Probes, examples_needed, gradient_norm, images_within_budget
 from cnnlab.instruments.sharpness import CurvatureSet
-from cnnlab.rundir import clear_unfinished, record_config, refuse_foreign_files, run_lock, write_metrics
+from cnnlab.rundir import (clear_unfinished, last_checkpoint, record_config, refuse_foreign_files, run_lock,
+                           write_metrics)
 from cnnlab.status import Status
 from cnnlab.train.checkpoint import restore, save_best, save_last
 from cnnlab.train.data import load_data
@@ -469,6 +470,9 @@ def reported(error: BaseException, run_dir: Path) -> Exception | None:
     """The error a RunResult carries for a run that `error` ended, or None for one that propagates.
     A full or read-only disk is the user's to fix, not a crash."""
     if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+        if not last_checkpoint(run_dir).is_file():
+            return UserError(f"Cannot write into {run_dir}: {one_line(error, 300)}. It stopped before its first "
+                             f"checkpoint, so there is nothing to resume; {DISK_ERRORS[error.errno]}, then run it again.")
         return UserError(f"Cannot write into {run_dir}: {one_line(error, 300)}. The last checkpoint written "
                          f"before it is kept; {DISK_ERRORS[error.errno]}, then resume.")
     return error if isinstance(error, (Diverged, Interrupted, UserError)) else None
