@@ -336,3 +336,11 @@ def test_the_memory_check_counts_an_address_space_limit():
 def _mapped() -> int:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+
+
+def test_one_corrupt_mnist_file_is_named_alone(mnist_root):
+    labels = mnist_root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-3])  # cut short
+    with pytest.raises(UserError) as error:
+        load_data(dataset_config(f"dataset.root={mnist_root}", "dataset.download=false"), 2, 2, CPU, seed=0)
+    assert "missing or corrupt: train-labels-idx1-ubyte in" in str(error.value)

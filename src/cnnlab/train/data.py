@@ -79,6 +79,31 @@ def expected_files(dataset_class: type, root: Path) -> tuple[Path, list[str]]:
     return root / dataset_class.__name__ / "raw", names
 
 
+def _readable(dataset_class: type, path: Path) -> bool:
+    """Whether a dataset file is there and whole, as torchvision checks it (CIFAR: its published md5;
+    MNIST: an IDX file whose size its header explains), so that a message names only the bad ones.
+    Never unpickled here: a CIFAR file that fails its md5 may be anything."""
+    import struct
+
+    from torchvision.datasets.utils import check_integrity
+
+    md5s = dict(getattr(dataset_class, "train_list", []) + getattr(dataset_class, "test_list", []))
+    if path.name in md5s:
+        return check_integrity(str(path), md5s[path.name])
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if path.parent.name != "raw":  # batches.meta: torchvision checks its md5 too
+        meta = getattr(dataset_class, "meta", {})
+        return check_integrity(str(path), meta.get("md5")) if meta.get("filename") == path.name else True
+    # MNIST's IDX: 0, 0, the type code 0x08 (unsigned bytes), the rank, then big-endian int32 sizes
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08 or len(data) < 4 + 4 * data[3]:
+        return False
+    rank = data[3]
+    return len(data) == 4 + 4 * rank + math.prod(struct.unpack(f">{rank}I", data[4:4 + 4 * rank]))
+
+
 def load_torchvision(cfg: TorchvisionDatasetConfig) -> Splits:
     from torchvision import datasets
 
@@ -96,9 +121,10 @@ def load_torchvision(cfg: TorchvisionDatasetConfig) -> Splits:
                 f"Without network access, copy the files ({files}) into {folder} yourself and set "
                 f"dataset.download=false, or point dataset.root at a folder that has them."
             ) from None
+        bad = [name for name in names if not _readable(dataset_class, folder / name)] or names
         raise UserError(
-            f"{cfg.name} files are missing or corrupt: looked for {files} in {folder} "
-            f"(dataset.root={cfg.root!r}). Place the files there, or set dataset.download=true on a "
+            f"{cfg.name} files are missing or corrupt: {', '.join(bad)} in {folder} (of {files}; "
+            f"dataset.root={cfg.root!r}). Place the files there, or set dataset.download=true on a "
             f"machine with network access."
         ) from None
 
