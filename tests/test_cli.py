@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -192,9 +193,51 @@ def test_code_in_any_job_of_a_sweep_or_in_an_override_is_refused(run_cli, tmp_pa
     assert code == 2 and "extra._target_" in err and not (tmp_path / "sweep").exists()
 
 
+def test_the_slurm_launcher_without_sbatch_is_one_message_before_anything_starts(run_cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))
+    code, _, err = run_cli("train", "-m", *TINY, "hydra/launcher=submitit_slurm", "trainer.seed=0,1")
+    assert code == 1 and "SLURM's sbatch, which is not on PATH" in err and "hydra/launcher=basic" in err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "submitit_slurm"])
-def test_hydras_own_launchers_pass_the_check(launcher):
+def test_hydras_own_launchers_pass_the_check(launcher, monkeypatch, tmp_path):
+    (tmp_path / "sbatch").write_text("#!/bin/sh\n")  # SLURM's, which the check looks for
+    (tmp_path / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
     check_config_before_hydra(["-m", f"hydra/launcher={launcher}", "activation=relu,elu"])
+
+
+def test_a_sweep_of_a_thousand_seeds_is_checked_in_a_few_compositions_and_says_so(capsys):
+    started = time.monotonic()
+    check_config_before_hydra(["-m", "trainer.seed=range(1,1001)", "activation=relu,elu", "optimizer.lr=0.1,0.01,1"])
+    err = capsys.readouterr().err
+    # the first job, activation=elu, and lr=1 (an integer where the others are decimals): not 12,000 jobs
+    assert "checking the sweep's 6000 jobs before any starts: composing 3 " in err, err
+    assert time.monotonic() - started < 60  # it took 437 s when every seed was composed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["~trainer.epochs", "trainer.epochs=2"], "~trainer.epochs: trainer.epochs cannot be deleted; every run needs it."),
+    (["-m", "~model", "trainer.seed=0,1"], "~model: model cannot be deleted"),
+    (["~trainer.epoch"], "~trainer.epoch: Unknown setting trainer.epoch. Valid settings of trainer: epochs,"),
+])
+def test_deleting_a_setting_says_it_cannot_be_deleted_or_that_it_does_not_exist(run_cli, tmp_path, args, message):
+    code, _, err = run_cli("train", *args)
+    assert code == 2 and message in err, err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    ([*TINY, "dataset.val_fraction=1e-320"], ("of 300 training images it would hold out 0 for validation; choose a "
+                                              "fraction in [0.00333, 0.996667]")),
+    (["dataset=cifar10", "dataset.val_fraction=0.99999"], "of 50000 training images it would hold out 50000"),
+])
+def test_a_val_fraction_that_leaves_a_side_empty_is_refused_naming_the_range_before_a_folder(run_cli, tmp_path,
+                                                                                            args, message):
+    code, _, err = run_cli("train", *args)
+    assert code == 2 and "dataset.val_fraction" in err and message in err, err
+    assert not list(tmp_path.iterdir())
 
 
 def test_every_named_experiment_passes_the_check():
@@ -438,3 +481,35 @@ def test_a_sweep_with_no_values_is_one_message_and_exit_2(run_cli, tmp_path, swe
     code, out, err = run_cli("train", "-m", *TINY, sweep)
     assert code == 2 and f"The sweep over {sweep.split('=')[0]} has no values" in err
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("args", [["train", "--hydra-help"], ["train", "--cfg", "job"], ["train", "--info"],
+                                  ["inspect", "run", "--json"], ["compare", "run"], ["--help"]])
+def test_output_into_a_pipe_whose_reader_has_gone_ends_quietly(capfd, monkeypatch, tmp_path, args):
+    from cnnlab import cli
+    from tests.fake_runs import write_run
+
+    write_run(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head -1` once it has its line, `| true` at once
+    with open(write_end, "w", buffering=1) as closed:
+        monkeypatch.setattr(sys, "stdout", closed)
+        with pytest.raises(SystemExit) as exit:
+            cli.main(args)
+        monkeypatch.undo()
+    err = capfd.readouterr().err
+    assert exit.value.code == 0 and "BrokenPipeError" not in err and "Logging error" not in err, err
+
+
+def test_an_address_space_limit_too_low_for_torch_is_one_message_before_any_folder(tmp_path):
+    import resource
+
+    def limited() -> None:  # `ulimit -v 1500000`: Hydra loads, torch's libraries do not
+        resource.setrlimit(resource.RLIMIT_AS, (1_500_000 * 1024, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+    result = subprocess.run([sys.executable, "-m", "cnnlab", "train", *TINY, "hydra.run.dir=run"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, preexec_fn=limited, check=False)
+    assert result.returncode == 1 and "torch cannot be loaded" in result.stderr, result.stderr
+    assert "ulimit -v" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()

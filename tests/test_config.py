@@ -226,3 +226,23 @@ def test_the_torchvision_datasets_known_image_sizes_bound_the_convnet():
     with pytest.raises(UserError, match=r"28x28 images of dataset mnist.*at most 4 blocks"):
         validate(compose_config("model=convnet", "model.channels=[4,4,4,4,4]"))
     validate(compose_config("model=convnet", "dataset=cifar10", "model.channels=[4,4,4,4,4]"))  # 32 -> 1
+
+
+UNSET_VARIABLE = ("Invalid setting trainer.device='${oc.env:CNNLAB_UNSET_VARIABLE}': it reads the environment "
+                  "variable CNNLAB_UNSET_VARIABLE, which is not set.")
+LOOP = "Invalid setting trainer.seed='${trainer.threads}': it refers back to itself through other settings"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.device=${oc.env:CNNLAB_UNSET_VARIABLE}"], UNSET_VARIABLE),
+    (["trainer.seed=${trainer.threads}", "trainer.threads=${trainer.seed}"], LOOP),
+])
+def test_an_interpolation_that_cannot_resolve_names_the_setting_and_why(monkeypatch, overrides, message):
+    monkeypatch.delenv("CNNLAB_UNSET_VARIABLE", raising=False)
+    with pytest.raises(UserError) as error:
+        validate(compose_config(*overrides))
+    assert message in str(error.value)
+
+
+def test_a_setting_may_interpolate_a_setting_of_its_section():
+    assert validate(compose_config("trainer.eval_batch_size=${trainer.batch_size}")).trainer.eval_batch_size == 128

@@ -1,3 +1,4 @@
+import math
 import logging
 from urllib.error import URLError
 
@@ -48,7 +49,7 @@ def test_mnist_files_found_only_gzipped_are_unpacked_beside_themselves_as_the_do
 
     (raw / "train-images-idx3-ubyte").unlink()
     (raw / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")  # a damaged download: the one message
-    with pytest.raises(UserError, match=r"missing or corrupt: looked for .*\(or each as NAME\.gz\)"):
+    with pytest.raises(UserError, match=r"missing or corrupt: train-images-idx3-ubyte in .*each may also be NAME\.gz"):
         load_torchvision(dataset_config("dataset=mnist", f"dataset.root={tmp_path}", "dataset.download=false"))
 
 
@@ -184,6 +185,10 @@ def test_image_folder_mistakes_are_user_errors_that_name_the_setting(tmp_path):
         (only_text / name).mkdir(parents=True)
         (only_text / name / "x.txt").write_text("hello")
     assert "no images found" in error(only_text)
+    one_empty = write_image_folder(tmp_path / "one_empty", classes=("cat", "dog"), per_class=2)
+    (one_empty / "owl").mkdir()
+    assert f"the class folder(s) {one_empty / 'owl'} hold no image files" in error(one_empty)
+    assert "no images found" not in error(one_empty)
     corrupt = tmp_path / "corrupt"
     for name in ("a", "b"):
         (corrupt / name).mkdir(parents=True)
@@ -219,8 +224,11 @@ def test_fake_data_is_fixed_and_learnable_shaped():
     assert torch.bincount(one.test.data.labels).tolist() == [5, 5, 5, 5]
 
 
-def test_val_fraction_that_leaves_nothing_is_a_user_error():
-    cfg = dataset_config("dataset=fake", "dataset.train_size=4", "dataset.val_fraction=0.05")
+def test_val_fraction_that_leaves_nothing_of_an_image_folder_is_a_user_error(tmp_path):
+    # a fake or torchvision dataset's size is known, and validate() refuses such a fraction (test_cli.py)
+    root = write_image_folder(tmp_path / "pets", per_class=2, size=8)
+    cfg = dataset_config("dataset=imagefolder", f"dataset.path={root}", "dataset.image_size=8",
+                         "dataset.val_fraction=0.05")
     with pytest.raises(UserError, match="val_fraction"):
         load_data(cfg, 2, 2, CPU, seed=0)
 
@@ -324,3 +332,35 @@ def test_image_folder_listing_matches_torchvisions_without_links(tmp_path):
     samples, classes = find_images(root, root, "dataset.path")
     reference = ImageFolder(str(root))
     assert (samples, classes) == (reference.samples, reference.classes)
+
+
+def test_the_memory_check_counts_an_address_space_limit():
+    import resource
+
+    from cnnlab.train.data import address_space_left, available_memory
+
+    assert address_space_left(limit=10 * 2**30, used=4 * 2**30) == 6 * 2**30
+    assert address_space_left(limit=resource.RLIM_INFINITY) == math.inf
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    room = 2**30  # beyond what this process has mapped: a few allocations of other threads still fit
+    resource.setrlimit(resource.RLIMIT_AS, (_mapped() + room, hard))
+    try:
+        assert available_memory() <= room
+        with pytest.raises(UserError, match=r"needs about 1\.2 GB of memory .* but 1,0\d\d\.\d MB is available"):
+            load_data(dataset_config("dataset=fake", "dataset.train_size=25000", "dataset.image_size=64"), 2, 2, CPU,
+                      seed=0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _mapped() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+
+
+def test_one_corrupt_mnist_file_is_named_alone(mnist_root):
+    labels = mnist_root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-3])  # cut short
+    with pytest.raises(UserError) as error:
+        load_data(dataset_config(f"dataset.root={mnist_root}", "dataset.download=false"), 2, 2, CPU, seed=0)
+    assert "missing or corrupt: train-labels-idx1-ubyte in" in str(error.value)

@@ -348,6 +348,52 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_leaves_no_temporaries_and_sa
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1
 
 
+class FileThatFills:
+    """A file whose writes fail with `code` after `room` bytes, as a full disk's or a size limit's do."""
+
+    def __init__(self, file, room: int, code: int):
+        self.file, self.room, self.code = file, room, code
+
+    def write(self, data) -> int:
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(self.code, os.strerror(self.code))
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG, errno.EPERM])
+def test_a_write_error_inside_torchs_zip_writer_names_the_checkpoint_and_keeps_the_one_before(tiny_run, monkeypatch,
+                                                                                             tmp_path, code):
+    save, calls = torch.save, []
+
+    def fails_after_the_first_epoch(obj, file):
+        calls.append(1)
+        save(obj, FileThatFills(file, 1000, code) if len(calls) > 2 else file)  # torch's zip writer gets the error
+
+    monkeypatch.setattr(torch, "save", fails_after_the_first_epoch)
+    error = tiny_run("trainer.epochs=3", "optimizer.lr=0.01").result.error
+    assert isinstance(error, UserError), error
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert f"[Errno {code}] {os.strerror(code)}: '{checkpoints}/" in str(error)
+    assert "last checkpoint written before it is kept" in str(error)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+    assert load_checkpoint(checkpoints / "last.pt")["epoch"] == 1
+
+
+def test_a_disk_full_before_the_first_checkpoint_says_there_is_nothing_to_resume(tiny_run, monkeypatch, tmp_path):
+    def full(obj, file):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    error = str(tiny_run().result.error)
+    assert "before its first checkpoint, so there is nothing to resume" in error and "is kept" not in error
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
 def test_a_model_too_large_for_memory_is_one_clear_error(run_cli):
     code, _, err = run_cli("train", *TINY_DATA, "model.hidden=[100000000000]", *TINY_TRAINER, "hydra.run.dir=run")
     assert code == 1 and "does not fit in memory" in err and "model.hidden" in err
@@ -373,6 +419,32 @@ def test_a_runs_config_that_is_not_valid_yaml_is_named_on_resume(run_cli, tmp_pa
     assert code == 2 and "cannot read the run's config" in err and "config.yaml" in err
 
 
+def test_a_resume_whose_overrides_cannot_resolve_is_refused_and_changes_nothing(run_cli, tmp_path, monkeypatch):
+    monkeypatch.delenv("CNNLAB_UNSET_VARIABLE", raising=False)
+    assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0
+    before = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
+    code, _, err = run_cli("train", "resume=run", "trainer.epochs=2", "trainer.device=${oc.env:CNNLAB_UNSET_VARIABLE}")
+    assert code == 2 and "environment variable CNNLAB_UNSET_VARIABLE, which is not set" in err
+    code, _, err = run_cli("train", "resume=run", "trainer.epochs=2", "trainer.threads=${trainer.log_every}",
+                           "trainer.log_every=${trainer.threads}")
+    assert code == 2 and "(an interpolation loop)" in err
+    assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == before
+
+
+def test_a_metrics_file_holding_a_list_or_a_lock_that_is_a_folder_is_one_message(run_cli, tmp_path):
+    assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0
+    shutil.copytree(tmp_path / "run", tmp_path / "listed")
+    (tmp_path / "listed" / "metrics.json").write_text("[1, 2]")
+    code, _, err = run_cli("train", "resume=listed", "trainer.epochs=2")
+    assert code == 2 and "listed/metrics.json holds a JSON list, not the object of results a run writes" in err
+    code, _, err = run_cli("inspect", "listed")
+    assert code != 0 and "metrics.json holds a JSON list" in err
+    (tmp_path / "run" / ".cnnlab.lock").unlink(missing_ok=True)
+    (tmp_path / "run" / ".cnnlab.lock").mkdir()
+    code, _, err = run_cli("train", "resume=run", "trainer.epochs=2")
+    assert code == 1 and ".cnnlab.lock is a folder, not the lock file cnnlab keeps there; remove it" in err
+
+
 def test_a_best_checkpoint_copied_over_the_last_one_is_refused_naming_what_it_lacks(run_cli, tmp_path):
     assert run_cli("train", *TINY, "hydra.run.dir=run")[0] == 0
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -390,3 +462,20 @@ def test_sigterm_while_hydra_starts_a_single_run_ends_it_with_a_message_and_130(
     code = train_command([*TINY, "hydra.run.dir=run"], job=preempted_at_start)
     assert code == 130 and "stopped at once by a signal" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the command's handler is gone again
+
+
+def test_sigterm_during_the_pre_check_says_nothing_was_started_and_exits_130(capsys, monkeypatch, tmp_path):
+    import importlib
+
+    command = importlib.import_module("cnnlab.cli.train_command")  # the module, not the function cnnlab.cli exports
+    def preempted_while_checking(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM should have interrupted the check")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(command, "check_config_before_hydra", preempted_while_checking)
+    code = train_command(["-m", *TINY, "trainer.seed=range(0,1000)"])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted during the pre-check" in err and "nothing was started" in err
+    assert not list(tmp_path.iterdir())
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -63,4 +63,7 @@ def test_compare_skips_a_fifo_named_like_an_event_file_with_a_warning(tmp_path, 
         code, out, err = run_cli("compare", "runs")
     assert code == 0, err
     assert "skipped events.out.tfevents.9.fifo (a FIFO)" in err and str(run.resolve()) in err
+    (run / "events.out.tfevents.8.garbage").write_bytes(b"\x00\x17 not a record" * 8)
+    code, out, err = run_cli("compare", "runs")
+    assert code == 0 and err.count("events.out.tfevents.8.garbage (not TensorBoard events)") == 1, err
     assert (tmp_path / "runs" / "figures").is_dir()

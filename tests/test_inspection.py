@@ -161,6 +161,14 @@ def test_a_fifo_named_like_an_event_file_is_skipped_with_a_note_not_waited_on(in
     assert row(out, "act01_fc")[-1] == "20.0 → 12.5"  # the regular event file is read all the same
 
 
+def test_a_garbage_file_named_like_an_event_file_is_named_in_one_note(inspect, tmp_path):
+    (write_run(tmp_path) / "events.out.tfevents.9.garbage").write_bytes(b"\x00\x17 not a record" * 8)
+    code, out, err = inspect(tmp_path)
+    assert code == 0, err
+    assert out.count("skipped events.out.tfevents.9.garbage (not TensorBoard events)") == 1
+    assert row(out, "act01_fc")[-1] == "20.0 → 12.5"
+
+
 @pytest.mark.parametrize("make", [lambda path: path.mkdir(), lambda path: None], ids=["not a run", "missing"])
 def test_a_folder_that_is_not_a_run_is_one_clear_error_exit_2(inspect, tmp_path, make):
     folder = tmp_path / "folder"

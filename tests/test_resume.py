@@ -129,3 +129,16 @@ def test_sigint_and_sigterm_finish_the_step_checkpoint_and_exit_130(tmp_path, re
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(run_dir, reference)
+
+
+def test_a_resume_under_a_float64_default_dtype_completes_and_keeps_float32(tiny_run):
+    first = tiny_run()
+    torch.set_default_dtype(torch.float64)  # set elsewhere in the process (another library, a notebook)
+    try:
+        resumed = tiny_run("trainer.epochs=2", resume=True)
+    finally:
+        assert torch.get_default_dtype() == torch.float64  # the process's own setting is given back
+        torch.set_default_dtype(torch.float32)
+    assert first.metrics["status"] == "completed" and resumed.result.error is None
+    assert resumed.metrics["status"] == "completed" and resumed.metrics["epochs"] == 2
+    assert resumed.metrics["test_acc"] is not None

@@ -2,6 +2,7 @@
 else; they choose among what cnnlab offers and nothing else. Each attack is refused before Hydra
 runs (exit 2, one message naming the setting and the file), and its victim is left as it was."""
 
+import os
 import pickle
 from pathlib import Path
 
@@ -65,6 +66,9 @@ hydra:
 
 def test_a_file_may_choose_a_launcher_and_its_resources_but_not_a_launcher_of_its_own(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "sbatch").write_text("#!/bin/sh\n")  # SLURM's, which the check looks for
+    (tmp_path / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
     uses = shared_experiment(tmp_path, """
 defaults:
   - override /hydra/launcher: submitit_slurm

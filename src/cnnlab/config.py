@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
 
 from cnnlab.activations import (
     ACTIVATIONS,
@@ -273,7 +273,29 @@ def unknown_setting(section: str, key: str, node: Any) -> UserError:
     return UserError(message)
 
 
+def _resolved(node: DictConfig) -> DictConfig:
+    """The section with its interpolations resolved while the whole config is in view: a section
+    merged alone could not see `${trainer.batch_size}`. One that cannot resolve is a UserError."""
+    try:
+        return OmegaConf.create(OmegaConf.to_container(node, resolve=True, throw_on_missing=False))
+    except InterpolationResolutionError as error:
+        key = error.full_key
+        setting = node._get_node(key.rpartition(".")[2]) if key and "[" not in key else None
+        written = setting._value() if setting is not None else "..."  # as written, never an environment's value
+        reason = error.msg.splitlines()[0] if error.msg else type(error).__name__
+        variable = re.search(r"Environment variable '([^']*)' not found", reason)
+        if variable:
+            raise UserError(f"Invalid setting {key}={written!r}: it reads the environment variable "
+                            f"{variable[1]}, which is not set. Set it, or give a default: "
+                            f"${{oc.env:{variable[1]},VALUE}}.") from None
+        if "Recursive interpolation" in reason:
+            raise UserError(f"Invalid setting {key}={written!r}: it refers back to itself through other settings "
+                            f"(an interpolation loop). Give one of them a value.") from None
+        raise UserError(f"Invalid setting {key}={written!r}: {reason}.") from None
+
+
 def _typed_section(section: str, node: DictConfig, schema: type) -> Any:
+    node = _resolved(node)
     try:
         typed = OmegaConf.merge(OmegaConf.structured(schema), node)
         missing = sorted(OmegaConf.missing_keys(typed))  # resolves: an interpolation of the wrong type fails here
@@ -337,6 +359,7 @@ def check_values(run: RunConfig) -> None:
 
 def _check_dataset(d: DatasetConfig) -> None:
     _require(0 < d.val_fraction < 1, "dataset.val_fraction", d.val_fraction, "must be between 0 and 1 (exclusive)")
+    _check_split(d)
     _require(0 <= d.split_seed <= MAX_SEED, "dataset.split_seed", d.split_seed,
              "must be in [0, 2**64 - 1] = [0, 18446744073709551615], the seeds torch accepts")
     if isinstance(d, ImageFolderConfig):
@@ -353,6 +376,18 @@ def _check_dataset(d: DatasetConfig) -> None:
         _require(d.channels in (1, 3), "dataset.channels", d.channels, "must be 1 or 3")
         _require(d.num_classes >= 2, "dataset.num_classes", d.num_classes, "must be at least 2")
         _require(d.noise >= 0, "dataset.noise", d.noise, "must be >= 0")
+
+
+def _check_split(d: DatasetConfig) -> None:
+    """Where the training split's size is known before reading it: the held-out share leaves at least
+    one image on each side (an image folder's is checked when it is read)."""
+    count = d.train_size if isinstance(d, FakeDatasetConfig) else DATASETS[d.name].train_images
+    if count is None or count < 2:
+        return
+    held_out = round(count * d.val_fraction)
+    _require(1 <= held_out < count, "dataset.val_fraction", d.val_fraction,
+             f"of {count} training images it would hold out {held_out} for validation; choose a fraction in "
+             f"[{1 / count:.3g}, {1 - 1 / count:.6g}] so that each side keeps at least one image")
 
 
 def _check_model(m: ModelConfig) -> None:

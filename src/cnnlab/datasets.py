@@ -61,12 +61,18 @@ class Dataset:
     # The side of its (square) images, known before reading them; None: dataset.image_size sets it.
     image_size: int | None = None
     classes: int | None = None  # its number of classes; None: the config (fake) or the folder says
+    # Images in its training split, known before reading them (to check dataset.val_fraction before a
+    # folder is made); None: dataset.train_size (fake) or the folder says.
+    train_images: int | None = None
 
 
 DATASETS: dict[str, Dataset] = {
-    "mnist": Dataset(TorchvisionDatasetConfig, "torchvision", "MNIST", image_size=28, classes=10),
-    "fashion_mnist": Dataset(TorchvisionDatasetConfig, "torchvision", "FashionMNIST", image_size=28, classes=10),
-    "cifar10": Dataset(TorchvisionDatasetConfig, "torchvision", "CIFAR10", image_size=32, classes=10),
+    "mnist": Dataset(TorchvisionDatasetConfig, "torchvision", "MNIST", image_size=28, classes=10,
+                     train_images=60000),
+    "fashion_mnist": Dataset(TorchvisionDatasetConfig, "torchvision", "FashionMNIST", image_size=28, classes=10,
+                             train_images=60000),
+    "cifar10": Dataset(TorchvisionDatasetConfig, "torchvision", "CIFAR10", image_size=32, classes=10,
+                       train_images=50000),
     "imagefolder": Dataset(ImageFolderConfig, "imagefolder"),
     "fake": Dataset(FakeDatasetConfig, "fake"),
 }

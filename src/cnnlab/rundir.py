@@ -98,11 +98,13 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
 
 
 def read_metrics_or_none(run_dir: Path) -> dict[str, Any] | None:
-    """The run's metrics, or None while there are none to read (not written yet, or cut short)."""
+    """The run's metrics, or None while there are none to read (not written yet, or cut short, or not
+    a run's: read_run_metrics says why)."""
     try:
-        return read_metrics(run_dir)
+        metrics = read_metrics(run_dir)
     except (OSError, ValueError):
         return None
+    return metrics if isinstance(metrics, dict) else None
 
 
 def read_run_metrics(path: Path) -> dict[str, Any] | None:
@@ -170,7 +172,11 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     file = None
     try:
         if _try_flock(folder, fcntl.LOCK_EX, is_folder=True):  # before LOCK_FILE is made: a refused run adds nothing
-            file = open(run_dir / LOCK_FILE, "a+")
+            try:
+                file = open(run_dir / LOCK_FILE, "a+")
+            except IsADirectoryError:
+                raise UserError(f"{run_dir / LOCK_FILE} is a folder, not the lock file cnnlab keeps there; remove it "
+                                f"(rmdir) and run again.") from None
         if file is None or not _try_flock(file.fileno(), fcntl.LOCK_EX):
             raise UserError(f"{run_dir} is in use by another cnnlab process (pid {_holder(run_dir)}) that is still "
                             f"writing into it. Wait for it to end, or choose another folder.")

@@ -69,8 +69,19 @@ def event_files(path: Path) -> tuple[list[Path], list[Path]]:
         return [], []
     for entry in entries:
         if EVENTS_MARK in entry.name:
-            (files if file_kind(entry) == "file" else special).append(entry)
+            (files if file_kind(entry) == "file" and holds_events(entry) else special).append(entry)
     return files, special
+
+
+def holds_events(path: Path) -> bool:
+    """Whether a regular file starts as TensorBoard's writer starts every event file (its first record
+    says `brain.Event:`), or is still empty: its reader skips a garbage file without a word."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(64)
+    except OSError:
+        return False
+    return not start or b"brain.Event:" in start
 
 
 def file_kind(path: Path) -> str:
@@ -86,8 +97,10 @@ def file_kind(path: Path) -> str:
 
 def skipped_events_note(special: list[Path]) -> str:
     """What a reader says about the special files event_files() left out."""
-    named = ", ".join(f"{path.name} (a {file_kind(path)})" for path in special)
-    return f"skipped {named}: named like a TensorBoard event file, but not a regular file"
+    kinds = {path: file_kind(path) for path in special}
+    named = ", ".join(f"{path.name} ({'not TensorBoard events' if kind == 'file' else f'a {kind}'})"
+                      for path, kind in kinds.items())
+    return f"skipped {named}: named like a TensorBoard event file, but not a regular file of TensorBoard's events"
 
 
 @contextmanager

@@ -10,7 +10,7 @@ import sys
 
 from cnnlab import __version__
 from cnnlab.cli.commands import activations_command, compare_command, inspect_command
-from cnnlab.cli.console import print_error
+from cnnlab.cli.console import QuietWhenClosed, print_error
 from cnnlab.cli.train_command import train_command
 from cnnlab.status import EXIT_OK, EXIT_USAGE
 
@@ -39,15 +39,28 @@ COMMANDS = {"train": train_command, "compare": compare_command, "activations": a
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """`cnnlab ARGS`; its output may be piped into a reader that stops early (`| head -1`)."""
+    import logging
+
+    logging.raiseExceptions = False  # a log line to a closed pipe is dropped, not a "Logging error" traceback
+    stdout, sys.stdout = sys.stdout, QuietWhenClosed(sys.stdout)
+    try:
+        code = run_command(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # what is still buffered, while a closed pipe is still quiet
+    finally:
+        sys.stdout = stdout
+    sys.exit(code)
+
+
+def run_command(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
-        sys.exit(EXIT_OK if argv else EXIT_USAGE)
+        return EXIT_OK if argv else EXIT_USAGE
     if argv[0] == "--version":
         print(f"cnnlab {__version__}")
-        sys.exit(EXIT_OK)
+        return EXIT_OK
     command = COMMANDS.get(argv[0])
     if command is None:
         print_error(f"unknown command '{argv[0]}'. Valid commands: {', '.join(COMMANDS)}. See `cnnlab --help`.")
-        sys.exit(EXIT_USAGE)
-    sys.exit(command(argv[1:]))
+        return EXIT_USAGE
+    return command(argv[1:])

@@ -3,6 +3,7 @@ not a terminal), its summary table, findings panel and a sweep job's one line, a
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from rich.console import Console
@@ -23,6 +24,36 @@ def console(stderr: bool = False, live: bool = True) -> Console:
     if live and terminal.is_terminal:
         return terminal
     return Console(stderr=stderr, width=max(terminal.width, 1000), force_terminal=False)
+
+
+class QuietWhenClosed:
+    """The command's stdout, which goes quiet once its reader has gone (`| head -1`, `| true`): the rest
+    of the output is dropped instead of ending the command with a BrokenPipeError (Hydra's, rich's,
+    logging's) on stderr."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._drop_the_rest()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._drop_the_rest()
+
+    def _drop_the_rest(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())  # what is still buffered goes there too
+        os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...: the stream's own
+        return getattr(self.stream, name)
 
 
 def print_error(message: str, job: str = "", outcome: str = "failed") -> None:

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
+import sys
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from cnnlab.cli.hydra_api import config_loader, file_that_sets, parse_arguments
 from cnnlab.cli.hydra_settings import (hydra_choices, refuse_foreign_hydra_options, refuse_hydra_settings_from_files,
                                        refuse_overrides_from_files, refuse_unsafe_command_line)
 from cnnlab.cli.sweeps import sweep_lines
 from cnnlab.config import RunConfig, config_dir
-from cnnlab.errors import UserError, one_line
+from cnnlab.errors import MissingTool, UserError, one_line
 
 # --- what a config may not do: checked before Hydra, which acts on the config before any job starts --
 # Hydra instantiates `_target_` classes (hydra.callbacks, the launcher, the sweeper) and hands
@@ -41,6 +44,9 @@ REFUSED = "Configs may not run code; nothing has run."
 
 # A sweep whose first job is invalid is checked job by job, up to this many jobs (one composition each).
 MAX_JOBS_CHECKED = 32
+# A number cannot name code, a file or a folder outside the sweep's: the numbers one setting is swept
+# over compose alike, so one job checks them all (integers and decimals apart, as YAML types them).
+NUMBER_KINDS = {"integer": re.compile(r"[+-]?\d+"), "decimal": re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")}
 
 
 class Composer:
@@ -75,6 +81,7 @@ def check_config_before_hydra(args: list[str]) -> dict[str, RunConfig]:
     _refuse_code_in_overrides(overrides)
     composer = Composer(loader, parsed.config_name or "train")
     mode = RunMode.MULTIRUN if parsed.multirun else RunMode.RUN
+    _refuse_deleted_settings(composer, parsed.overrides, mode)
     cfg = composer.compose(parsed.overrides, mode)
     if cfg is None:
         return {}
@@ -87,7 +94,13 @@ def check_config_before_hydra(args: list[str]) -> dict[str, RunConfig]:
         return _validated(cfg) if runs else {}
     swept = _swept_values(cfg, loader)
     hydra_overrides = OmegaConf.to_container(cfg.hydra.overrides.hydra, resolve=False)  # `${oc.env:...}` as typed
-    for job_overrides in _sweep_samples(swept):
+    samples = _sweep_samples(swept, cfg)
+    if swept is not None:  # a long sweep would otherwise be silent until its first job
+        jobs = _count_jobs(swept)
+        print(f"cnnlab: checking the sweep's {jobs} job{'s' * (jobs != 1)} before any starts: composing {len(samples)} "
+              f"that between them set every swept value (numbers of one setting: one of each kind).",
+              file=sys.stderr, flush=True)
+    for job_overrides in samples:
         named = _swept_only(swept, job_overrides)
         given = [*hydra_overrides, *job_overrides]
         job = composer.compose(given, RunMode.RUN, named)
@@ -95,7 +108,11 @@ def check_config_before_hydra(args: list[str]) -> dict[str, RunConfig]:
             where = f" (in the sweep's job with {' '.join(named)})"
             _refuse_code(job, where)
             _refuse_hydra_settings_from_files(composer, reference_loader, job, RunMode.RUN, given, where)
-    return _refuse_a_sweep_of_invalid_jobs(composer, hydra_overrides, swept) if runs else {}
+    if not runs:
+        return {}
+    validated = _refuse_a_sweep_of_invalid_jobs(composer, hydra_overrides, swept)
+    _refuse_a_launcher_this_machine_lacks(cfg)  # last: what the config may not do is named first
+    return validated
 
 
 def _refuse_hydra_settings_from_files(composer: Composer, reference_loader: Any, cfg: DictConfig, run_mode: Any,
@@ -118,6 +135,36 @@ def _refuse_hydra_settings_from_files(composer: Composer, reference_loader: Any,
         raise UserError(f"{' '.join(lines)}{job}: these overrides need settings of `hydra` that only a config file "
                         f"adds ({one_line(error, 200)}); config files may not add to `hydra`.") from None
     refuse_hydra_settings_from_files(cfg, reference, job, file)
+
+
+def _refuse_deleted_settings(composer: Composer, lines: list[str], run_mode: Any) -> None:
+    """`~trainer.epochs`: every setting of cnnlab's is needed by every run (Hydra's own may go)."""
+    from cnnlab.config import unknown_setting
+
+    deleted = [line for line in lines if line.startswith("~") and not line[1:].startswith("hydra")]
+    if not deleted:
+        return
+    cfg = composer.compose([line for line in lines if line not in deleted], run_mode)
+    for line in deleted:
+        key = line[1:].partition("=")[0]
+        exists = cfg is not None and OmegaConf.select(cfg, key, default=KeyError, throw_on_missing=False,
+                                                      throw_on_resolution_failure=False) is not KeyError
+        if exists:
+            raise UserError(f"{line}: {key} cannot be deleted; every run needs it. Set it instead ({key}=VALUE), or "
+                            f"leave out {line} to keep its default.")
+        if cfg is not None:  # Hydra would say only that it does not exist
+            section, _, name = key.partition(".") if "." in key else ("", "", key)
+            raise UserError(f"{line}: {unknown_setting(section, name, cfg.get(section) if section else cfg)}")
+
+
+def _refuse_a_launcher_this_machine_lacks(cfg: DictConfig) -> None:
+    """submitit's SLURM launcher fails only once it calls sbatch, after the sweep folder is made."""
+    import shutil
+
+    if str(cfg.hydra.launcher.get("_target_")).endswith(".SlurmLauncher") and shutil.which("sbatch") is None:
+        raise MissingTool("hydra/launcher=submitit_slurm submits each job with SLURM's sbatch, which is not on PATH "
+                          "on this machine. Run the sweep on a SLURM login node, or choose hydra/launcher=basic, "
+                          "joblib or submitit_local. Nothing has run and no folder was made.")
 
 
 def task_key(cfg: DictConfig) -> str:
@@ -373,14 +420,42 @@ def _swept_only(swept: dict[str, list[str]], job_overrides) -> list[str]:
     return named or list(job_overrides)
 
 
-def _sweep_samples(swept: dict[str, list[str]] | None) -> list[list[str]]:
+def _count_jobs(swept: dict[str, list[str]]) -> int:
+    count = 1
+    for lines in swept.values():
+        count *= len(lines)
+    return count
+
+
+def _sweep_samples(swept: dict[str, list[str]] | None, cfg: DictConfig) -> list[list[str]]:
     """Task overrides of a few jobs of the sweep that, between them, set every swept value (each one
-    with the other sweeps at their first value)."""
+    with the other sweeps at their first value), except that a setting swept over numbers takes
+    one of each kind (trainer.seed=range(1,1001): one job, not a thousand compositions)."""
     if swept is None:
         return []
     lines = list(swept.values())
     firsts = [values[0] for values in lines]
     samples = [firsts]
-    for i, values in enumerate(lines):
-        samples += [[*firsts[:i], value, *firsts[i + 1:]] for value in values[1:]]
+    for i, (key, values) in enumerate(swept.items()):
+        kinds = {firsts[i]: _number_kind(cfg, key, firsts[i])}
+        for value in values[1:]:
+            kind = _number_kind(cfg, key, value)
+            if kind is None or kind not in kinds.values():
+                kinds[value] = kind
+                samples.append([*firsts[:i], value, *firsts[i + 1:]])
     return samples
+
+
+def _number_kind(cfg: DictConfig, key: str, line: str) -> str | None:
+    """"integer" or "decimal" for `key=NUMBER` where key is an existing setting of the task config
+    (not a group, nothing of Hydra's, nothing added or deleted); None for anything else."""
+    value = line[len(key) + 1:]
+    if key.startswith(("+", "~", "hydra")) or "@" in key or not isinstance(cfg, DictConfig):
+        return None
+    try:
+        node = OmegaConf.select(cfg, key, default=KeyError, throw_on_missing=False)
+    except OmegaConfBaseException:  # an interpolation that resolves only in the job
+        return None
+    if node is KeyError or isinstance(node, (DictConfig, ListConfig)):
+        return None
+    return next((kind for kind, pattern in NUMBER_KINDS.items() if pattern.fullmatch(value)), None)

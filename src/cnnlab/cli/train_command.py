@@ -19,7 +19,7 @@ from cnnlab.cli.job import run_job
 from cnnlab.cli.precheck import check_config_before_hydra
 from cnnlab.cli.sweeps import exit_code_of, launcher_worker_died, summarise_sweep, worker_death_message
 from cnnlab.config import config_dir
-from cnnlab.errors import UserError, one_line
+from cnnlab.errors import MissingTool, UserError, one_line
 from cnnlab.status import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Status
 from cnnlab.train.stops import SweepStop, sigterm_as_interrupt, stoppable
 
@@ -35,23 +35,43 @@ def train_command(args: list[str], job: Task | None = None) -> int:
         return show_help(parsed.config_dir)
     sweep_dir, record_subdir = None, None
     try:
-        validated = check_config_before_hydra(args)
-        if parsed.multirun:
-            args = name_jobs_by_swept_overrides(args)
-            args, sweep_dir = fix_sweep_dir(args)
-        elif not (parsed.cfg or parsed.info or parsed.hydra_help):
-            args = place_single_run(args, parsed.overrides)
+        with sigterm_as_interrupt():  # a long sweep's check may be stopped like the run it precedes
+            validated = check_config_before_hydra(args)
+            if parsed.multirun:
+                args = name_jobs_by_swept_overrides(args)
+                args, sweep_dir = fix_sweep_dir(args)
+            elif not (parsed.cfg or parsed.info or parsed.hydra_help):
+                args = place_single_run(args, parsed.overrides)
+            if not (parsed.cfg or parsed.info or parsed.hydra_help or parsed.shell_completion):
+                check_torch_loads()  # before Hydra makes a folder
         if not (parsed.cfg or parsed.info or parsed.hydra_help):
             args, record_subdir = record_config_after_lock(args)
     except UserError as error:
         print_error(str(error))
-        return EXIT_USAGE
+        return EXIT_FAILED if isinstance(error, MissingTool) else EXIT_USAGE
+    except KeyboardInterrupt:
+        print_error("interrupted during the pre-check (the config check before Hydra starts); nothing was started.")
+        return EXIT_INTERRUPTED
     statuses: list[Status] = []  # of the jobs run in this process: a single run's exit code
     task = recording_statuses(statuses, job or (lambda cfg: run_job(cfg, validated, record_subdir)))
     code = run_hydra(args, task, sweep_dir, statuses)
     if code is not None:
         return code
     return exit_code_of(statuses)
+
+
+def check_torch_loads() -> None:
+    """torch, imported now rather than in the first job: a machine where it cannot load (an address-space
+    limit too low for its libraries, a broken install) is one message before anything starts."""
+    import resource
+
+    try:
+        import torch  # noqa: F401
+    except (ImportError, OSError) as error:
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        hint = (f" The address-space limit (ulimit -v) is {limit / 2**20:,.0f} MB, too little for torch's libraries: "
+                f"raise it (ulimit -v unlimited)." if limit != resource.RLIM_INFINITY else "")
+        raise MissingTool(f"torch cannot be loaded: {one_line(error, 200)}.{hint} Nothing has run.") from None
 
 
 def show_help(user_config_dir: str | None) -> int:
@@ -109,6 +129,8 @@ def run_hydra(args: list[str], task: Task, sweep_dir: Path | None, statuses: lis
         elif sweep_dir is None:
             print_error("stopped at once by a signal (while the run was starting, or a second Ctrl-C); the "
                         "last checkpoint, if there is one, is kept.")
+        else:
+            print_error("stopped by a signal while Hydra was starting the sweep; no job was started.")
         return EXIT_INTERRUPTED
     except SystemExit as exit:
         if exit.code not in (0, None) and not statuses and not (sweep_dir and sweep_dir.is_dir()):

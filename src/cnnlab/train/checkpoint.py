@@ -36,7 +36,15 @@ class CorruptCheckpoint(UserError):
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    replace_atomically(Path(path), lambda file: torch.save(state, file))
+    """A failed write (a full disk, a file too large) is an OSError that names the checkpoint: torch's
+    zip writer turns the OSError of its file into a RuntimeError ("unexpected pos ...")."""
+    try:
+        replace_atomically(Path(path), lambda file: torch.save(state, file))
+    except (OSError, RuntimeError) as error:
+        cause = error if isinstance(error, OSError) else error.__context__
+        if not isinstance(cause, OSError) or cause.errno is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from error
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -9,6 +9,7 @@ Only image folders too large for `dataset.max_memory_mb` are streamed from disk.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -93,6 +94,31 @@ def unpack_gzipped(dataset_class: type, root: Path) -> None:
             extract_archive(str(packed), str(folder), remove_finished=False)
 
 
+def _readable(dataset_class: type, path: Path) -> bool:
+    """Whether a dataset file is there and whole, as torchvision checks it (CIFAR: its published md5;
+    MNIST: an IDX file whose size its header explains), so that a message names only the bad ones.
+    Never unpickled here: a CIFAR file that fails its md5 may be anything."""
+    import struct
+
+    from torchvision.datasets.utils import check_integrity
+
+    md5s = dict(getattr(dataset_class, "train_list", []) + getattr(dataset_class, "test_list", []))
+    if path.name in md5s:
+        return check_integrity(str(path), md5s[path.name])
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if path.parent.name != "raw":  # batches.meta: torchvision checks its md5 too
+        meta = getattr(dataset_class, "meta", {})
+        return check_integrity(str(path), meta.get("md5")) if meta.get("filename") == path.name else True
+    # MNIST's IDX: 0, 0, the type code 0x08 (unsigned bytes), the rank, then big-endian int32 sizes
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08 or len(data) < 4 + 4 * data[3]:
+        return False
+    rank = data[3]
+    return len(data) == 4 + 4 * rank + math.prod(struct.unpack(f">{rank}I", data[4:4 + 4 * rank]))
+
+
 def load_torchvision(cfg: TorchvisionDatasetConfig) -> Splits:
     from torchvision import datasets
 
@@ -111,9 +137,10 @@ def load_torchvision(cfg: TorchvisionDatasetConfig) -> Splits:
                 f"Without network access, copy the files ({files}) into {folder} yourself and set "
                 f"dataset.download=false, or point dataset.root at a folder that has them."
             ) from None
+        bad = [name for name in names if not _readable(dataset_class, folder / name)] or names
         raise UserError(
-            f"{cfg.name} files are missing or corrupt: looked for {files} (or each as NAME.gz) in {folder} "
-            f"(dataset.root={cfg.root!r}). Place the files there, or set dataset.download=true on a "
+            f"{cfg.name} files are missing or corrupt: {', '.join(bad)} in {folder} (of {files}; each may also be "
+            f"NAME.gz; dataset.root={cfg.root!r}). Place the files there, or set dataset.download=true on a "
             f"machine with network access."
         ) from None
 
@@ -217,6 +244,10 @@ def find_images(folder: Path, dataset_root: Path, setting: str,
         more = f" (and {len(not_followed) - MAX_LISTED_FILES} more)" if len(not_followed) > MAX_LISTED_FILES else ""
         log.warning("%s: did not follow %d linked folder(s) inside class folders (links to image files are "
                     "read, links to folders are not): %s%s", setting, len(not_followed), listed, more)
+    if empty and samples:  # the other classes have images: name the empty class folders themselves
+        paths = ", ".join(os.path.join(folder, name) for name in empty)
+        raise UserError(f"{setting}: the class folder(s) {paths} hold no image files ({', '.join(IMG_EXTENSIONS)}), "
+                        f"while the other classes have images. Add images to them, or remove them.")
     if empty:
         raise UserError(f"{setting}: no images found in {folder}: no image files in the class folder(s) "
                         f"{', '.join(empty)}. {expected}")
@@ -266,6 +297,12 @@ def load_imagefolder(cfg: ImageFolderConfig, max_entries: int = MAX_SCANNED_ENTR
 
 
 def available_memory() -> int:
+    """Bytes of memory this process can have now: what the machine can give, or less where an
+    address-space limit (ulimit -v) leaves less (an allocation past it fails, however free the machine)."""
+    return min(machine_memory(), address_space_left())
+
+
+def machine_memory() -> int:
     """Bytes of memory the machine can give now: MemAvailable on Linux, else all of its memory."""
     try:
         with open("/proc/meminfo") as meminfo:
@@ -275,6 +312,21 @@ def available_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def address_space_left(limit: int | None = None, used: int | None = None) -> int | float:
+    """Bytes this process may still map under RLIMIT_AS (`limit`), having mapped `used` (VmSize);
+    infinite without a limit."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0] if limit is None else limit
+    if limit == resource.RLIM_INFINITY:
+        return math.inf
+    if used is None:
+        used = 0
+        with contextlib.suppress(OSError), open("/proc/self/status") as status:
+            used = next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:")), 0)
+    return max(limit - used, 0)
 
 
 def _memory(count: int) -> str:

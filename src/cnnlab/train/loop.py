@@ -59,7 +59,11 @@ from cnnlab.train.tblog import (close_events, write_density, write_findings, wri
 
 log = logging.getLogger(__name__)
 
-DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a run's own folder cannot be written: the user's to fix
+# A run's own folder cannot be written: the user's to fix, with this.
+DISK_ERRORS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (or raise your disk quota)",
+               errno.EROFS: "make the folder writable", errno.EPERM: "make the folder writable",
+               errno.EACCES: "make the folder writable",
+               errno.EFBIG: "raise the file size limit (ulimit -f), or make the model smaller"}
 
 @dataclass
 class RunResult:
@@ -366,13 +370,25 @@ def train(run: RunConfig, run_dir: Path, *, resume: bool = False, progress: Prog
     try:
         if not resume:  # before the lock file marks the folder as cnnlab's
             refuse_foreign_files(run_dir, "the run directory")
-        with run_lock(run_dir), writer_thread_quiet(), (stop or StopRequest()) as stop:
+        with run_lock(run_dir), writer_thread_quiet(), (stop or StopRequest()) as stop, float32_by_default():
             if not resume:
                 clear_unfinished(run_dir)  # what a run killed before its first checkpoint left here
                 write_record(run_dir, record or {})
             return run_to_the_end(run, run_dir, resume, progress or SilentProgress(), stop, record)
     except UserError as error:  # run_to_the_end returns its own: another process holds run_dir, untouched
         return RunResult(Status.FAILED, {"status": Status.FAILED.value, "error": str(error)}, [], None, "", error)
+
+
+@contextlib.contextmanager
+def float32_by_default():
+    """cnnlab's models, data and checkpoints are float32: a default dtype set elsewhere in the process
+    (torch.set_default_dtype(torch.float64)) would build float64 layers that float32 images cannot enter."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def run_to_the_end(run: RunConfig, run_dir: Path, resume: bool, progress: Progress, stop: StopRequest,
@@ -482,8 +498,11 @@ def reported(error: BaseException, run_dir: Path) -> Exception | None:
     """The error a RunResult carries for a run that `error` ended, or None for one that propagates.
     A full or read-only disk is the user's to fix, not a crash."""
     if isinstance(error, OSError) and error.errno in DISK_ERRORS:
-        return UserError(f"Cannot write into {run_dir}: {one_line(error, 200)}. The last checkpoint written "
-                         f"before it is kept; free some space (or make the folder writable), then resume.")
+        if not last_checkpoint(run_dir).is_file():
+            return UserError(f"Cannot write into {run_dir}: {one_line(error, 300)}. It stopped before its first "
+                             f"checkpoint, so there is nothing to resume; {DISK_ERRORS[error.errno]}, then run it again.")
+        return UserError(f"Cannot write into {run_dir}: {one_line(error, 300)}. The last checkpoint written "
+                         f"before it is kept; {DISK_ERRORS[error.errno]}, then resume.")
     if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
         return UserError(f"{one_line(error, 200)}: this process may open only {open_files_limit()} files at once. "
                          f"The last checkpoint written before it is kept; raise the limit (`ulimit -n 4096`), "

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.config import resumable_settings, role, with_todays_defaults
 from cnnlab.errors import UserError, one_line
-from cnnlab.rundir import best_checkpoint, last_checkpoint, previous_checkpoint, read_metrics_or_none
+from cnnlab.rundir import (best_checkpoint, last_checkpoint, previous_checkpoint, read_metrics_or_none,
+                           read_run_metrics)
 from cnnlab.status import Status
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ def prepare_job(cfg: DictConfig, run_dir: Path, task_overrides: list[str]) -> tu
     or the same job run again in its own folder (a requeued cluster job, or a sweep rerun)."""
     if cfg.get("resume"):
         cfg = resumed_config(Path(cfg.resume), task_overrides)
-        metrics = read_metrics_or_none(run_dir) or {}
+        metrics = read_run_metrics(run_dir) or {}  # one that is not a run's is named
         if metrics.get("status") == Status.COMPLETED and metrics.get("epochs") == cfg.trainer.epochs:
             print(f"cnnlab: {run_dir} has completed its {cfg.trainer.epochs} epochs: nothing to do. "
                   f"Train it for longer with trainer.epochs=N.")

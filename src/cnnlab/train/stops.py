@@ -109,6 +109,9 @@ class SweepStop:
         import signal
 
         self.stop_file.unlink(missing_ok=True)  # left by a stopped sweep that was then killed
+        for signum in (signal.SIGINT, signal.SIGTERM):  # first: importing joblib takes a while
+            if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):  # not if ignored
+                self._previous[signum] = signal.signal(signum, self._request)
         try:
             from joblib import register_parallel_backend
             from joblib.parallel import LokyBackend
@@ -116,9 +119,6 @@ class SweepStop:
             pass
         else:
             register_parallel_backend("loky", functools.partial(LokyBackend, initializer=_deaf_to_stop_signals))
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):  # not if ignored
-                self._previous[signum] = signal.signal(signum, self._request)
         return self
 
     def _request(self, signum: int, frame) -> None:
