@@ -93,9 +93,4 @@ def test_compare_writes_every_figure_the_summary_and_tensorboard_images(sweep, t
     assert (tmp_path / "out" / "summary.csv").is_file()
     assert out.count("│ completed ") == 4  # the table: one row per job
     assert "grouped over trainer.seed: mean ± 95% confidence interval" in out
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(tmp_path / "out" / "figures"))
-    events.Reload()
-    assert sorted(events.Tags()["images"]) == sorted(f"compare/{f.removesuffix('.png')}" for f in DRAWN_WITHOUT_SHARPNESS)
+    assert not list((tmp_path / "out").rglob("events.out.tfevents.*"))  # no run of figures in TensorBoard's list

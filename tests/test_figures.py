@@ -39,11 +39,12 @@ def test_activation_depth_names_the_layers_and_divides_the_effective_rank_by_the
     assert [axis.get_title() for axis in figure.axes] == ["activation mean by layer", "activation std by layer",
                                                           "effective rank / layer width by layer (1 = full rank)"]
     assert [label.get_text() for label in mean.get_xticklabels()] == ["act01_fc", "act02_fc", "act03_fc"]
-    start, end = rank.get_lines()  # the first probe dashed, the last solid, layer by layer
-    assert (start.get_linestyle(), end.get_linestyle()) == ("--", "-")
+    start, end = rank.get_lines()  # the first probe faint with open dots, the last in full colour, layer by layer
+    assert (start.get_alpha(), end.get_alpha()) == (0.35, 1.0) and start.get_markerfacecolor() == "none"
+    assert start.get_linestyle() == end.get_linestyle() == "-"  # the line style is the configuration's (--tune)
     assert list(start.get_xdata()) == [0, 1, 2] and list(start.get_ydata()) == pytest.approx([0.5, 0.5, 0.5])
     assert list(end.get_ydata()) == pytest.approx([20 / 60, 20 / 30, 20 / 20])  # ranks 20 of widths 60, 30, 20
-    assert "dashed, open dots = first probe" in figure.get_suptitle() and legend_labels(figure) == ["a"]
+    assert "faint, open dots = first probe" in figure.get_suptitle() and legend_labels(figure) == ["a"]
 
     scalars = {path: {tag: s for tag, s in series.items() if "rank" not in tag} for path, series in scalars.items()}
     older = FIGURES["activation_depth.png"](drawing(runs, scalars))  # runs from before the rank probe
@@ -194,6 +195,15 @@ def test_test_accuracy_zooms_to_the_results_with_the_mean_its_whisker_and_each_s
     assert seeds == [pytest.approx([0.9450, 0.9455, 0.9460]), pytest.approx([0.9465, 0.9470, 0.9475])]
     means = [line.get_xdata()[0] for line in axis.get_lines() if line.get_marker() == "o"]
     assert means == pytest.approx([0.9455, 0.9470])
+
+
+def test_test_accuracy_axis_stops_at_an_accuracy_of_one_where_two_seeds_give_a_wide_interval():
+    runs = [seeded_run("relu", seed, test_acc=acc) for seed, acc in enumerate((0.995, 1.0))]  # t(0.975, 1) = 12.7
+    name_runs(runs)
+    figure = FIGURES["test_accuracy.png"](drawing(runs, {r.path: {"val/acc": ([1], [0.5])} for r in runs}))
+    plt.close(figure)
+    low, high = figure.axes[0].get_xlim()
+    assert 1.0 < high <= 1.0 + 0.08 * (1.0 - low) + 1e-9 and low > 0.9  # not out to 1.03: no accuracy lies there
 
 
 def test_dead_fraction_leaves_out_configurations_without_a_dead_unit_and_says_so():

@@ -10,7 +10,7 @@ import pytest
 from cnnlab.analysis.folders import find_runs
 from cnnlab.errors import UserError
 from tests.fake_runs import configured, names, write_events, write_run
-from tests.helpers import fails_after
+from tests.helpers import TINY, fails_after
 
 
 def test_jobs_not_started_are_named_by_their_overrides_like_the_started_ones(tmp_path):
@@ -30,10 +30,9 @@ def test_compare_searches_sub_folders_but_not_inside_runs_nor_its_own_figures(tm
     assert names(outputs) == ["activation=relu, lr=0.001", "activation=relu, lr=0.01", "activation=elu, lr=0.001"]
     code, out, err = run_cli("compare", "outputs")
     assert code == 0, err
-    assert (outputs / "summary.json").is_file() and (outputs / "figures").is_dir()
-    assert len(find_runs([str(outputs)])) == 3  # figures/ (TensorBoard events only) is not a run
-    with pytest.raises(UserError, match="No run directories in or below"):
-        find_runs([str(tmp_path / "outputs" / "figures")])
+    assert (outputs / "summary.json").is_file() and (outputs / "val_curves.png").is_file()
+    assert len(find_runs([str(outputs)])) == 3  # what compare wrote there is not a run
+    assert not (outputs / "figures").exists()  # nor a folder of event files, which TensorBoard would list as a run
 
 
 @pytest.mark.parametrize("file, text, problem", [
@@ -66,4 +65,19 @@ def test_compare_skips_a_fifo_named_like_an_event_file_with_a_warning(tmp_path, 
     (run / "events.out.tfevents.8.garbage").write_bytes(b"\x00\x17 not a record" * 8)
     code, out, err = run_cli("compare", "runs")
     assert code == 0 and err.count("events.out.tfevents.8.garbage (not TensorBoard events)") == 1, err
-    assert (tmp_path / "runs" / "figures").is_dir()
+    assert (tmp_path / "runs" / "val_curves.png").is_file()
+
+
+def test_a_single_run_is_named_by_its_typed_settings_after_its_time(tmp_path, run_cli):
+    from cnnlab.cli.folders import job_dir, named_by
+
+    assert named_by(["model=convnet", "activation=leaky_relu", "hydra.run.dir=x", "resume=y", "~trainer.seed"]) == \
+        "_activation=leaky_relu,model=convnet"
+    assert named_by([]) == ""
+    assert named_by(["dataset.root=/a/b"]).startswith("_dataset.root=_a_b-")  # one folder, not three
+    code, out, err = run_cli("train", *TINY, "activation=tanh")
+    assert code == 0, err
+    (run,) = (tmp_path / "outputs").glob("*/*")
+    time, name = run.name.split("_", 1)
+    assert name == job_dir(",".join(sorted([*TINY, "activation=tanh"])), 0)  # as long as a sweep job's name may be
+    assert name.startswith("activation=tanh,dataset.image_size=8")  # TensorBoard's run name says what the run is

@@ -230,8 +230,9 @@ def _val_curves(d: Drawing):
 
 
 def _zoomed_limits(points: list[float]) -> tuple[float, float]:
-    """Axis limits around `points` with a margin, so that 0.9455 and 0.9470 look different."""
-    low, high = min(points), max(points)
+    """Axis limits around `points` (accuracies: those past 0 or 1, ends of a wide interval, count as
+    0 or 1) with a margin, so that 0.9455 and 0.9470 look different."""
+    low, high = max(min(points), 0.0), min(max(points), 1.0)
     margin = max(0.08 * (high - low), 0.002)
     return low - margin, high + margin
 
@@ -245,7 +246,7 @@ def _test_accuracy(d: Drawing):
     longest = max(len(line) for name in names for line in d.labels[name].split("\n"))
     lines = sum(d.labels[name].count("\n") + 1 for name in names)
     title = (f"final test accuracy: dot = mean over completed seeds, whisker = {CONFIDENCE:.0%} confidence interval "
-             f"(Student t), open dots = seeds; the axis is zoomed to the results")
+             f"(Student t, cut at 0 and 1), open dots = seeds; the axis is zoomed to the results")
     figure, axes = _figure(d, 1, 1, (5 + 0.075 * longest, 1.2 + 0.2 * len(names) + 0.16 * lines), title, [])
     axis = axes[0][0]
     drawn = []
@@ -338,8 +339,9 @@ def layer_widths(run: Run) -> dict[str, int]:
 
 
 def _depth_lines(axis, d: Drawing, name: str, prefix: str, positions: dict[str, int]) -> None:
-    """One statistic against layer for one group, at the first probe (step 0, dashed) and the last
-    (solid); the effective rank as a share of the layer's width (1 = full rank)."""
+    """One statistic against layer for one group, at the first probe (step 0, faint, open dots) and the
+    last (full colour, filled dots), in the group's line style (which --tune gives a meaning); the
+    effective rank as a share of the layer's width (1 = full rank)."""
     members = d.groups[name]
     tags = sorted((tag for tag in d.scalars[members[0].path] if tag.startswith(prefix)), key=_depth)
     widths = layer_widths(members[0])
@@ -349,12 +351,12 @@ def _depth_lines(axis, d: Drawing, name: str, prefix: str, positions: dict[str, 
         return
     x = [positions[split_tag(tag)[1]] for tag in tags]
     per_width = {tag: widths[split_tag(tag)[1]] if prefix == "effective_rank/" else 1 for tag in tags}
-    for moment, style in ((0, "--"), (-1, "-")):
+    for moment, alpha in ((0, 0.35), (-1, 1.0)):
         values = [statistics.fmean(d.scalars[run.path][tag][1][moment] for run in members
                                    if tag in d.scalars[run.path]) / per_width[tag] for tag in tags]
-        # open dots at the first probe: with one layer there is no line to be dashed or solid
-        axis.plot(x, values, style, marker="o", markersize=4, color=d.colours[name], linewidth=d.widths.get(name, 2.0),
-                  markerfacecolor="none" if moment == 0 else d.colours[name])
+        # open dots at the first probe: with one layer there is no line to tell them apart by
+        axis.plot(x, values, d.styles.get(name, "-"), marker="o", markersize=4, color=d.colours[name], alpha=alpha,
+                  linewidth=d.widths.get(name, 2.0), markerfacecolor="none" if moment == 0 else d.colours[name])
 
 
 DEPTH_PANELS = {"act_mean/": "activation mean by layer", "act_std/": "activation std by layer",
@@ -372,7 +374,7 @@ def _activation_depth(d: Drawing):
                     if tag.startswith(tuple(panels))}, key=lambda layer: (layer_depth(layer), layer))
     positions = {layer: i for i, layer in enumerate(names)}
     figure, axes = _figure(d, 1, len(panels), (max(5.0, 0.55 * len(names)), 3.8), "activations by layer, mean over "
-                           "seeds: dashed, open dots = first probe (step 0); solid, filled dots = last probe", _entries(d))
+                           "seeds: faint, open dots = first probe (step 0); full colour, filled dots = last probe", _entries(d))
     for axis, (prefix, title) in zip(axes[0], panels.items()):
         for name in d.groups:
             _depth_lines(axis, d, name, prefix, positions)
@@ -486,22 +488,22 @@ FIGURES = {
 
 
 def make_figures(runs: list[Run], out: Path, tuned: dict[str, Any] | None = None) -> list[Path]:
-    """The comparison figures as PNG files in `out`, also written to TensorBoard (out/figures); the
-    files written, in FIGURES order (a figure with nothing to draw is left out; tuning.png without `tuned`)."""
+    """The comparison figures as PNG files in `out`; the files written, in FIGURES order (a figure with
+    nothing to draw is left out; tuning.png without `tuned`). Not into TensorBoard: any folder of event
+    files is a run there, and compare's figures would stand in the runs list beside the runs."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from torch.utils.tensorboard import SummaryWriter
+    import matplotlib.pyplot as plt
 
     scalars = {run.path: read_scalars(run, compared_tags()) for run in runs if run.path.is_dir()}
     d = drawing(runs, scalars, tuned)
     written = []
-    with SummaryWriter(str(out / "figures")) as writer:
-        for filename, draw in FIGURES.items():
-            figure = draw(d)
-            if figure is None:
-                continue
-            figure.savefig(out / filename, dpi=DPI)
-            writer.add_figure(f"compare/{filename.removesuffix('.png')}", figure, global_step=0, close=True)
-            written.append(out / filename)
+    for filename, draw in FIGURES.items():
+        figure = draw(d)
+        if figure is None:
+            continue
+        figure.savefig(out / filename, dpi=DPI)
+        plt.close(figure)
+        written.append(out / filename)
     return written

@@ -17,7 +17,7 @@ from cnnlab.status import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 def compare_command(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="cnnlab compare",
-        description="Compare runs: a table, summary.csv and summary.json, and PNG figures (also in TensorBoard).")
+        description="Compare runs: a table, summary.csv and summary.json, and PNG figures.")
     parser.add_argument("paths", nargs="+", help="sweep directories, run directories, folders holding them "
                                                  "(searched recursively), or glob patterns of them")
     parser.add_argument("--out", help="where to write the summary and figures (default: the sweep directory "

@@ -160,7 +160,8 @@ def place_single_run(args: list[str], overrides: list[str]) -> list[str]:
         raise UserError(f"hydra.run.dir={values['hydra.run.dir']!r} would be the current folder (an unset "
                         f"variable?): a run writes its own folder. Give one, e.g. hydra.run.dir=outputs/mine, or "
                         f"leave the setting out for outputs/DATE/TIME. Nothing has run.")
-    run_dir = Path(values["resume"] if resume else values.get("hydra.run.dir") or default_dir("run")).expanduser()
+    run_dir = Path(values["resume"] if resume else values.get("hydra.run.dir") or default_dir("run") + named_by(overrides))
+    run_dir = run_dir.expanduser()
     holder = locked_by(run_dir)
     if holder is not None:  # checked before Hydra writes its .hydra/ files into the folder
         raise UserError(f"{run_dir} belongs to a run that is still going (pid {holder}); a second one must not "
@@ -181,6 +182,15 @@ def place_single_run(args: list[str], overrides: list[str]) -> list[str]:
     check_writable("hydra.run.dir", run_dir)
     # The folder checked is the folder Hydra uses: `${now:...}` resolved twice would be two folders.
     return [*args, f"hydra.run.dir={run_dir}"]
+
+
+def named_by(overrides: list[str]) -> str:
+    """What a new run's default folder (outputs/DATE/TIME) gains after its time: its settings typed on
+    the command line, sorted by key as a sweep job's folder is named (`_activation=elu,model=convnet`),
+    so that runs tell themselves apart in TensorBoard's runs list; "" when none were typed."""
+    typed = sorted(arg.lstrip("+") for arg in overrides
+                   if "=" in arg and not arg.startswith(("hydra.", "~", "resume=")) and not arg.lstrip("+").startswith("hydra."))
+    return "_" + job_dir(",".join(typed), 0) if typed else ""
 
 
 def resolved(value: str) -> str:
