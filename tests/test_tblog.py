@@ -124,8 +124,11 @@ def test_the_settings_typed_on_the_command_line_are_the_first_columns_and_name_t
     for seed in (0, 1):
         run_dir = tmp_path / f"multirun/2026-12-02/14-20-00/{seed}"
         (run_dir / ".hydra").mkdir(parents=True)
-        typed = ["activation=elu", "optimizer.lr=0.1", f"trainer.seed={seed}", "dataset.root=/a/long/path"]
+        typed = ["activation=elu", "optimizer.lr=0.1", f"trainer.seed={seed}", "dataset.root=/a/long/path",
+                 "dataset=mnist", "dataset.val_fraction=0.2"]  # the last two shared by the sweep's jobs: not its names
         (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {line}\n" for line in typed))
+        (run_dir / ".hydra" / "hydra.yaml").write_text(
+            "hydra:\n  job:\n    config:\n      override_dirname:\n        exclude_keys: [dataset, dataset.val_fraction]\n")
         run = validate(compose_config("dataset=mnist", *TINY_MLP, *TINY_TRAINER, *typed))
         write_hparams_start(run_dir, run)
     experiment, sessions = hparams_tab(tmp_path)

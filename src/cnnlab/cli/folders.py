@@ -173,7 +173,7 @@ def place_single_run(args: list[str], overrides: list[str]) -> list[str]:
                 f"{last_checkpoint(run_dir)} and {run_dir / '.hydra'}). Pass the folder of a "
                 f"run, e.g. resume=outputs/2026-11-22/10-31-07-123456.")
         check_writable("resume", run_dir)
-        return [*args, f"hydra.run.dir={run_dir}"]
+        return [*args, f"hydra.run.dir={quoted(str(run_dir))}"]
     if last_checkpoint(run_dir).is_file():
         raise UserError(
             f"hydra.run.dir={str(run_dir)!r} already holds a run; its results are kept. Continue it with "
@@ -181,15 +181,29 @@ def place_single_run(args: list[str], overrides: list[str]) -> list[str]:
     refuse_foreign_files(run_dir, "hydra.run.dir: the folder")  # before Hydra writes .hydra/ into it
     check_writable("hydra.run.dir", run_dir)
     # The folder checked is the folder Hydra uses: `${now:...}` resolved twice would be two folders.
-    return [*args, f"hydra.run.dir={run_dir}"]
+    return [*args, f"hydra.run.dir={quoted(str(run_dir))}"]
+
+
+def quoted(value: str) -> str:
+    """`value` as one quoted Hydra override value: a folder named by settings holds `=` and `,`, which
+    Hydra's grammar would read as a sweep or a syntax error."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    return "'" + value.replace("'", "\\'") + "'"
 
 
 def named_by(overrides: list[str]) -> str:
     """What a new run's default folder (outputs/DATE/TIME) gains after its time: its settings typed on
     the command line, sorted by key as a sweep job's folder is named (`_activation=elu,model=convnet`),
     so that runs tell themselves apart in TensorBoard's runs list; "" when none were typed."""
-    typed = sorted(arg.lstrip("+") for arg in overrides
-                   if "=" in arg and not arg.startswith(("hydra.", "~", "resume=")) and not arg.lstrip("+").startswith("hydra."))
+    from cnnlab.config import role
+
+    typed = [arg.lstrip("+") for arg in overrides if "=" in arg and not arg.startswith("~")]
+    typed = [arg for arg in typed if not arg.startswith(("hydra.", "resume="))]
+    # Settings that name runs first (a long name is cut at its end), paths and devices last.
+    typed.sort(key=lambda arg: (not role(arg.partition("=")[0]).names_runs, arg))
     return "_" + job_dir(",".join(typed), 0) if typed else ""
 
 

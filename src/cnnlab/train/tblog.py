@@ -190,15 +190,24 @@ def hparam_values(run: RunConfig, first: tuple[str, ...] = DEFINING_HPARAMS) -> 
 
 
 def typed_settings(run_dir: Path) -> dict[str, str]:
-    """The run's command-line overrides (.hydra/overrides.yaml), key -> value as typed: a sweep's
-    swept settings are among them. Empty for a run without the file, or with one it cannot read."""
+    """The settings that name the run, key -> value as typed: its command-line overrides
+    (.hydra/overrides.yaml) less those every job of its sweep shares (cnnlab leaves them out of the
+    job folders' names: hydra.job.config.override_dirname.exclude_keys in .hydra/hydra.yaml), so a
+    sweep's swept ones. Empty for a run without the files, or with ones it cannot read."""
+    import yaml
+
     from cnnlab.analysis.runs import read_overrides
     from cnnlab.errors import UserError
 
     try:
-        return read_overrides(Path(run_dir))
+        typed = read_overrides(Path(run_dir))
+        hydra = yaml.safe_load((Path(run_dir) / ".hydra" / "hydra.yaml").read_text()) or {}
+        shared = hydra["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"] or []
     except UserError:
         return {}
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        shared = []  # a single run's record, or one from before cnnlab named jobs: every typed setting
+    return {key: value for key, value in typed.items() if key not in shared}
 
 
 def hparam_info(name: str, value: bool | str | int | float, differs: bool) -> api_pb2.HParamInfo:
