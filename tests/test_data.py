@@ -170,6 +170,22 @@ def test_unreadable_images_are_reported_and_skipped_and_other_files_ignored(tmp_
     assert "broken.png" in caplog.text and "notes.txt" not in caplog.text
 
 
+def test_pil_warnings_while_decoding_are_one_line_that_counts_them_not_raw_warnings(tmp_path, caplog, monkeypatch):
+    import warnings
+
+    from PIL import Image
+
+    root = write_image_folder(tmp_path / "pets", per_class=3, size=16)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # 256-pixel images: a DecompressionBombWarning each
+    cfg = dataset_config("dataset=imagefolder", f"dataset.path={root}", "dataset.image_size=8")
+    with warnings.catch_warnings(record=True) as raw, caplog.at_level(logging.WARNING, logger="cnnlab.train.batches"):
+        warnings.simplefilter("always")
+        splits = load_imagefolder(cfg)
+    assert len(splits.train) == 6 and not raw  # nothing reached Python's warning output
+    (line,) = [record.getMessage() for record in caplog.records if "PIL warned" in record.getMessage()]
+    assert "PIL warned 6 time(s)" in line and "DecompressionBombWarning" in line and "(x6)" in line
+
+
 def test_image_folder_mistakes_are_user_errors_that_name_the_setting(tmp_path):
     def error(path) -> str:
         with pytest.raises(UserError) as raised:

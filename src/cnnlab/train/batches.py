@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Union
@@ -284,8 +286,16 @@ def decode_files(files: FileSet, setting: str = "dataset.path") -> ImageSet:
         except Exception as error:
             return error
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # PIL decodes outside the GIL
-        decoded = list(pool.map(decode, files.samples))
+    # PIL warns per file (a DecompressionBombWarning for a huge image, palette transparency): one line
+    # that counts them, instead of Python's raw warning text for each. Recorded for the pool's threads too.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # PIL decodes outside the GIL
+            decoded = list(pool.map(decode, files.samples))
+    if caught:
+        kinds = Counter(f"{warning.category.__name__}: {one_line(str(warning.message), 160)}" for warning in caught)
+        log.warning("decoding the images of %s: PIL warned %d time(s): %s", setting, len(caught),
+                    "; ".join(f"{kind} (x{count})" for kind, count in kinds.most_common(3)))
     failed = [(path, result) for (path, _), result in zip(files.samples, decoded) if isinstance(result, Exception)]
     if failed:
         listed = "; ".join(f"{path}: {one_line(error)}" for path, error in failed[:MAX_LISTED_FILES])
