@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab.instruments.density import density_column, render_density, write_png
+from cnnlab.instruments.density import cell_edges, density_column, render_density, write_png
 
 VIRIDIS = matplotlib.colormaps["viridis"]
 
@@ -46,11 +46,9 @@ def test_the_density_figure_puts_high_values_at_the_top_and_later_probes_to_the_
 
 
 def test_the_density_figure_runs_over_the_probed_steps_only():
-    from cnnlab.instruments.density import _edges
-
-    assert _edges(np.array([0.0, 85.0])).tolist() == [0.0, 42.5, 85.0]  # not from -42.5: no "probe step -40"
-    assert _edges(np.array([0.0, 100.0, 200.0, 237.0])).tolist() == [0.0, 50.0, 150.0, 218.5, 237.0]
-    assert _edges(np.array([300.0])).tolist() == [299.5, 300.5]
+    assert cell_edges(np.array([0.0, 85.0])).tolist() == [0.0, 42.5, 85.0]  # not from -42.5: no "probe step -40"
+    assert cell_edges(np.array([0.0, 100.0, 200.0, 237.0])).tolist() == [0.0, 50.0, 150.0, 218.5, 237.0]
+    assert cell_edges(np.array([300.0])).tolist() == [299.5, 300.5]
 
 
 def test_write_png_writes_the_rendered_figure_as_a_png(tmp_path):

@@ -30,7 +30,7 @@ def test_compare_searches_sub_folders_but_not_inside_runs_nor_its_own_figures(tm
     assert names(outputs) == ["activation=relu, lr=0.001", "activation=relu, lr=0.01", "activation=elu, lr=0.001"]
     code, out, err = run_cli("compare", "outputs")
     assert code == 0, err
-    assert (outputs / "summary.json").is_file() and (outputs / "val_curves.png").is_file()
+    assert (outputs / "summary.json").is_file() and (outputs / "summary.csv").is_file()
     assert len(find_runs([str(outputs)])) == 3  # what compare wrote there is not a run
     assert not (outputs / "figures").exists()  # nor a folder of event files, which TensorBoard would list as a run
 

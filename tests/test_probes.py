@@ -510,8 +510,7 @@ def test_the_probes_images_stay_within_their_memory_budget_for_large_images():
     assert examples_needed(defaults, (3, 1024, 1024)) == defaults.batch_size  # never fewer than the probe batch
 
 
-def test_histograms_and_density_columns_count_the_first_images_of_a_large_layer_and_every_image_of_a_small_one(
-        monkeypatch):
+def test_histograms_and_density_columns_count_the_first_images_of_a_large_layer_and_every_image_of_a_small_one():
     model = small_model()
     images = torch.randn(8, 1, 8, 8)
     probes = Probes(model, batch(images), PROBES, last_step=10)
@@ -524,7 +523,7 @@ def test_histograms_and_density_columns_count_the_first_images_of_a_large_layer_
         model(images)
     per_image = {layer.name: outputs[id(layer.module)][1][0].numel() for layer in probes.activations}
     limit = 3 * per_image["act01_conv"] + 5  # room for 3 images of the first conv layer's outputs
-    monkeypatch.setattr("cnnlab.instruments.probes.HISTOGRAM_OUTPUTS", limit)
+    probes.histogram_outputs = limit
     measurements = {m.tag: m.value for m in probes.measure(0)}
     for layer in probes.activations:
         pre, output = outputs[id(layer.module)]

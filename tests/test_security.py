@@ -182,7 +182,10 @@ def test_a_file_may_not_put_runs_outside_the_outputs_folder(tmp_path, monkeypatc
             check_config_before_hydra([*uses, *TINY])
 
 
-def test_the_command_line_keeps_its_choice_of_hydras_settings():
+def test_the_command_line_keeps_its_choice_of_hydras_settings(tmp_path, monkeypatch):
+    (tmp_path / "sbatch").write_text("#!/bin/sh\n")  # SLURM's, which the check looks for
+    (tmp_path / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
     for override in ("hydra/job_logging=disabled", "hydra.job_logging.handlers.file.filename=train.log",
                      "hydra.output_subdir=meta", "hydra.output_subdir=null", "hydra.run.dir=/tmp/anywhere"):
         check_config_before_hydra([*TINY, override])

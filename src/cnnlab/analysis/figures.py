@@ -139,14 +139,15 @@ def _entries(d: Drawing, names: list[str] | None = None) -> list[tuple[str, Any,
     return [(d.labels[name], d.colours[name], d.styles.get(name, "-")) for name in (d.groups if names is None else names)]
 
 
-def _figure(d: Drawing, rows: int, cols: int, panel: tuple[float, float], title: str,
+def _figure(d: Drawing, grid: tuple[int, int], panel: tuple[float, float], title: str,
             legend: list[tuple[str, Any, Any]], note: str = "", **subplots):
-    """rows x cols panels of about `panel` inches, the figure capped at MAX_INCHES a side, the title,
+    """grid (rows, cols) of panels of about `panel` inches, the figure capped at MAX_INCHES a side, the title,
     the fixed settings and `note` above and `legend` (label, colour, line style) below, in as many
     columns as fit."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
+    rows, cols = grid
     width = min(MAX_INCHES, cols * panel[0])
     headline = "\n".join(_wrap(text, width) for text in (title, d.fixed and f"fixed: {d.fixed}", note) if text)
     lines = [line for label, *_ in legend for line in label.split("\n")]
@@ -214,7 +215,7 @@ def _val_curves(d: Drawing):
         return None
     title = (f"loss and accuracy against step: one thin line per seed below {BAND_SEEDS} seeds; from {BAND_SEEDS} "
              f"seeds the mean, band = {CONFIDENCE:.0%} confidence interval of the mean (Student t)")
-    figure, axes = _figure(d, 1, len(panels), (5.4, 3.8), title, _entries(d))
+    figure, axes = _figure(d, (1, len(panels)), (5.4, 3.8), title, _entries(d))
     for axis, (tag, title) in zip(axes[0], panels.items()):
         for name, members in d.groups.items():
             series = _training_loss(d, members) if tag == "train/loss" else _series(d, members, tag)
@@ -247,7 +248,7 @@ def _test_accuracy(d: Drawing):
     lines = sum(d.labels[name].count("\n") + 1 for name in names)
     title = (f"final test accuracy: dot = mean over completed seeds, whisker = {CONFIDENCE:.0%} confidence interval "
              f"(Student t, cut at 0 and 1), open dots = seeds; the axis is zoomed to the results")
-    figure, axes = _figure(d, 1, 1, (5 + 0.075 * longest, 1.2 + 0.2 * len(names) + 0.16 * lines), title, [])
+    figure, axes = _figure(d, (1, 1), (5 + 0.075 * longest, 1.2 + 0.2 * len(names) + 0.16 * lines), title, [])
     axis = axes[0][0]
     drawn = []
     for i, name in enumerate(names):
@@ -288,7 +289,7 @@ def _dead_fraction(d: Drawing):
     zero = [name for name, members in d.groups.items() if _all_zero(d, members, tags)]
     shown = {name: members for name, members in d.groups.items() if name not in zero}
     if not shown:  # a result worth a figure: it says so rather than drawing flat lines
-        figure, axes = _figure(d, 1, 1, (6.0, 1.2), "dead fraction of each activation layer on the training images", [])
+        figure, axes = _figure(d, (1, 1), (6.0, 1.2), "dead fraction of each activation layer on the training images", [])
         axes[0][0].set_axis_off()
         axes[0][0].text(0.5, 0.5, f"no dead unit at any probe, in any of the {len(zero)} configurations",
                         ha="center", va="center", transform=axes[0][0].transAxes)
@@ -298,7 +299,7 @@ def _dead_fraction(d: Drawing):
     rows_ = math.ceil(len(shown) / cols)
     legend = [(split_tag(tag)[1], colour, "-") for tag, colour in colours.items()]
     note = f"left out, no dead unit at any probe: {'; '.join(zero)}" if zero else ""
-    figure, grid = _figure(d, rows_, cols, (3.4, 2.8), "dead fraction of each activation layer on the training "
+    figure, grid = _figure(d, (rows_, cols), (3.4, 2.8), "dead fraction of each activation layer on the training "
                            "images against step (step 0 and epoch ends, mean over seeds), one panel per configuration",
                            legend, note, sharey=True)
     widths = _widths(tags)  # layers alike (all zero at step 0) stay visible
@@ -373,7 +374,7 @@ def _activation_depth(d: Drawing):
     names = sorted({split_tag(tag)[1] for series in d.scalars.values() for tag in series
                     if tag.startswith(tuple(panels))}, key=lambda layer: (layer_depth(layer), layer))
     positions = {layer: i for i, layer in enumerate(names)}
-    figure, axes = _figure(d, 1, len(panels), (max(5.0, 0.55 * len(names)), 3.8), "activations by layer, mean over "
+    figure, axes = _figure(d, (1, len(panels)), (max(5.0, 0.55 * len(names)), 3.8), "activations by layer, mean over "
                            "seeds: faint, open dots = first probe (step 0); full colour, filled dots = last probe", _entries(d))
     for axis, (prefix, title) in zip(axes[0], panels.items()):
         for name in d.groups:
@@ -402,7 +403,7 @@ def _sharpness(d: Drawing):
     if not panels:
         return None
     shown = list(dict.fromkeys(name for *_, names in panels for name in names))
-    figure, axes = _figure(d, 1, len(panels), (12 / len(panels), 4.2), "sharpness against step, mean over seeds "
+    figure, axes = _figure(d, (1, len(panels)), (12 / len(panels), 4.2), "sharpness against step, mean over seeds "
                            "(the edge of stability: Cohen et al. 2021; 2022)", _entries(d, shown))
     for axis, (top, limit, title, names) in zip(axes[0], panels):
         drawn = []
@@ -454,7 +455,7 @@ def _tuning(d: Drawing):
     note = "; ".join(d.tuned["warnings"])
     title = (f"tuning {key}: mean validation accuracy over completed seeds against {key}, whisker = "
              f"{CONFIDENCE:.0%} confidence interval (Student t); star = the value chosen (best mean)")
-    figure, axes = _figure(d, 1, 1, (7.5, 4.2), title, legend, f"warning: {note}" if note else "")
+    figure, axes = _figure(d, (1, 1), (7.5, 4.2), title, legend, f"warning: {note}" if note else "")
     axis = axes[0][0]
     for name, entry in configurations.items():
         colour = d.tuned_colours.get(name, "black")
@@ -498,6 +499,7 @@ def make_figures(runs: list[Run], out: Path, tuned: dict[str, Any] | None = None
 
     scalars = {run.path: read_scalars(run, compared_tags()) for run in runs if run.path.is_dir()}
     d = drawing(runs, scalars, tuned)
+    out.mkdir(parents=True, exist_ok=True)
     written = []
     for filename, draw in FIGURES.items():
         figure = draw(d)

@@ -95,8 +95,8 @@ def check_config_before_hydra(args: list[str]) -> dict[str, RunConfig]:
     swept = _swept_values(cfg, loader)
     hydra_overrides = OmegaConf.to_container(cfg.hydra.overrides.hydra, resolve=False)  # `${oc.env:...}` as typed
     samples = _sweep_samples(swept, cfg)
-    if swept is not None:  # a long sweep would otherwise be silent until its first job
-        jobs = _count_jobs(swept)
+    jobs = _count_jobs(swept) if swept is not None else 0
+    if len(samples) < jobs:  # a long sweep, checked by samples, would otherwise be silent until its first job
         print(f"cnnlab: checking the sweep's {jobs} job{'s' * (jobs != 1)} before any starts: composing {len(samples)} "
               f"that between them set every swept value (numbers of one setting: one of each kind).",
               file=sys.stderr, flush=True)

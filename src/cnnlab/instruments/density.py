@@ -59,7 +59,7 @@ def _log_counts(columns: Tensor | Sequence[Tensor]) -> np.ndarray:
     return np.log1p(torch.stack([torch.as_tensor(column).detach().double().cpu() for column in columns]).numpy())
 
 
-def _edges(steps: np.ndarray) -> np.ndarray:
+def cell_edges(steps: np.ndarray) -> np.ndarray:
     """Cell edges halfway between probe steps (which may be unevenly spaced), the outer ones at the
     first and last step: the x axis runs over the steps probed, never before step 0. One probe gets a
     cell one step wide."""
@@ -83,7 +83,7 @@ def render_density(columns: Tensor | Sequence[Tensor], steps: Sequence[int], low
         raise ValueError(f"{len(steps)} steps for {len(logs)} columns")
     figure, axis = plt.subplots(figsize=(8, 4.5), dpi=100)
     try:
-        x = _edges(np.asarray(steps, dtype=float))
+        x = cell_edges(np.asarray(steps, dtype=float))
         y = np.linspace(low, high, logs.shape[1] + 1)
         mesh = axis.pcolormesh(x, y, logs.T, cmap=COLORMAP, vmin=0, vmax=max(logs.max(), 1e-12), shading="flat")
         figure.colorbar(mesh, ax=axis, label="log(1 + count)")

@@ -59,11 +59,11 @@ GRAM_CHUNK = 8192  # rows of the [examples, units] matrix per float64 product
 HISTOGRAM_OUTPUTS = 2**20
 
 
-def leading_images(x: Tensor) -> Tensor:
-    """The first images of the batch `x` ([N, ...]) that hold at most HISTOGRAM_OUTPUTS values, at
-    least one image: a view, no copy."""
+def leading_images(x: Tensor, outputs: int) -> Tensor:
+    """The first images of the batch `x` ([N, ...]) that hold at most `outputs` values, at least one
+    image: a view, no copy."""
     per_image = max(x[0].numel(), 1) if len(x) else 1
-    return x[:max(1, HISTOGRAM_OUTPUTS // per_image)]
+    return x[:max(1, outputs // per_image)]
 
 
 def centred_gram(output: Tensor) -> Tensor:
@@ -326,6 +326,7 @@ class Probes:
         self._pending: list[Measurement] = []
         self._weights_before: list[Tensor] = []
         self._dead_before: dict[str, Tensor] = {}  # per layer, at the previous probe: for revival
+        self.histogram_outputs = HISTOGRAM_OUTPUTS  # per layer, what histograms and density columns count
         self.density_steps: list[int] = []
         self.density: dict[str, list[Tensor]] = {layer.name: [] for layer in self.activations}
 
@@ -427,7 +428,8 @@ class Probes:
                 self._dead_before[name] = dead
             if self.cfg.density:
                 low, high = activation_row(module).density_range
-                self.density[name].append(density_column(leading_images(output), low, high, self.cfg.bins))
+                counted = leading_images(output, self.histogram_outputs)
+                self.density[name].append(density_column(counted, low, high, self.cfg.bins))
 
         with forward_hooks([layer.module for layer in self.activations], record):
             self.model(self.images)
@@ -450,8 +452,9 @@ class Probes:
         if bounds is not None:
             found.append(Measurement("scalar", tag("saturation", name), saturation_fraction(output, *bounds)))
         if self.cfg.histograms:
-            found.append(Measurement("histogram", tag("activations", name), histogram(leading_images(output), self.cfg.bins)))
-            found.append(Measurement("histogram", tag("preactivations", name), histogram(leading_images(pre), self.cfg.bins)))
+            for family, values in (("activations", output), ("preactivations", pre)):
+                counted = leading_images(values, self.histogram_outputs)
+                found.append(Measurement("histogram", tag(family, name), histogram(counted, self.cfg.bins)))
         return found
 
     def _gradient_noise(self) -> list[Measurement]:
