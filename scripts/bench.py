@@ -22,6 +22,9 @@ memory. Writes bench.json and prints a table.
     python scripts/bench.py --quick     # fewer images per epoch: under two minutes on 2 CPU cores
     python scripts/bench.py --options   # also cnnlab with bf16 autocast, with NCHW (trainer.channels_last=false,
                                         # ConvNet), and with torch.compile
+    python scripts/bench.py --contention  # instead: the ConvNet's epochs with trainer.threads=null's choice,
+                                          # 1 and 2 threads, idle and beside one busy process (a spinning
+                                          # python started and killed here): images/s and default / best
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import os
 import resource
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,13 +52,13 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
-from cnnlab.config import config_dir, validate
-from cnnlab.train.data import load_data
+from cnnlab.config import RunConfig, config_dir, validate
+from cnnlab.train.data import Data, load_data
 from cnnlab.train.models import build_model
 from cnnlab.train.optim import build_optimizer
 from cnnlab.instruments.probes import Probes
 from cnnlab.cli.console import TrainingProgress
-from cnnlab.train.loop import train_epoch
+from cnnlab.train.loop import choose_threads, train_epoch
 from cnnlab.train.state import NonfiniteWatch, Precision, TrainingLog, TrainState, resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -127,19 +131,26 @@ def flops_per_image(model: torch.nn.Module, images: torch.Tensor, labels: torch.
     return counter.get_total_flops() / len(labels)
 
 
-def bench(model_name: str, shape: str, images_per_epoch: int, rounds: int, device_name: str, options: bool,
-          workdir: Path) -> dict:
+def generated_run(model_name: str, shape: str, images_per_epoch: int, device_name: str) -> tuple[RunConfig, Data]:
+    """The default config of model_name on generated data of the shape, and its data in memory."""
     channels, size = SHAPES[shape]
     with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         cfg = compose("train", overrides=[f"model={model_name}", "dataset=fake", f"trainer.device={device_name}",
                                           f"dataset.image_size={size}", f"dataset.channels={channels}",
                                           "dataset.val_fraction=0.01"])
     run = validate(cfg)
-    batch_size = run.trainer.batch_size
     run.dataset.train_size = round(images_per_epoch / 0.99) + 1
-    device = resolve_device(run.trainer.device)
     torch.manual_seed(0)
-    data = load_data(run.dataset, batch_size, run.trainer.eval_batch_size, device, seed=0)
+    data = load_data(run.dataset, run.trainer.batch_size, run.trainer.eval_batch_size,
+                     resolve_device(run.trainer.device), seed=0)
+    return run, data
+
+
+def bench(model_name: str, shape: str, images_per_epoch: int, rounds: int, device_name: str, options: bool,
+          workdir: Path) -> dict:
+    run, data = generated_run(model_name, shape, images_per_epoch, device_name)
+    batch_size = run.trainer.batch_size
+    device = resolve_device(run.trainer.device)
     steps = len(data.train)
     base = build_model(run.model, run.activation, data.input_shape, data.num_classes).to(device)
     train_images = data.train.data.images
@@ -255,6 +266,111 @@ def bench(model_name: str, shape: str, images_per_epoch: int, rounds: int, devic
     return result
 
 
+def busy_process() -> subprocess.Popen:
+    """Another process that keeps one core busy, as a user's other work would."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(0.5)  # started and spinning before anything is timed or counted
+    return busy
+
+
+def bench_contention(rounds: int, images_per_epoch: int, device_name: str, workdir: Path) -> dict:
+    """ConvNet epochs (cnnlab's train_epoch, probes off) with trainer.threads=null's choice, 1 and 2
+    threads, idle and beside one busy process, interleaved: each round has an idle and a busy block
+    (which comes first alternates), and the threads' order rotates within a block."""
+    run, data = generated_run("convnet", "cifar", images_per_epoch, device_name)
+    device = resolve_device(run.trainer.device)
+    model = build_model(run.model, run.activation, data.input_shape, data.num_classes).to(device)
+    model = model.to(memory_format=torch.channels_last)  # cnnlab's default for conv models
+    data.train.normalise.channels_last = True
+    parameters = list(model.parameters())
+    optimizer = build_optimizer(run.optimizer, parameters)
+    log = TrainingLog(device, SummaryWriter(str(workdir / "contention")))
+    state = TrainState(run=run, config={}, run_dir=workdir, device=device, model=model, step_model=model,
+                       parameters=parameters, optimizer=optimizer, scheduler=None, data=data, probes=None,
+                       precision=Precision(run.trainer.amp, device), log=log, watch=NonfiniteWatch(device), metrics={})
+    quiet = TrainingProgress(epochs=1, console=Console(file=io.StringIO()))
+    steps = len(data.train)
+    variants = ["default", "1", "2"]
+    conditions = ["idle", "busy"]
+    times = {(c, v): [] for c in conditions for v in variants}
+    chosen = {c: [] for c in conditions}  # the default's thread count at each of its epochs
+
+    def one_epoch(condition: str, variant: str) -> None:
+        # Set between epochs, as the trainer's setup sets it; the default is computed now, as setup would.
+        threads = choose_threads(None)[0] if variant == "default" else int(variant)
+        torch.set_num_threads(threads)
+        if variant == "default":
+            chosen[condition].append(threads)
+        quiet.start_epoch(1, steps)
+        state.batch = 0
+        sync(device)
+        start = time.perf_counter()
+        train_epoch(state, quiet)
+        sync(device)
+        times[(condition, variant)].append(time.perf_counter() - start)
+
+    def block(condition: str, order: list[str]) -> None:
+        busy = busy_process() if condition == "busy" else None
+        try:
+            for variant in order:
+                one_epoch(condition, variant)
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+                time.sleep(0.5)  # its core is free again before the next block counts
+
+    for variant in variants:  # warm-up: allocator, kernels, each thread count's pool
+        torch.set_num_threads(int(variant) if variant != "default" else 2)
+        quiet.start_epoch(1, steps)
+        state.batch = 0
+        train_epoch(state, quiet)
+    for round_ in range(rounds):
+        order = variants[round_ % 3:] + variants[:round_ % 3]
+        for condition in (conditions if round_ % 2 == 0 else conditions[::-1]):
+            block(condition, order)
+    log.writer.close()
+    images = steps * run.trainer.batch_size
+    result = {"images_per_epoch": images, "steps_per_epoch": steps, "conditions": {}}
+    for condition in conditions:
+        rates = {v: images / statistics.median(times[(condition, v)]) for v in variants}
+        best = max(("1", "2"), key=lambda v: rates[v])
+        per_round = [d / b for d, b in zip(times[(condition, "default")], times[(condition, best)])]
+        result["conditions"][condition] = {
+            "images_per_second": rates, "best_fixed": best,
+            "default_over_best": {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)},
+            "default_threads": {str(n): chosen[condition].count(n) for n in sorted(set(chosen[condition]))},
+            "seconds": {v: times[(condition, v)] for v in variants},
+        }
+    return result
+
+
+def main_contention(args: argparse.Namespace) -> None:
+    images = 640 if args.quick else 1280  # beside a busy core 2 threads ran ~220 img/s: ~6 s an epoch
+    with tempfile.TemporaryDirectory() as workdir:
+        print(f"timing the ConvNet's threads, idle and beside a busy process, {args.rounds} rounds ...",
+              file=sys.stderr, flush=True)
+        result = bench_contention(args.rounds, images, args.device, Path(workdir))
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+               "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    out = args.out or "bench_contention.json"
+    Path(out).write_text(json.dumps({"machine": machine, "rounds": args.rounds, "quick": args.quick, **result},
+                                    indent=2) + "\n")
+    table = Table(title=f"ConvNet / CIFAR-shaped, trainer.threads default vs fixed, {machine['cpu']}, "
+                        f"{args.rounds} rounds, {result['images_per_epoch']} images an epoch")
+    for column in ("condition", "default chose (epochs)", "images/s default | 1 | 2", "best fixed",
+                   "time default / best, median [min, max]"):
+        table.add_column(column, justify="right")
+    for condition, r in result["conditions"].items():
+        ips, q = r["images_per_second"], r["default_over_best"]
+        mark = " ok" if q["median"] <= 1.2 else " > 1.2"
+        table.add_row(condition, ", ".join(f"{n} threads: {count}" for n, count in r["default_threads"].items()),
+                      " | ".join(f"{ips[v]:,.0f}" for v in ("default", "1", "2")), r["best_fixed"],
+                      f"{q['median']:.3f} [{q['min']:.2f}, {q['max']:.2f}]{mark}")
+    Console(width=170).print(table)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer images per epoch (under two minutes on 2 CPU cores)")
@@ -262,8 +378,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--options", action="store_true",
                         help="also time trainer.amp=bf16, trainer.channels_last=false (ConvNet), trainer.compile=true")
-    parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--contention", action="store_true",
+                        help="instead: the ConvNet with trainer.threads=null's choice, 1 and 2 threads, idle and "
+                             "beside one busy process (writes bench_contention.json)")
+    parser.add_argument("--out", default=None, help="bench.json, or bench_contention.json with --contention")
     args = parser.parse_args()
+    if args.contention:
+        return main_contention(args)
+    args.out = args.out or "bench.json"
     device = resolve_device(args.device)
     # Images per timed epoch: enough that one epoch is long against timer noise, few enough for
     # the quick mode's budget on two CPU cores.

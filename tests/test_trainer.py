@@ -8,7 +8,8 @@ from cnnlab.config import validate
 from cnnlab.errors import UserError
 from cnnlab.rundir import read_metrics
 from cnnlab.status import Status
-from cnnlab.train.loop import Diverged, SilentProgress, TrainingLog, resolve_device, train_epoch, train_step
+from cnnlab.train.loop import (Diverged, SilentProgress, TrainingLog, resolve_device, runnable_elsewhere, thread_choice,
+                               train_epoch, train_step)
 from tests.helpers import TINY, TINY_CONVNET, TINY_DATA, TINY_TRAINER, compose_config, read_scalars, write_image_folder
 
 
@@ -309,3 +310,52 @@ def test_a_run_into_a_folder_with_another_tools_files_changes_nothing_there(tiny
     assert run.result.status.value == "failed" and "holds files cnnlab did not make" in str(run.result.error)
     assert sorted(p.name for p in theirs.iterdir()) == ["metrics.json"]
     assert (theirs / "metrics.json").read_text() == '{"loss": 0.1}'
+
+
+def test_default_threads_on_an_idle_machine_are_all_usable_cores():
+    assert thread_choice(None, cores=2, busy_elsewhere=0, torch_default=2) == (
+        2, "2 of 2 cores (0 threads of other processes running)")
+    assert thread_choice(None, cores=16, busy_elsewhere=0, torch_default=8)[0] == 8  # torch's own: physical cores
+
+
+def test_default_threads_beside_one_busy_process_on_two_cores_is_one():
+    assert thread_choice(None, cores=2, busy_elsewhere=1, torch_default=2) == (
+        1, "1 of 2 cores (1 thread of other processes running)")
+    assert thread_choice(None, cores=16, busy_elsewhere=1, torch_default=8)[0] == 8  # a spare core takes it
+
+
+def test_default_threads_never_fall_below_one():
+    assert thread_choice(None, cores=2, busy_elsewhere=7, torch_default=2)[0] == 1
+    assert thread_choice(None, cores=1, busy_elsewhere=0, torch_default=4)[0] == 1
+
+
+def test_default_threads_without_proc_are_torchs_default():
+    assert thread_choice(None, cores=4, busy_elsewhere=None, torch_default=4)[0] == 4
+
+
+def test_explicit_threads_are_kept_whatever_the_load():
+    assert thread_choice(2, cores=2, busy_elsewhere=1, torch_default=2) == (2, "2 of 2 cores (set)")
+    assert thread_choice(1, cores=2, busy_elsewhere=0, torch_default=2)[0] == 1
+
+
+def test_other_processes_running_threads_are_counted_without_this_ones():
+    busy = runnable_elsewhere(looks=1)
+    assert busy is None or busy >= 0
+
+
+def test_setup_logs_and_records_the_threads_it_chose_beside_a_busy_process(tiny_state, caplog, monkeypatch):
+    import logging
+    import os
+
+    from cnnlab.train import loop
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(loop, "runnable_elsewhere", lambda: 1)
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="cnnlab.train.loop"):
+            state = tiny_state()
+        assert torch.get_num_threads() == 1 == state.metrics["threads"]
+        assert "trainer.threads: 1 of 2 cores (1 thread of other processes running)" in caplog.text
+    finally:
+        torch.set_num_threads(before)

@@ -114,7 +114,7 @@ class TrainerConfig:
     deterministic: bool = MISSING
     grad_clip: Optional[float] = MISSING  # max global gradient norm; None = no clipping
     log_every: int = MISSING  # optimizer steps between scalar logs
-    threads: Optional[int] = MISSING  # CPU threads for torch; None = torch's default
+    threads: Optional[int] = MISSING  # CPU threads for torch; None = the cores other processes leave free (train.loop.choose_threads)
     checkpoint_every: int = MISSING  # optimizer steps between mid-epoch checkpoints; 0 = epoch ends only
     on_nonfinite: str = MISSING  # "stop" or "skip": what a NaN/inf loss or gradient does
     channels_last: bool = MISSING  # NHWC memory layout for images and conv weights

@@ -16,6 +16,7 @@ import math
 import os
 import resource
 import signal
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,14 +128,71 @@ class Interrupted(Exception):
         self.signum, self.step = signum, step
 
 
+# torch's own thread count (OMP_NUM_THREADS, else the physical cores), read before anything here
+# sets it: a later torch.get_num_threads() says only what the last run set.
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def cores_available() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def usable_threads(requested: int) -> int:
     """trainer.threads, at most the cores this process may run on: more only wait for each other, and
     thousands made OpenMP run out of memory and crash the process (trainer.threads=5000)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cores_available()
     if requested > cores:
         log.warning("trainer.threads=%d is more than the %d cores this process may use: using %d",
                     requested, cores, cores)
     return min(requested, cores)
+
+
+def runnable_elsewhere(looks: int = 5, interval: float = 0.01) -> int | None:
+    """Threads of other processes that are running or ready to run now (/proc/loadavg's count less
+    this process's own), the median of a few looks so that a passing command does not count; None
+    where /proc cannot say. Now, not the 1-minute load: that lags, and counts this process's past."""
+    counts = []
+    for look in range(looks):
+        if look:
+            time.sleep(interval)
+        try:
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+            own = sum(1 for task in Path("/proc/self/task").iterdir() if _task_runnable(task))
+        except (OSError, ValueError, IndexError):
+            return None
+        counts.append(max(0, running - own))
+    return statistics.median_low(counts)
+
+
+def _task_runnable(task: Path) -> bool:
+    try:  # the state follows the command's name, which may hold spaces and parentheses
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+    except (OSError, IndexError):
+        return False  # the thread ended while we looked
+
+
+def thread_choice(requested: int | None, cores: int, busy_elsewhere: int | None,
+                  torch_default: int = TORCH_DEFAULT_THREADS) -> tuple[int, str]:
+    """CPU threads for torch, and why. trainer.threads=null: the cores not taken by other processes
+    (at least one, at most torch's default: OMP_NUM_THREADS, else the physical cores), because torch's OpenMP threads spin waiting for each
+    other, and one whose core is taken holds up the rest: beside one busy process on 2 cores, 2
+    threads trained 3-7x slower than 1. An explicit trainer.threads is kept, capped to the cores."""
+    if requested is not None:
+        return min(requested, cores), f"{min(requested, cores)} of {cores} cores (set)"
+    ceiling = min(torch_default, cores)
+    if busy_elsewhere is None:
+        return ceiling, f"{ceiling} of {cores} cores (torch's default; no /proc/loadavg to see other processes)"
+    threads = max(1, min(ceiling, cores - busy_elsewhere))
+    plural = "" if busy_elsewhere == 1 else "s"
+    return threads, f"{threads} of {cores} cores ({busy_elsewhere} thread{plural} of other processes running)"
+
+
+def choose_threads(requested: int | None) -> tuple[int, str]:
+    """thread_choice on this machine, now."""
+    if requested is not None:
+        return thread_choice(usable_threads(requested), cores_available(), None)
+    return thread_choice(None, cores_available(), runnable_elsewhere())
 
 
 def setup(run: RunConfig, run_dir: Path, resume: bool = False, metrics: dict[str, Any] | None = None) -> TrainState:
@@ -145,8 +203,9 @@ def setup(run: RunConfig, run_dir: Path, resume: bool = False, metrics: dict[str
     config = as_dict(run)
     saved = load_resumable(run_dir, config, device) if resume else None
     seed_everything(t.seed, t.deterministic)
-    if t.threads is not None:
-        torch.set_num_threads(usable_threads(t.threads))
+    threads, why = choose_threads(t.threads)
+    torch.set_num_threads(threads)
+    log.info("trainer.threads: %s", why)
     data = load_data(run.dataset, t.batch_size, t.eval_batch_size, device, t.seed)
     model = fitting_in_memory(lambda: build_model(run.model, run.activation, data.input_shape, data.num_classes).to(device))
     if t.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
