@@ -1,4 +1,6 @@
 import math
+import re
+import time
 
 import pytest
 import torch
@@ -338,24 +340,50 @@ def test_explicit_threads_are_kept_whatever_the_load():
     assert thread_choice(1, cores=2, busy_elsewhere=0, torch_default=2)[0] == 1
 
 
+def busy_process():
+    """A process that keeps one core busy until killed (no torch: it starts at once)."""
+    import subprocess
+    import sys
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(0.3)  # running by now
+    return spinner
+
+
 def test_other_processes_running_threads_are_counted_without_this_ones():
-    busy = runnable_elsewhere(looks=1)
-    assert busy is None or busy >= 0
+    spinner = busy_process()
+    try:
+        assert runnable_elsewhere() >= 1  # the spinner; this process's own threads are not counted
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def test_a_resume_keeps_its_runs_thread_count_and_deterministic_runs_torchs_default_whatever_the_load():
+    from cnnlab.train.loop import TORCH_DEFAULT_THREADS, choose_threads, cores_available
+
+    assert choose_threads(None, resumed_with=1) == (1, f"1 of {cores_available()} cores (as the run had before its resume)")
+    spinner = busy_process()
+    try:
+        threads, why = choose_threads(None, deterministic=True)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert threads == min(TORCH_DEFAULT_THREADS, cores_available()) and "trainer.deterministic" in why
 
 
 def test_setup_logs_and_records_the_threads_it_chose_beside_a_busy_process(tiny_state, caplog, monkeypatch):
     import logging
     import os
 
-    from cnnlab.train import loop
-
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(loop, "runnable_elsewhere", lambda: 1)
-    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # two cores, one of them kept busy
+    before, spinner = torch.get_num_threads(), busy_process()
     try:
         with caplog.at_level(logging.INFO, logger="cnnlab.train.loop"):
             state = tiny_state()
         assert torch.get_num_threads() == 1 == state.metrics["threads"]
-        assert "trainer.threads: 1 of 2 cores (1 thread of other processes running)" in caplog.text
+        assert re.search(r"trainer\.threads: 1 of 2 cores \(\d+ threads? of other processes running\)", caplog.text)
     finally:
+        spinner.kill()
+        spinner.wait()
         torch.set_num_threads(before)

@@ -188,10 +188,18 @@ def thread_choice(requested: int | None, cores: int, busy_elsewhere: int | None,
     return threads, f"{threads} of {cores} cores ({busy_elsewhere} thread{plural} of other processes running)"
 
 
-def choose_threads(requested: int | None) -> tuple[int, str]:
-    """thread_choice on this machine, now."""
+def choose_threads(requested: int | None, deterministic: bool = False, resumed_with: int | None = None) -> tuple[int, str]:
+    """thread_choice on this machine, now. The thread count can change a CPU run's sums in their last
+    bits, so a resume keeps the count its run had, and trainer.deterministic a fixed one (torch's
+    default) whatever the load: their promise is a bit-identical continuation or rerun."""
     if requested is not None:
         return thread_choice(usable_threads(requested), cores_available(), None)
+    if resumed_with is not None:
+        threads = usable_threads(resumed_with)
+        return threads, f"{threads} of {cores_available()} cores (as the run had before its resume)"
+    if deterministic:
+        threads, _ = thread_choice(None, cores_available(), None)
+        return threads, f"{threads} of {cores_available()} cores (torch's default: trainer.deterministic, whatever the load)"
     return thread_choice(None, cores_available(), runnable_elsewhere())
 
 
@@ -203,7 +211,7 @@ def setup(run: RunConfig, run_dir: Path, resume: bool = False, metrics: dict[str
     config = as_dict(run)
     saved = load_resumable(run_dir, config, device) if resume else None
     seed_everything(t.seed, t.deterministic)
-    threads, why = choose_threads(t.threads)
+    threads, why = choose_threads(t.threads, t.deterministic, (saved or {}).get("metrics", {}).get("threads"))
     torch.set_num_threads(threads)
     log.info("trainer.threads: %s", why)
     data = load_data(run.dataset, t.batch_size, t.eval_batch_size, device, t.seed)
