@@ -134,8 +134,8 @@ def load_torchvision(cfg: TorchvisionDatasetConfig) -> Splits:
         if cfg.download:
             raise UserError(
                 f"Could not download {cfg.name} into {folder} (dataset.root={cfg.root!r}): {one_line(error)}. "
-                f"Without network access, copy the files ({files}) into {folder} yourself and set "
-                f"dataset.download=false, or point dataset.root at a folder that has them."
+                f"Without network access, copy the files ({files}; or the published NAME.gz ones) into "
+                f"{folder} yourself and set dataset.download=false, or point dataset.root at a folder that has them."
             ) from None
         bad = [name for name in names if not _readable(dataset_class, folder / name)] or names
         raise UserError(
