@@ -72,13 +72,15 @@ def test_a_single_run_is_named_by_its_typed_settings_after_its_time(tmp_path, ru
     from cnnlab.cli.folders import named_by
 
     assert named_by(["model=convnet", "activation=leaky_relu", "hydra.run.dir=x", "resume=y", "~trainer.seed"]) == \
-        "_activation=leaky_relu,model=convnet"
+        "_activation-leaky_relu+model-convnet"
     assert named_by([]) == ""
-    assert named_by(["dataset.root=/a/b"]).startswith("_dataset.root=_a_b-")  # one folder, not three
-    assert named_by(["trainer.device=cpu", "dataset.root=/a", "activation=elu"]).startswith("_activation=elu,")
+    assert named_by(["dataset.root=/a/b", "model.hidden=[64,32]"]) == "_dataset.root-_a_b+model.hidden-_64_32_"
+    assert named_by(["trainer.device=cpu", "dataset.root=/a", "activation=elu"]).startswith("_activation-elu+")
     code, out, err = run_cli("train", *TINY, "activation=tanh")
     assert code == 0, err
     (run,) = (tmp_path / "outputs").glob("*/*")
     time, name = run.name.split("_", 1)
     assert name == named_by([*TINY, "activation=tanh"])[1:]  # as long as a sweep job's name may be
-    assert name.startswith("activation=tanh,dataset.image_size=8")  # TensorBoard's run name says what the run is
+    assert name.startswith("activation-tanh+dataset.image_size-8")  # TensorBoard's run name says what the run is
+    code, out, err = run_cli("train", f"resume={run}", "trainer.epochs=2")  # the folder, typed as it is
+    assert code == 0, err

@@ -372,17 +372,18 @@ def test_a_resume_keeps_its_runs_thread_count_and_deterministic_runs_torchs_defa
     assert threads == min(TORCH_DEFAULT_THREADS, cores_available()) and "trainer.deterministic" in why
 
 
-def test_setup_logs_and_records_the_threads_it_chose_beside_a_busy_process(tiny_state, caplog, monkeypatch):
-    import logging
+def test_setup_says_and_records_the_threads_it_chose_beside_a_busy_process(tiny_state, monkeypatch):
     import os
+
+    from cnnlab.train.loop import describe
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # two cores, one of them kept busy
     before, spinner = torch.get_num_threads(), busy_process()
     try:
-        with caplog.at_level(logging.INFO, logger="cnnlab.train.loop"):
-            state = tiny_state()
+        state = tiny_state()
         assert torch.get_num_threads() == 1 == state.metrics["threads"]
-        assert re.search(r"trainer\.threads: 1 of 2 cores \(\d+ threads? of other processes running\)", caplog.text)
+        assert re.search(r"^1 of 2 cores \(\d+ threads? of other processes running\)$", state.threads_chosen)
+        assert f"cpu with {state.threads_chosen}, run directory" in describe(state, resumed=False)  # the run's first line
     finally:
         spinner.kill()
         spinner.wait()

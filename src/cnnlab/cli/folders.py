@@ -196,15 +196,18 @@ def quoted(value: str) -> str:
 
 def named_by(overrides: list[str]) -> str:
     """What a new run's default folder (outputs/DATE/TIME) gains after its time: its settings typed on
-    the command line, sorted by key as a sweep job's folder is named (`_activation=elu,model=convnet`),
-    so that runs tell themselves apart in TensorBoard's runs list; "" when none were typed."""
+    the command line, as `key-value` joined by `+` (`_activation-elu+model-convnet`), so that runs tell
+    themselves apart in TensorBoard's runs list; "" when none were typed. Only characters Hydra reads
+    in a plain override value (no `=`, `,`, brackets or spaces: those become `_`), so that `resume=`
+    takes the folder as it is typed."""
     from cnnlab.config import role
 
     typed = [arg.lstrip("+") for arg in overrides if "=" in arg and not arg.startswith("~")]
     typed = [arg for arg in typed if not arg.startswith(("hydra.", "resume="))]
     # Settings that name runs first (a long name is cut at its end), paths and devices last.
     typed.sort(key=lambda arg: (not role(arg.partition("=")[0]).names_runs, arg))
-    return "_" + job_dir(",".join(typed), 0) if typed else ""
+    parts = ["-".join(re.sub(r"[^A-Za-z0-9._@%-]", "_", side) for side in arg.split("=", 1)) for arg in typed]
+    return "_" + job_dir("+".join(parts), 0) if parts else ""
 
 
 def resolved(value: str) -> str:

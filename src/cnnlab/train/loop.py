@@ -213,7 +213,6 @@ def setup(run: RunConfig, run_dir: Path, resume: bool = False, metrics: dict[str
     seed_everything(t.seed, t.deterministic)
     threads, why = choose_threads(t.threads, t.deterministic, (saved or {}).get("metrics", {}).get("threads"))
     torch.set_num_threads(threads)
-    log.info("trainer.threads: %s", why)
     data = load_data(run.dataset, t.batch_size, t.eval_batch_size, device, t.seed)
     model = fitting_in_memory(lambda: build_model(run.model, run.activation, data.input_shape, data.num_classes).to(device))
     if t.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
@@ -241,7 +240,7 @@ def setup(run: RunConfig, run_dir: Path, resume: bool = False, metrics: dict[str
         parameters=parameters, optimizer=optimizer,
         scheduler=build_scheduler(run.scheduler, optimizer, len(data.train), t.epochs), data=data, probes=probes,
         precision=Precision(t.amp, device), log=TrainingLog(device), watch=NonfiniteWatch(device),
-        metrics=new_metrics() if metrics is None else metrics)
+        metrics=new_metrics() if metrics is None else metrics, threads_chosen=why)
     if saved is not None:
         check_fits(saved, state.model.state_dict(), run_dir)
         restore(state, saved)
@@ -545,7 +544,9 @@ def events_lost(state: TrainState | None, run_dir: Path, error: BaseException | 
 def describe(state: TrainState, resumed: bool) -> str:
     run, sizes = state.run, " / ".join(f"{count:,} {name}" for name, count in state.data.sizes.items() if count)
     return (f"cnnlab: {run.model.name} + {run.activation.name} on {run.dataset.name} ({sizes}), "
-            f"{state.metrics['parameters']:,} parameters, {state.device}, run directory {state.run_dir}"
+            f"{state.metrics['parameters']:,} parameters, {state.device}"
+            + (f" with {state.threads_chosen}" if state.device.type == "cpu" and state.threads_chosen else "")
+            + f", run directory {state.run_dir}"
             + (f"; resuming at epoch {state.epoch}, step {state.step}" if resumed else ""))
 
 

@@ -53,6 +53,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     batch: int = 0  # batches of this epoch done
     started: float = field(default_factory=time.perf_counter)  # the run's clock, for metrics' seconds
+    threads_chosen: str = ""  # the CPU threads and why (loop.choose_threads), for the run's first line
 
     @property
     def epochs_done(self) -> int:
