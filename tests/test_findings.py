@@ -7,7 +7,8 @@ import pytest
 
 from cnnlab.config import SCHEMAS, as_dict, validate
 from cnnlab.errors import UserError
-from cnnlab.analysis.findings import ADAPTIVE, LR_RANGES, RULES, Finding, RunFacts, diagnose, run_facts
+from cnnlab.analysis.findings import RULES, Finding, RunFacts, diagnose, run_facts
+from cnnlab.analysis.remedies import ADAPTIVE, LR_RANGES
 from tests.helpers import TINY, compose_config
 
 CFG = validate(compose_config()).findings
@@ -472,3 +473,13 @@ def test_a_real_deep_batchnorm_net_has_gradients_growing_towards_the_input(tmp_p
                                    "probes.histograms=false", "probes.density=false")
     [growth] = [f for f in found if f["kind"] == "gradient_growth"]
     assert growth["layer"] == "layer01_fc" and growth["value"] > 30  # 79x at 20 x 32 units, 108x at 20 x 16
+
+
+def test_small_updates_in_a_run_that_learns_well_are_not_a_warning():
+    """A BatchNorm net at 100% accuracy whose scale-free first layers move by 10^-6 a step (issue 22's
+    worked example) is told nothing; the same updates at the loss of guessing are."""
+    small = {"update_ratio/layer01_fc": probes(-3.0, -6.0, -6.1, -6.2)}
+    learned = {**small, "train/loss": probes(2.3, 0.5, 0.05, 0.02, 0.01, 0.01, 0.01, every=50)}
+    assert "update_ratio" not in kinds(learned)
+    stuck = {**small, "train/loss": probes(*[2.30] * 7, every=50)}
+    assert "update_ratio" in kinds(stuck)

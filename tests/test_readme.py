@@ -61,6 +61,11 @@ CHANGES = {
     "hydra/launcher=joblib": Change(
         "each joblib worker imports torch afresh: 2 workers for 2 jobs instead of 4",
         append=("activation=relu,elu", "hydra.launcher.n_jobs=2")),
+    "dataset.train_size=60000": Change(
+        "the remedy example's MNIST-sized data: 600 images of 28x28, still ten sigmoid layers whose gradient vanishes",
+        replace={"dataset.train_size=60000": "dataset.train_size=600", "dataset.test_size=10000": "dataset.test_size=100",
+                 "trainer.epochs=3": "trainer.epochs=2"},
+        append=("probes.density=false", "probes.noise_every=0", "probes.every=2")),
     "hydra/launcher=submitit_slurm": Change(
         "no SLURM cluster here: the same submitit code path on this machine (hydra/launcher=submitit_local, "
         "which has no `partition`), and 2 of the 33 jobs",
@@ -421,6 +426,24 @@ def inspected(outcome: Outcome) -> None:
         assert "completed" in outcome.out and "findings" in outcome.out
 
 
+def remedied(outcome: Outcome) -> None:
+    """One sweep in RUN/remedies: the baseline and each remedy for each seed, remedy.json with the
+    fields the README names (printed with --json), remedy.png; the recommendation is one of the remedies."""
+    run = Path(outcome.args[1])
+    study = json.loads((run / "remedies" / "remedy.json").read_text())
+    assert {"baseline", "remedies", "recommended", "cures_all", "verdict"} <= set(study) and study["remedies"]
+    assert {"overrides", "warnings", "val_acc"} <= set(study["baseline"])
+    assert all({"overrides", "cleared", "remaining", "new", "val_acc", "delta", "p"} <= set(r) for r in study["remedies"])
+    jobs = [job for job in (run / "remedies").iterdir() if (job / "metrics.json").is_file()]
+    assert len(jobs) == (1 + len(study["remedies"])) * len(study["seeds"])
+    assert study["recommended"] is None or study["recommended"] in [r["overrides"] for r in study["remedies"]]
+    assert not_blank(run / "remedies" / "remedy.png")
+    if "--json" in outcome.args:
+        assert json.loads(outcome.out) == study
+    else:
+        assert "recommended:" in outcome.out
+
+
 def resumed(outcome: Outcome) -> None:
     """A completed run resumed as it is: nothing to do, nothing changed; with trainer.epochs=N:
     trained on to N epochs, in its own folder."""
@@ -468,6 +491,7 @@ PROMISES = [
     (r"^cnnlab compare .* --tune ", tuned),
     (r"^cnnlab inspect ", inspected),
     (r"^cnnlab train resume=", resumed),
+    (r"^cnnlab remedy ", remedied),
     (r"^cnnlab (train )?.*(-h|--help|-c job|--cfg job)( |$)", nothing_run),
     (r"^cnnlab activations( |$)", activations_listed),
     (r"^cnnlab activations --plot ", activations_plotted),

@@ -21,6 +21,7 @@ LAST_CHECKPOINT = "last.pt"
 PREVIOUS_CHECKPOINT = "last.prev.pt"  # the last checkpoint before it: the way back if last.pt is corrupt
 BEST_CHECKPOINT = "best.pt"
 LOCK_FILE = ".cnnlab.lock"
+STUDY_DIR = "remedies"  # `cnnlab remedy`'s study of the run: a sweep of its own inside the run's folder
 
 
 def replace_atomically(path: Path, write) -> None:
@@ -247,6 +248,8 @@ def foreign_files(run_dir: Path, most: int = 3) -> list[Path]:
     found = []
     for path in run_dir.rglob("*") if run_dir.is_dir() else []:  # stops at the first few: a home folder is large
         relative = path.relative_to(run_dir)
+        if ours and relative.parts[0] == STUDY_DIR:  # its remedy study's runs: never touched by a run here
+            continue
         allowed = RUN_FILES if ours else BEFORE_A_RUN
         if not any(relative.match(pattern) and len(relative.parts) == len(Path(pattern).parts) for pattern in allowed):
             found.append(path)

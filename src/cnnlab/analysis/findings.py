@@ -11,10 +11,11 @@ from __future__ import annotations
 import bisect
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 from cnnlab.activations import ACTIVATIONS, INIT_SOURCES
+from cnnlab.analysis.remedies import ADAPTIVE, DOWN, UP, candidate_remedies, init_for, lr_times
 from cnnlab.config import FindingsConfig
 from cnnlab.statistics import layer_depth, prefixes, split_tag
 from cnnlab.status import Status
@@ -37,6 +38,7 @@ class Finding:
     value: Optional[float]
     message: str
     advice: str  # "" when there is nothing to change
+    remedies: list[dict[str, Any]] = field(default_factory=list)  # override maps to try (remedies.py)
 
     def __post_init__(self) -> None:
         self.advice = self.advice.strip()  # a sentence whose options were all left out ends in a space
@@ -112,27 +114,11 @@ def _at_step0(series: Series, tag: str) -> Optional[float]:
     return points[0][1] if points and points[0][0] == 0 else None
 
 
-# The learning rates a suggestion stays within, per optimizer (config.SCHEMAS' names): "try lr=X"
-# never leaves them, so the findings never offer an absurd lr (SGD at 5, Adam at 1e-7). SGD: Bengio
-# 2012 ("Practical recommendations for gradient-based training") puts useful rates below 1 and finds
-# 0.01 a good default; Adam and RMSprop move each weight by about lr per step (Kingma & Ba 2015,
-# default 1e-3), so their useful range is narrower and lower.
-LR_RANGES = {"sgd": (1e-4, 1.0), "adam": (1e-5, 1e-2), "adamw": (1e-5, 1e-2), "rmsprop": (1e-5, 1e-2)}
-# Optimizers whose step is about lr per weight whatever the gradient's size (a normalised update).
-ADAPTIVE = ("adam", "adamw", "rmsprop")
-UP, DOWN = 10.0, 0.1  # the factors a finding suggests for the learning rate
-
-
 def _lr_advice(facts: RunFacts, factor: float) -> str:
-    """`optimizer.lr=X`, X = lr x factor kept within the optimizer's LR_RANGES; "" when the range
-    leaves no room in that direction (at least a factor of 2), or the lr is unknown."""
-    if not facts.lr > 0 or factor == 1:
-        return ""
-    low, high = LR_RANGES.get(facts.optimizer, (0.0, math.inf))
-    lr = min(max(facts.lr * factor, low), high)
-    if math.log(lr / facts.lr) * math.log(factor) <= 0 or abs(math.log(lr / facts.lr)) < math.log(2) - 1e-9:
-        return ""
-    return f"optimizer.lr={lr:.3g}"
+    """`optimizer.lr=X`, X = lr x factor within the optimizer's LR_RANGES (remedies.lr_times); "" when
+    there is no room in that direction."""
+    lr = lr_times(facts, factor)
+    return "" if lr is None else f"optimizer.lr={lr:.3g}"
 
 
 def _options(*options: str) -> str:
@@ -148,8 +134,7 @@ def _try(*options: str) -> str:
 
 
 def _init_for(activation: str) -> Optional[str]:
-    """The model.init that keeps the activation's output variance steady with depth (its row says)."""
-    return ACTIVATIONS[activation].init if activation in ACTIVATIONS else None
+    return init_for(activation)
 
 
 def _init_advice(facts: RunFacts) -> str:
@@ -463,8 +448,9 @@ def update_ratio(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[F
     never advised while something says the lr is too large, or layers are dead."""
     found = []
     low, medians = _update_ratio_low(facts, cfg), _update_medians(series)
-    # what else explains small steps: read once, and only when a layer has them
-    small = any(median < low for _, median, _, _ in medians)
+    # what else explains small steps: read once, and only when a layer has them; small steps in a run
+    # that learns well (a BatchNorm net's scale-free layers, say) need no change
+    small = any(median < low for _, median, _, _ in medians) and _learning_well(series, facts, cfg) is None
     excuses = (_too_large_lr(series, facts, cfg), _dead_at_step0(series, cfg)) if small else ([], [])
     for layer, median, middle, last in medians:
         span = f"(median over the second half, steps {math.ceil(middle)}-{last}; about 10^-3 is healthy)"
@@ -474,7 +460,7 @@ def update_ratio(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[F
                 f"{layer}: each step changes its weights by 10^{median:.1f} of their norm {span}.",
                 "The learning rate is too high for this layer (Karpathy, CS231n). "
                 + _try(_lr_advice(facts, DOWN) or ("" if facts.grad_clip is not None else "trainer.grad_clip=1.0"))))
-        elif median < low:
+        elif median < low and small:
             found.append(_too_small_update(facts, layer, (median, low, last, span), *excuses))
     return found
 
@@ -596,4 +582,7 @@ def diagnose(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[Findi
     if not cfg.enabled:
         return []
     found = [finding for rule in RULES for finding in rule(series, facts, cfg)]
+    directions = _lr_directions(series, facts, cfg) if found else ()
+    for finding in found:
+        finding.remedies = candidate_remedies(finding, facts, directions)
     return sorted(found, key=lambda f: (f.severity != WARNING, f.step is None, f.step or 0))

@@ -57,7 +57,12 @@ def read_series(path: Path) -> Series:
     """Every scalar of the run's event files, read by TensorBoard's own reader (no torch)."""
     if not event_files(path)[0]:
         return {}
+    import logging
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # its reader logs each file it opens (INFO): printed wherever Hydra's logging, once set up, prints
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)
 
     # Keep every scalar; the histograms and images are skipped as far as the reader allows.
     guidance = {"scalars": 0, "histograms": 1, "images": 1, "tensors": 1, "audio": 1, "compressedHistograms": 1}

@@ -10,6 +10,7 @@ import sys
 
 from cnnlab import __version__
 from cnnlab.cli.commands import activations_command, compare_command, inspect_command
+from cnnlab.cli.remedy_command import remedy_command
 from cnnlab.cli.console import QuietWhenClosed, print_error
 from cnnlab.cli.train_command import train_command
 from cnnlab.status import EXIT_OK, EXIT_USAGE
@@ -24,18 +25,20 @@ commands:
   compare      compare runs or sweeps: table, summary.csv/json, PNG figures (`cnnlab compare --help`)
   activations  the available activations, with --plot FILE to draw them and their derivatives
   inspect      one run: status, each layer at step 0 and at the last probe, findings (--json for JSON)
+  remedy       rerun a run with each remedy its warnings propose, and say which one cures it
 
 examples:
   cnnlab train model=convnet activation=leaky_relu
   cnnlab train -m activation=relu,leaky_relu,elu,selu,gelu trainer.seed=0,1,2
   cnnlab train -m experiment=relu_variants
   cnnlab compare outputs/multirun/2026-11-22/10-31-07-123456
+  cnnlab remedy outputs/2026-11-22/10-40-12-345678_activation-sigmoid --seeds 2
   cnnlab train --help
   tensorboard --logdir outputs
 """
 
 COMMANDS = {"train": train_command, "compare": compare_command, "activations": activations_command,
-            "inspect": inspect_command}
+            "inspect": inspect_command, "remedy": remedy_command}
 
 
 def main(argv: list[str] | None = None) -> None:

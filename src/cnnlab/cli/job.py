@@ -5,6 +5,7 @@ rejected config, a divergence, a stop, a failure, each with its message and stat
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -158,6 +159,8 @@ def show_result(output: Console, result: RunResult, job: Job, findings: bool) ->
         output.print(summary_table(result.metrics, str(job.run_dir)))
     if job.label is None and view is not None:
         output.print(view)
+        if any(finding.severity == "warning" and finding.remedies for finding in result.findings):
+            say(output, f"To try their remedies and see which one cures the run: cnnlab remedy {shlex.quote(str(job.run_dir))}")
 
 
 def say(output: Console, line: str) -> None:
