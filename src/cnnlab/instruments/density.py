@@ -68,6 +68,9 @@ def cell_edges(steps: np.ndarray) -> np.ndarray:
     return np.concatenate([[steps[0]], (steps[1:] + steps[:-1]) / 2, [steps[-1]]])
 
 
+DENSITY_MARGINS = {"left": 0.085, "right": 1.0, "bottom": 0.11, "top": 0.93}  # of the 800 x 450 figure
+
+
 def render_density(columns: Tensor | Sequence[Tensor], steps: Sequence[int], low: float, high: float,
                    title: str) -> np.ndarray:
     """The density image as a figure, uint8 RGB [450, 800, 3]: probe step on x (real step numbers,
@@ -81,14 +84,15 @@ def render_density(columns: Tensor | Sequence[Tensor], steps: Sequence[int], low
     logs = _log_counts(columns)
     if len(steps) != len(logs):
         raise ValueError(f"{len(steps)} steps for {len(logs)} columns")
-    figure, axis = plt.subplots(figsize=(8, 4.5), dpi=100)
+    # fixed margins, not tight_layout: the figure's size and labels are always alike, and the layout
+    # search took half of each render (about 0.1 s a layer at every epoch end)
+    figure, axis = plt.subplots(figsize=(8, 4.5), dpi=100, gridspec_kw=DENSITY_MARGINS)
     try:
         x = cell_edges(np.asarray(steps, dtype=float))
         y = np.linspace(low, high, logs.shape[1] + 1)
         mesh = axis.pcolormesh(x, y, logs.T, cmap=COLORMAP, vmin=0, vmax=max(logs.max(), 1e-12), shading="flat")
         figure.colorbar(mesh, ax=axis, label="log(1 + count)")
         axis.set(title=title, xlabel="probe step", ylabel="output value", xlim=(x[0], x[-1]), ylim=(low, high))
-        figure.tight_layout()
         figure.canvas.draw()
         return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
     finally:
