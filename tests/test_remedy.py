@@ -154,7 +154,7 @@ def test_outcomes_compare_each_remedy_with_the_baseline_by_welchs_test():
 
 def row(name: str, overrides: dict, cleared: list, remaining: list, new: list, val_acc: float, delta: float, p=None):
     return {"name": name, "overrides": overrides, "cleared": cleared, "remaining": remaining, "new": new,
-            "val_acc": val_acc, "delta": delta, "p": p}
+            "val_acc": val_acc, "delta": delta, "p": p, "lower": is_lower(delta, p)}
 
 
 def test_the_recommendation_is_the_fewest_settings_that_cure_without_losing_accuracy():
@@ -172,8 +172,18 @@ def test_the_recommendation_is_the_fewest_settings_that_cure_without_losing_accu
 
 
 def test_lower_accuracy_is_judged_by_welchs_test_where_it_can_tell():
-    assert is_lower(-0.01, None) and is_lower(-0.01, 0.01) and is_lower(None, None)
+    assert is_lower(-0.01, None) and is_lower(-0.01, 0.01)
     assert not is_lower(-0.01, 0.4) and not is_lower(0.0, None) and not is_lower(0.02, 0.001)
+
+
+def test_a_remedy_that_trains_where_the_baseline_diverged_is_not_lower_and_one_that_diverges_is():
+    plan = plan_study([finding("diverged", remedies=[{"optimizer.lr": 0.05}, {"trainer.grad_clip": 1.0}])], [], {}, {}, 6)
+    runs = [job(BASELINE, 0, None, ["diverged"], status="diverged"), job("lr-0.05", 0, 0.9, []),
+            job("grad_clip-1", 0, None, ["diverged"], status="diverged")]
+    rows = compare_to_baseline(outcomes(runs, plan))
+    assert [(r["name"], r["cleared"], r["delta"], r["lower"]) for r in rows] == [
+        ("lr-0.05", ["diverged"], None, False), ("grad_clip-1", [], None, True)]
+    assert recommend(rows) == (rows[0], True)
 
 
 # --- whole studies, on generated data ----------------------------------------------------------------

@@ -140,10 +140,10 @@ def outcomes(runs: list[Run], plan: Plan, warnings_of: Callable[[Run], list[str]
     return found
 
 
-def is_lower(delta: float | None, p: float | None) -> bool:
+def is_lower(delta: float, p: float | None) -> bool:
     """Whether a remedy's val accuracy is lower than the baseline's: a lower mean, significantly so
     (Welch p < SIGNIFICANCE) where the test can tell; any lower mean where it cannot (one seed)."""
-    return delta is None or (delta < 0 and (p is None or p < SIGNIFICANCE))
+    return delta < 0 and (p is None or p < SIGNIFICANCE)
 
 
 def compare_to_baseline(found: dict[str, Outcome]) -> list[dict[str, Any]]:
@@ -155,6 +155,8 @@ def compare_to_baseline(found: dict[str, Outcome]) -> list[dict[str, Any]]:
         if name == BASELINE:
             continue
         scored = bool(outcome.val_acc.count) and base.val_acc.count > 0
+        delta = outcome.val_acc.mean - base.val_acc.mean if scored else None
+        p = welch_p(outcome.val_acc.values, base.val_acc.values) if scored else None
         ended = bool(outcome.runs) and all(run.metrics is not None for run in outcome.runs)  # a job not run clears nothing
         rows.append({
             "name": name, "overrides": outcome.remedy, "statuses": outcome.statuses,
@@ -162,8 +164,9 @@ def compare_to_baseline(found: dict[str, Outcome]) -> list[dict[str, Any]]:
             "remaining": [kind for kind in base.warnings if kind in outcome.warnings or not ended],
             "new": [kind for kind in outcome.warnings if kind not in base.warnings],
             "val_acc": outcome.val_acc.mean, "val_acc_ci95": outcome.val_acc.ci95, "val_acc_seeds": outcome.val_acc.values,
-            "delta": outcome.val_acc.mean - base.val_acc.mean if scored else None,
-            "p": welch_p(outcome.val_acc.values, base.val_acc.values) if scored else None,
+            "delta": delta, "p": p,
+            # no accuracy is lower than any; an accuracy where the baseline has none (it diverged first) is not
+            "lower": not outcome.val_acc.count or (scored and is_lower(delta, p)),
             "seconds": outcome.seconds.mean})
     return rows
 
@@ -172,7 +175,7 @@ def recommend(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, bool]:
     """(the recommended row, whether it clears every warning): the fewest changed settings that clear
     every warning, add none and do not lower val accuracy (ties: the higher accuracy); else the one of
     those not lowering it that clears the most (less its new ones), then fewest settings; else None."""
-    fair = [row for row in rows if not is_lower(row["delta"], row["p"])]
+    fair = [row for row in rows if not row["lower"]]
     cures = [row for row in fair if not row["remaining"] and not row["new"]]
     if cures:
         return min(cures, key=lambda row: (len(row["overrides"]), -row["val_acc"])), True
