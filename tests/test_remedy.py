@@ -9,9 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 from scipy import stats
 
 from cnnlab.analysis.findings import WARNING, Finding, diagnose
+from cnnlab.analysis.folders import find_runs
 from cnnlab.analysis.remedies import REMEDIES, candidate_remedies, remedy_name
 from cnnlab.analysis.remedy_study import (
     BASELINE,
@@ -24,10 +26,18 @@ from cnnlab.analysis.remedy_study import (
 )
 from cnnlab.analysis.runs import Run
 from cnnlab.cli import run_command
-from cnnlab.cli.remedy_command import compose_problem, remedy_command, write_options
+from cnnlab.cli.remedy_command import (
+    compose_problem,
+    not_applied,
+    plan_the_study,
+    read_the_run,
+    remedy_command,
+    sweep_arguments,
+    write_options,
+)
 from cnnlab.cli.train_command import train_command
 from cnnlab.rundir import foreign_files
-from tests.helpers import TINY
+from tests.helpers import TINY, TINY_DATA, TINY_TRAINER
 from tests.test_findings import CFG, FACTS, killed_by_its_lr
 
 QUIET = ["probes.density=false", "probes.histograms=false", "trainer.threads=1"]  # fast and reproducible
@@ -254,6 +264,26 @@ def test_a_mismatched_init_is_cured_by_the_matching_init_in_a_study_that_resumes
     # another budget for the same folder would mix budgets: refused
     assert remedy_command([str(run), "--epochs", "1"]) == 2
     assert "holds a study of 3 epochs a job" in capsys.readouterr().err
+
+
+def test_a_job_of_an_experiments_sweep_is_remedied_without_that_sweep(tmp_path, capsys):
+    """deep_saturation sweeps activation=sigmoid,tanh,relu in its file: the study of its sigmoid job runs
+    the baseline and the remedy once each, and the remedy that changes the activation gets it."""
+    assert train_command(["-m", "experiment=deep_saturation", *TINY_DATA, *TINY_TRAINER, *QUIET, "activation=sigmoid", "trainer.epochs=1",
+                          "probes.every=4", f"hydra.sweep.dir={tmp_path / 'sweep'}"]) == 0
+    [job] = [path for path in (tmp_path / "sweep").iterdir() if path.is_dir()]
+    run = read_the_run(job)
+    plan = plan_the_study(run, most=6)
+    relu = next(name for name, remedy in plan.remedies.items() if remedy.get("activation") == "relu")
+    plan.remedies = {relu: plan.remedies[relu]}
+    study_dir = job / "remedies"
+    budget = {"epochs": 1, "seeds": [0]}
+    train_command(sweep_arguments(run, plan, study_dir, budget, []))
+    jobs = sorted(path.name for path in study_dir.iterdir() if (path / "metrics.json").is_file())
+    assert jobs == ["+remedy=activation-relu+init-kaiming", "+remedy=baseline"]
+    relu_config = yaml.safe_load((study_dir / jobs[0] / ".hydra" / "config.yaml").read_text())
+    assert relu_config["activation"]["name"] == "relu" and relu_config["model"]["init"] == "kaiming"
+    assert not_applied(find_runs([str(study_dir)]), plan) == {}
 
 
 def test_a_healthy_run_has_nothing_to_remedy_and_starts_nothing(tmp_path, capsys):

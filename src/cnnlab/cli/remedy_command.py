@@ -195,7 +195,9 @@ def sweep_arguments(run: dict[str, Any], plan, study_dir: Path, budget: dict[str
     return [*(["--config-dir", run["config_dir"]] if run["config_dir"] else []), "-m", *plan.command_line,
             f"+{GROUP}={','.join([BASELINE, *plan.remedies])}",
             f"trainer.seed={','.join(map(str, budget['seeds']))}", f"trainer.epochs={budget['epochs']}",
-            searchpath(study_dir / OPTIONS_DIR), f"hydra.sweep.dir={quoted(str(study_dir))}", *extra]
+            searchpath(study_dir / OPTIONS_DIR), f"hydra.sweep.dir={quoted(str(study_dir))}",
+            "hydra.sweeper.params=null",  # an experiment file's sweep (the run's own values are on the line)
+            *extra]
 
 
 def nothing_to_remedy(run: dict[str, Any], plan, as_json: bool) -> int:
@@ -226,6 +228,9 @@ def report(run: dict[str, Any], plan, study_dir: Path, budget: dict[str, Any], a
     jobs = sweep_jobs(study_dir)
     folders = {folder for folder, _ in jobs}
     runs = [r for r in find_runs([str(study_dir)], warn=warn, jobs=jobs) if r.path.resolve() in folders]
+    for name, missing in not_applied(runs, plan).items():
+        warn(f"left out the remedy {name}: its jobs ran without {', '.join(missing)}")
+        del plan.remedies[name]
     found = outcomes(runs, plan, todays_warnings)
     study = study_json(run["path"], plan, found, compare_to_baseline(found), budget, read_overrides(run["path"]))
     write_json(study_dir / "remedy.json", study)
@@ -236,6 +241,27 @@ def report(run: dict[str, Any], plan, study_dir: Path, budget: dict[str, Any], a
         print_study(study, study_dir)
     ended = all(status in (Status.COMPLETED, Status.DIVERGED) for r in runs for status in [r.status])
     return EXIT_OK if ended else EXIT_FAILED
+
+
+def not_applied(runs: list, plan) -> dict[str, list[str]]:
+    """The remedies whose jobs' recorded configs lack some of their settings (something of the sweep
+    overrode them), with those settings."""
+    from cnnlab.analysis.remedy_study import GROUP, applied
+
+    found = {}
+    for run in runs:
+        remedy, record = plan.remedies.get(run.overrides.get(GROUP)), run.path / ".hydra"
+        if not remedy or not (record / "config.yaml").is_file():
+            continue
+        try:
+            config = yaml.safe_load((record / "config.yaml").read_text())
+            choices = yaml.safe_load((record / "hydra.yaml").read_text())["hydra"]["runtime"]["choices"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            continue  # a record it cannot read: its results stand as they are
+        missing = applied(remedy, config, choices)
+        if missing:
+            found.setdefault(run.overrides[GROUP], missing)
+    return found
 
 
 def todays_warnings(run) -> list[str]:
