@@ -5,12 +5,14 @@ on generated MNIST-shaped data, and at a few steps compares three estimates of l
 lambda_min) of the Hessian of the training loss:
 
   probe batch   Lanczos on the 256-image probe batch (what earlier versions measured, with power iteration)
-  instrument    cnnlab's hessian_spectrum on the curvature set (probes.curvature_examples images)
+  instrument    cnnlab's hessian_spectrum on the curvature set (probes.curvature_examples images, or each
+                size given with --curvature: nested sets, each the start of the same draw, as the trainer draws it)
   full split    scipy's ARPACK (eigsh, which="LA"; lambda_min from the shifted operator) on Hessian-vector products over the whole
                 training split, in float64, by torch.func (forward-over-reverse): independent of cnnlab's code
 
     python scripts/check_sharpness.py                       # 12,000 images, default curvature set
     python scripts/check_sharpness.py --train-size 8000 --hidden 64,64 --steps 200 --every 200   # quicker
+    python scripts/check_sharpness.py --train-size 24000 --curvature 4096,8192,16384 --no-probe-batch  # by size
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.4)
     parser.add_argument("--noise", type=float, default=2.0, help="dataset.noise: how hard the generated images are")
     parser.add_argument("--hidden", default="200,200", help="hidden widths of the tanh MLP")
+    parser.add_argument("--curvature", default="", help="curvature set sizes to compare, e.g. 4096,16384 "
+                        "(default: probes.curvature_examples); each capped at the split, as the trainer does")
+    parser.add_argument("--no-probe-batch", action="store_true", help="skip Lanczos on the probe batch")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         cfg = compose("train", overrides=[
@@ -88,16 +93,17 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     split = run.dataset.split_seed
     everything = data.train.sample(10**9, seed=split)  # the whole training split
-    curvature = CurvatureSet(*data.train.sample(run.probes.curvature_examples, seed=split), run.trainer.batch_size)
-    probe_batch = CurvatureSet(*data.train.sample(run.probes.batch_size, seed=split), run.probes.batch_size)
-    print(f"{len(everything[1])} training images, curvature set {len(curvature.labels)}, limit 2/lr = {2 / args.lr:.3g}")
-    print(f"{'step':>5} {'loss':>7} | {'probe batch':>12} {'instrument':>11} {'full split':>11} | "
-          f"{'batch err':>9} {'instr err':>9} | {'min instr':>9} {'min full':>9} | seconds instr/full")
+    sizes = [int(n) for n in args.curvature.split(",")] if args.curvature else [run.probes.curvature_examples]
+    curvatures = [CurvatureSet(*data.train.sample(n, seed=split), run.trainer.batch_size) for n in sizes]
+    probe_batch = (None if args.no_probe_batch else
+                   CurvatureSet(*data.train.sample(run.probes.batch_size, seed=split), run.probes.batch_size))
+    print(f"{len(everything[1])} training images, curvature sets {[len(c.labels) for c in curvatures]}, "
+          f"limit 2/lr = {2 / args.lr:.3g}")
     step = 0
     while step <= args.steps:
         for images, labels in data.train:
             if step % args.every == 0:
-                compare(model, step, probe_batch, curvature, everything, run.probes)
+                compare(model, step, probe_batch, curvatures, everything, run.probes)
             if step == args.steps:
                 return
             loss = F.cross_entropy(model(images), labels)
@@ -107,20 +113,24 @@ def main() -> None:
             step += 1
 
 
-def compare(model, step, probe_batch, curvature, everything, probes) -> None:
+def compare(model, step, probe_batch, curvatures, everything, probes) -> None:
+    """One line per estimate: its lambda_max and lambda_min, their errors against ARPACK on the whole split."""
     with torch.no_grad():
         loss = F.cross_entropy(model(everything[0]), everything[1]).item()
-    on_batch = hessian_spectrum(model, probe_batch, probes.sharpness_iterations, probes.sharpness_tolerance)
     start = time.perf_counter()
-    ours = hessian_spectrum(model, curvature, probes.sharpness_iterations, probes.sharpness_tolerance)
-    ours_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    smallest, largest, _ = full_split_extremes(model, *everything)
+    smallest, largest, products = full_split_extremes(model, *everything)
     full_seconds = time.perf_counter() - start
-    print(f"{step:>5} {loss:>7.4f} | {on_batch.largest:>12.4g} {ours.largest:>11.4g} {largest:>11.4g} | "
-          f"{on_batch.largest / largest - 1:>+9.1%} {ours.largest / largest - 1:>+9.1%} | "
-          f"{ours.smallest:>9.3g} {smallest:>9.3g} | {ours_seconds:.1f} ({ours.steps} steps) / {full_seconds:.1f}",
-          flush=True)
+    print(f"step {step}: loss {loss:.4g}; whole split (ARPACK, float64) lambda_max {largest:.4g}, lambda_min "
+          f"{smallest:.4g} ({products} products, {full_seconds:.0f} s)")
+    print(f"  {'curvature set':>13} {'lambda_max':>11} {'error':>7} {'lambda_min':>11} {'error':>7} "
+          f"{'products':>8} {'seconds':>8}")
+    for curvature in ([probe_batch] if probe_batch is not None else []) + curvatures:
+        start = time.perf_counter()
+        ours = hessian_spectrum(model, curvature, probes.sharpness_iterations, probes.sharpness_tolerance)
+        seconds = time.perf_counter() - start
+        print(f"  {len(curvature.labels):>13} {ours.largest:>11.4g} {ours.largest / largest - 1:>+7.1%} "
+              f"{ours.smallest:>11.4g} {ours.smallest / smallest - 1:>+7.1%} {ours.steps:>8} {seconds:>8.1f}",
+              flush=True)
 
 
 if __name__ == "__main__":
