@@ -27,11 +27,12 @@ def cnnlab(*args, cwd):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     """A finished four-job sweep: two activations x two seeds."""
-    cwd = tmp_path_factory.mktemp("sweep")
-    result = cnnlab("train", "-m", "activation=relu,tanh", "trainer.seed=0,1", *TINY, "trainer.epochs=2", "probes.every=2",
-                    "hydra.sweep.dir=sweep", cwd=cwd)
-    assert result.returncode == 0, result.stderr
-    return cwd / "sweep"
+    from cnnlab.cli.train_command import train_command
+
+    sweep = tmp_path_factory.mktemp("sweep") / "sweep"
+    assert train_command(["-m", "activation=relu,tanh", "trainer.seed=0,1", *TINY, "trainer.epochs=2", "probes.every=2",
+                          "probes.density=false", f"hydra.sweep.dir={sweep}"]) == 0
+    return sweep
 
 
 def test_compare_accepts_globs_of_run_directories(sweep, tmp_path):
