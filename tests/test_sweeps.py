@@ -249,3 +249,17 @@ def test_a_joblib_worker_killed_ends_the_sweep_with_its_summary_and_the_command_
     assert "Run the same sweep command again to finish it" in err
     assert "activation=elu" in out  # the summary table lists every job
     assert "HYDRA_FULL_ERROR" not in os.environ  # the command's own setting does not outlive it
+
+
+def test_a_second_joblib_sweep_in_one_process_puts_its_jobs_in_its_own_folder(tmp_path, monkeypatch):
+    """joblib keeps its workers for the next call, each in the folder it started in; the sweep stops
+    them at its end, so that a later sweep of this process (cnnlab remedy, a notebook) starts its own."""
+    from cnnlab.cli.train_command import train_command
+
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        assert train_command(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "activation=relu,elu", *TINY,
+                              "probes.density=false", "hydra.sweep.dir=sweep"]) == 0
+        jobs = sorted(path.name for path in (tmp_path / name / "sweep").iterdir() if (path / "metrics.json").is_file())
+        assert jobs == ["activation=elu", "activation=relu"], name

@@ -140,6 +140,8 @@ def run_hydra(args: list[str], task: Task, sweep_dir: Path | None, statuses: lis
     finally:
         sys.argv = saved_argv
         restore_environment("HYDRA_FULL_ERROR", saved_full_error)
+        if sweep_dir is not None:
+            release_joblib_workers()
     if sweep_dir is not None and sweep_dir.is_dir():
         code = summarise_sweep(sweep_dir)
         return EXIT_INTERRUPTED if stop.signum is not None and code != EXIT_OK else code
@@ -163,6 +165,16 @@ def sweep_stopped_by(error: Exception, sweep_dir: Path, stop: SweepStop, statuse
     else:
         traceback.print_exception(error)
     return EXIT_FAILED if statuses or sweep_dir.is_dir() else EXIT_USAGE
+
+
+def release_joblib_workers() -> None:
+    """Stop the worker processes joblib keeps for its next call, if this process started any. A later
+    sweep in the same process (`cnnlab remedy` after a sweep, a notebook, the tests) would otherwise get
+    them back: each still in the folder it started in, where Hydra makes a relative job folder absolute,
+    so its jobs would land in an earlier sweep's working folder."""
+    loky = sys.modules.get("joblib.externals.loky")
+    if loky is not None:
+        loky.get_reusable_executor().shutdown(wait=True)
 
 
 def restore_environment(name: str, value: str | None) -> None:
