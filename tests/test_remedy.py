@@ -286,6 +286,14 @@ def test_a_job_of_an_experiments_sweep_is_remedied_without_that_sweep(tmp_path, 
     assert not_applied(find_runs([str(study_dir)]), plan) == {}
 
 
+def test_a_run_whose_config_record_lacks_its_budget_is_one_message(tmp_path, capsys):
+    run = train_sick_run(tmp_path / "edited")
+    (run / ".hydra" / "config.yaml").write_text("model: {name: mlp}\n")
+    capsys.readouterr()
+    assert run_command(["remedy", str(run)]) == 2
+    assert "has no trainer.epochs and trainer.seed: cnnlab cannot rerun the run" in capsys.readouterr().err
+
+
 def test_a_healthy_run_has_nothing_to_remedy_and_starts_nothing(tmp_path, capsys):
     run = train_sick_run(tmp_path / "healthy")
     capsys.readouterr()

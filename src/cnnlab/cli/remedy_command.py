@@ -91,6 +91,9 @@ def read_the_run(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} is still running (process {inspection.writer_pid}): remedy it once it has ended.")
     if inspection.status in (Status.INVALID, Status.MISSING, "unknown") or not inspection.series:
         raise UserError(f"{path} never trained (status {inspection.status}, no statistics): there is nothing to remedy.")
+    trainer = inspection.config.get("trainer")
+    if not isinstance(trainer, dict) or not {"epochs", "seed"} <= set(trainer):
+        raise UserError(f"{record['config']} has no trainer.epochs and trainer.seed: cnnlab cannot rerun the run.")
     try:
         hydra_node = (yaml.safe_load(record["hydra"].read_text()) or {}).get("hydra", {})
         overrides = [str(line) for line in yaml.safe_load(record["overrides"].read_text()) or []]
