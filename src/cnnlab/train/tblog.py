@@ -106,16 +106,18 @@ def write_probe(writer: SummaryWriter, step: int, measurements: list[Measurement
     flat = torch.cat([m.value.detach().reshape(-1).double() for m in measurements]).cpu()  # the one transfer
     values = flat.tolist()  # Python floats at once: indexing the tensor per value costs more than the probe's statistics
     scalars: dict[str, float] = {}
+    summary = summary_pb2.Summary()  # every value in one event: an event per value cost 2.7 ms a probe of 40 scalars
     offset = 0
     for m in measurements:
         size = m.value.numel()
         start, offset = offset, offset + size
         if m.kind == "scalar":
             value = values[start] if m.finish is None else float(m.finish(flat[start:offset].view(m.value.shape)))
-            writer.add_scalar(m.tag, value, step)
+            summary.value.add(tag=m.tag, simple_value=value)
             scalars[m.tag] = value
         else:
-            _write_histogram(writer, m.tag, values[start:offset], step)
+            summary.value.append(_histogram_value(m.tag, values[start:offset]))
+    writer.file_writer.add_summary(summary, step)
     return scalars
 
 
@@ -151,18 +153,19 @@ def write_density(writer: SummaryWriter, run_dir: Path, step: int, probes: Probe
         write_png(folder / f"{name}.png", image)
 
 
-def _write_histogram(writer: SummaryWriter, tag: str, values: list[float], step: int) -> None:
+def _histogram_value(tag: str, values: list[float]) -> summary_pb2.Summary.Value:
+    """TensorBoard's histogram of a probe's counts ([min, max, sum, sum of squares, counts...])."""
+    from torch.utils.tensorboard.summary import histogram_raw
+
     low, high, total, squares, *counts = values
     if high > low:
         start, width = low, (high - low) / len(counts)
     else:  # a constant tensor: everything is in the first bucket, centred on the value
         width = max(abs(low), 1.0) * 1e-3
         start = low - width / 2
-    writer.add_histogram_raw(
-        tag, min=low, max=high, num=int(sum(counts)), sum=total, sum_squares=squares,
-        bucket_limits=[start + width * (i + 1) for i in range(len(counts))], bucket_counts=counts,
-        global_step=step,
-    )
+    return histogram_raw(tag, min=low, max=high, num=int(sum(counts)), sum=total, sum_squares=squares,
+                         bucket_limits=[start + width * (i + 1) for i in range(len(counts))],
+                         bucket_counts=counts).value[0]
 
 
 def flat_hparams(run: RunConfig) -> dict[str, bool | str | int | float]:
