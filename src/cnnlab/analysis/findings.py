@@ -133,13 +133,9 @@ def _try(*options: str) -> str:
     return f"Try {text}." if text else ""
 
 
-def _init_for(activation: str) -> Optional[str]:
-    return init_for(activation)
-
-
 def _init_advice(facts: RunFacts) -> str:
     """Which model.init fits the activation, and BatchNorm, as one sentence."""
-    init = _init_for(facts.activation)
+    init = init_for(facts.activation)
     tips = []
     if init and facts.init != init:
         tips.append(f"model.init={init} (the scheme made for {facts.activation}, {INIT_SOURCES[init]})")
@@ -261,7 +257,7 @@ def dead_at_init(series: Series, facts: RunFacts, cfg: FindingsConfig) -> list[F
         found.append(Finding(
             "dead_at_init", WARNING, layer, 0, dead,
             f"{layer}: {dead:.0%} of its units are dead at initialisation (step 0): no gradient flows through them.",
-            f"Deep narrow nets die at initialisation (Lu et al. 2019). Try {fix}model.init={_init_for(facts.activation) or 'kaiming'}, "
+            f"Deep narrow nets die at initialisation (Lu et al. 2019). Try {fix}model.init={init_for(facts.activation) or 'kaiming'}, "
             f"model.batchnorm=true, or a wider/shallower model."))
     return found
 
@@ -350,7 +346,7 @@ def gradient_growth(series: Series, facts: RunFacts, cfg: FindingsConfig) -> lis
     cause = ("Deep BatchNorm nets make gradients explode towards the input at initialisation, by a factor "
              "per layer (Yang et al. 2019, 'A Mean Field Theory of Batch Normalization')" if facts.batchnorm else
              "The initialisation amplifies the gradient on its way down (He et al. 2015; Pascanu et al. 2013)")
-    init = _init_for(facts.activation)
+    init = init_for(facts.activation)
     return [Finding(
         "gradient_growth", WARNING, first, step, ratio,
         f"{first}: at step {step}, the first probe with gradients, its gradient norm {norm:.3g} is {ratio:.3g}x "
