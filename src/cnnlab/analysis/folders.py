@@ -14,7 +14,7 @@ from cnnlab.analysis.runs import Run, event_files, is_run_dir, read_run, skipped
 from cnnlab.errors import UserError
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
     Console(stderr=True).print(f"cnnlab: warning: {message}", style="yellow", markup=False, highlight=False,
                                soft_wrap=True)
 
@@ -49,7 +49,7 @@ def sweep_dirs(paths: list[str]) -> list[Path]:
             if (folder / "multirun.yaml").is_file()]
 
 
-def find_runs(paths: list[str], warn: Callable[[str], None] = _warn,
+def find_runs(paths: list[str], warn: Callable[[str], None] = warn,
               jobs: list[tuple[Path, dict[str, str]]] = ()) -> list[Run]:
     """Run directories in or below `paths` (run or sweep directories, or glob patterns of them), and
     the `jobs` of sweeps (folder, overrides) that have no folder yet, as `missing`, in the sweeps'

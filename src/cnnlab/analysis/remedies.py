@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cnnlab.activations import ACTIVATIONS
+from cnnlab.analysis.runs import setting_text
 
 if TYPE_CHECKING:
     from cnnlab.analysis.findings import Finding, RunFacts
@@ -122,7 +123,4 @@ def candidate_remedies(finding: Finding, facts: RunFacts, directions: tuple[floa
 def remedy_name(remedy: Remedy) -> str:
     """`batchnorm-true`, `activation-relu+init-kaiming`: the last part of each setting and its value,
     in characters a folder name and Hydra's override grammar both take."""
-    def text(value: Any) -> str:
-        return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
-
-    return "+".join(f"{key.rpartition('.')[2]}-{text(value)}" for key, value in remedy.items())
+    return "+".join(f"{key.rpartition('.')[2]}-{setting_text(value)}" for key, value in remedy.items())

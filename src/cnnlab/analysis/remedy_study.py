@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from cnnlab.analysis.findings import WARNING, Finding
 from cnnlab.analysis.remedies import Remedy, remedy_name
-from cnnlab.analysis.runs import Run
+from cnnlab.analysis.runs import Run, setting_text
 from cnnlab.analysis.stats import SIGNIFICANCE, Spread, spread, welch_p
 from cnnlab.rundir import STUDY_DIR
 from cnnlab.status import Status
@@ -200,10 +200,7 @@ def verdict(best: dict[str, Any] | None, cures_all: bool, warnings: list[str]) -
 
 def settings_text(remedy: Remedy) -> str:
     """`model.batchnorm=true optimizer.lr=0.001`: the remedy as overrides."""
-    def text(value: Any) -> str:
-        return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
-
-    return " ".join(f"{key}={text(value)}" for key, value in remedy.items())
+    return " ".join(f"{key}={setting_text(value)}" for key, value in remedy.items())
 
 
 def study_json(run_dir: Path, plan: Plan, found: dict[str, Outcome], rows: list[dict[str, Any]],

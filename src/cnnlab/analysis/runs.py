@@ -155,7 +155,7 @@ def _parse(text: str) -> Any:
     return value
 
 
-def _text(value: Any) -> str:
+def setting_text(value: Any) -> str:
     """A setting as names show it: true/false, 0.01 (not 0.010000), [32,32], null."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -165,7 +165,7 @@ def _text(value: Any) -> str:
         short = f"{value:g}"
         return short if float(short) == value else repr(value)
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(map(_text, value)) + "]"
+        return "[" + ",".join(map(setting_text, value)) + "]"
     return str(value)
 
 
@@ -188,7 +188,7 @@ def settings_of(config: dict | None, overrides: dict[str, str]) -> dict[str, str
         flat[key.removesuffix(".name")] = flat.pop(key)
     for key, value in overrides.items():
         flat.setdefault(key, _parse(value))
-    return {key: _text(value) for key, value in flat.items()}
+    return {key: setting_text(value) for key, value in flat.items()}
 
 
 def read_run(path: Path) -> Run:

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from cnnlab.analysis.folders import warn
 from cnnlab.cli.console import print_error
 from cnnlab.cli.folders import quoted
 from cnnlab.cli.train_command import Task, train_command
@@ -166,13 +167,6 @@ def searchpath(options_dir: Path) -> str:
     return f"hydra.searchpath=[{quoted('file://' + str(options_dir))}]"
 
 
-def warn(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"cnnlab: warning: {message}", style="yellow", markup=False, highlight=False,
-                               soft_wrap=True)
-
-
 def keep_the_budget(study_dir: Path, budget: dict[str, Any]) -> None:
     """A study folder keeps the epochs its jobs ran for: another --epochs would mix budgets."""
     from cnnlab.analysis.remedy_study import STUDY_FILE
@@ -272,13 +266,14 @@ def todays_warnings(run) -> list[str]:
     judged so too); a job not started has none."""
     from cnnlab.analysis.findings import WARNING
     from cnnlab.analysis.inspection import inspect_run
+    from cnnlab.analysis.remedy_study import recorded_warnings
 
     if run.metrics is None:
         return []
     try:
         return list(dict.fromkeys(f.kind for f in inspect_run(run.path).findings if f.severity == WARNING))
     except UserError:  # its files cannot be read: what metrics.json says
-        return [kind for kind in (run.metric("warnings") or "").split(",") if kind]
+        return recorded_warnings(run)
 
 
 def print_study(study: dict[str, Any], study_dir: Path) -> None:
